@@ -1,0 +1,325 @@
+"""Render the Envoy bootstrap for a set of MCP servers. Pure: no I/O.
+
+Data flow::
+
+    Catalog + BootstrapOptions + PhaseNeeds
+        ──▶ plain dict (one listener, one route per MCPServer, one cluster each,
+            the ext_proc filter pointing at our gRPC server)
+        ──▶ json_format.ParseDict(Bootstrap)   ← typed check: a wrong field name or
+                                                 type fails here, not in Envoy
+        ──▶ dict (``render_bootstrap``) / YAML (``render_bootstrap_yaml``)
+
+Envoy's typed messages come from ``xds-protos`` (generated from Envoy's
+data-plane-api); the renderer imports the ones it packs into ``Any`` fields.
+
+Stream safety: MCP GET streams and SSE responses are long-lived, so routes
+have no timeout (``timeout: 0s``) and the connection manager's stream idle
+timeout is long (default one hour). The ext_proc filter fails closed
+(``failure_mode_allow: false``): with the extension server down, Envoy answers
+5xx and the upstream sees nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+# Imported for their side effect: registering the types packed into Any fields.
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+
+from extproc.envoy_adapter import METADATA_NAMESPACE, SERVER_METADATA_KEY
+from extproc.errors import ConfigError
+from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
+from extproc.pipeline import PhaseNeeds
+from extproc.resources import Catalog, MCPServer
+
+EXTPROC_CLUSTER: Final = "mcp_extproc"
+_T = "type.googleapis.com/"
+_ACCESS_LOG_FORMAT: Final = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+    f"mcp_server=%DYNAMIC_METADATA({METADATA_NAMESPACE}:server)% "
+    f"mcp_method=%DYNAMIC_METADATA({METADATA_NAMESPACE}:method)% "
+    f"mcp_tool=%DYNAMIC_METADATA({METADATA_NAMESPACE}:tool)% "
+    "duration_ms=%DURATION% upstream=%UPSTREAM_HOST%\n"
+)
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """Where things listen and how long streams may stay quiet.
+
+    Attributes:
+        listen_host / listen_port: where agents connect.
+        admin_port: Envoy's admin interface (always bound to 127.0.0.1; 0 = any free port).
+        extproc_tcp: the gRPC server as ``host:port``, or ``None`` with ``extproc_unix``.
+        extproc_unix: the gRPC server's unix socket path.
+        max_request_bytes: request size limit (Envoy's buffer limit follows it).
+        stream_idle_timeout_s: how long a stream (GET/SSE) may stay silent.
+        message_timeout_ms: how long Envoy waits for one ext_proc answer.
+        access_log: write an access log line per request to stdout.
+        max_connections: Envoy's limit on open downstream connections.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 0
+    extproc_tcp: str | None = "127.0.0.1:50051"
+    extproc_unix: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    stream_idle_timeout_s: int = 3600
+    message_timeout_ms: int = 2000
+    access_log: bool = True
+    max_connections: int = 10000
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"expected host:port for the extension server, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def server_cluster_name(server: MCPServer) -> str:
+    """The Envoy cluster that reaches ``server``."""
+    return f"mcp_server_{server.name}"
+
+
+def _server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
+    url = urlsplit(server.spec.url)
+    tls = url.scheme == "https"
+    host = url.hostname or ""
+    port = url.port or (443 if tls else 80)
+    is_ip = host.replace(".", "").isdigit() or ":" in host
+    cluster: dict[str, Any] = {
+        "name": server_cluster_name(server),
+        "type": "STATIC" if is_ip else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "load_assignment": {
+            "cluster_name": server_cluster_name(server),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
+        },
+    }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+            },
+        }
+    return cluster
+
+
+def _route(server: MCPServer) -> dict[str, Any]:
+    url = urlsplit(server.spec.url)
+    upstream_path = url.path or "/"
+    return {
+        "name": server.name,
+        "match": {"path": f"/{server.name}/mcp"},
+        "route": {
+            "cluster": server_cluster_name(server),
+            "prefix_rewrite": upstream_path,
+            "host_rewrite_literal": url.netloc.rsplit("@", 1)[-1],
+            # No route timeout: GET streams and SSE responses stay open.
+            "timeout": "0s",
+        },
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"grpc_initial_metadata": [{"key": SERVER_METADATA_KEY, "value": server.name}]},
+            }
+        },
+    }
+
+
+def _not_found_route(catalog: Catalog) -> dict[str, Any]:
+    paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
+    body = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32601, "message": f"no MCP server at this path; this gateway serves {paths}"},
+    }
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True,
+            }
+        },
+    }
+
+
+def _ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "30s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND" if needs.request_headers else "SKIP",
+                "request_body_mode": "BUFFERED" if needs.request_body else "NONE",
+                "response_header_mode": "SEND" if needs.response_headers else "SKIP",
+                # Response bodies are switched on per exchange (mode_override) by the
+                # stages that ask for them, so nothing is buffered that nobody reads.
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    }
+
+
+def _extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
+    if options.extproc_unix:
+        address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
+    elif options.extproc_tcp:
+        address = _socket(*_split_hostport(options.extproc_tcp))
+    else:
+        raise ConfigError("the bootstrap needs the extension server's TCP address or unix socket")
+    return {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
+    """The bootstrap as a plain dict, before the typed check."""
+    # Request bodies are buffered for the stages; Envoy answers 413 past this limit.
+    # A little headroom lets our own check answer with a JSON-RPC error first.
+    listener_buffer = options.max_request_bytes + 64 * 1024
+    response_buffer = max(16 * 1024 * 1024, options.max_request_bytes)
+    http_filters = []
+    if needs.request_headers or needs.response_headers:
+        http_filters.append(_ext_proc_filter(needs, options))
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},
+        }
+    )
+    hcm: dict[str, Any] = {
+        "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "mcp",
+        "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",
+        "request_timeout": "0s",
+        "route_config": {
+            "name": "mcp",
+            "virtual_hosts": [
+                {
+                    "name": "mcp",
+                    "domains": ["*"],
+                    "routes": [_route(s) for s in catalog.servers.values()] + [_not_found_route(catalog)],
+                }
+            ],
+        },
+        "http_filters": http_filters,
+    }
+    if options.access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+                },
+            }
+        ]
+    return {
+        "node": {"id": "mcp-extproc", "cluster": "mcp-extproc"},
+        "admin": {"address": _socket("127.0.0.1", options.admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _T
+                        + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": options.max_connections,
+                    },
+                }
+            ]
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "mcp",
+                    "address": _socket(options.listen_host, options.listen_port),
+                    "per_connection_buffer_limit_bytes": listener_buffer,
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [_extproc_cluster(options)]
+            + [_server_cluster(s, response_buffer) for s in catalog.servers.values()],
+        },
+    }
+
+
+def render_bootstrap(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
+    """The bootstrap, checked against Envoy's typed ``Bootstrap`` message.
+
+    Raises:
+        ConfigError: the rendered config does not fit Envoy's schema (a bug here).
+    """
+    raw = bootstrap_dict(catalog, needs, options)
+    try:
+        message = json_format.ParseDict(raw, bootstrap_pb2.Bootstrap())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"rendered Envoy bootstrap does not match Envoy's schema: {exc}") from None
+    # Through JSON so Any fields come back as plain dicts (YAML-safe).
+    result: dict[str, Any] = json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    return result
+
+
+def render_bootstrap_yaml(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> str:
+    """The bootstrap as YAML, for ``mcp-extproc render envoy`` and ``up``."""
+    return yaml.safe_dump(render_bootstrap(catalog, needs, options), sort_keys=False)
+
+
+__all__ = [
+    "EXTPROC_CLUSTER",
+    "BootstrapOptions",
+    "bootstrap_dict",
+    "render_bootstrap",
+    "render_bootstrap_yaml",
+    "server_cluster_name",
+]

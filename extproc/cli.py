@@ -1,0 +1,100 @@
+"""The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
+
+Commands: ``up``, ``serve``, ``render envoy``, ``check``. A user error
+(:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
+nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc.errors import ExtProcError
+from extproc.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-extproc", description="Envoy ext_proc extension server for MCP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-f", "--file", required=True, type=Path, help="resource documents (multi-document YAML)")
+        sub.add_argument("--pipeline", type=Path, help="pipeline configuration (default: mcp, allowlist)")
+        sub.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+
+    up = commands.add_parser("up", help="run Envoy and the extension server: the whole data path")
+    common(up)
+    up.add_argument("--listen", default="127.0.0.1:10000", help="where agents connect (default 127.0.0.1:10000)")
+    up.add_argument("--unix", help="the gRPC server's unix socket (default: a private temporary path)")
+    up.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
+    up.add_argument("--stream-idle-timeout", type=int, default=3600, help="seconds a stream may stay silent")
+    up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+
+    serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
+    common(serve)
+    serve.add_argument("--grpc", default="127.0.0.1:50051", help="TCP host:port to listen on; '' disables TCP")
+    serve.add_argument("--unix", help="also listen on this unix socket")
+    serve.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
+
+    render = commands.add_parser("render", help="print generated configuration")
+    render.add_argument("what", choices=["envoy"], help="envoy: the bootstrap `up` would run")
+    common(render)
+    render.add_argument("--listen", default="127.0.0.1:10000")
+    render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
+    render.add_argument("--unix", help="reach the extension server over this unix socket instead")
+    render.add_argument("--stream-idle-timeout", type=int, default=3600)
+
+    check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
+    common(check)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        resources=args.file,
+        pipeline=args.pipeline,
+        listen=getattr(args, "listen", "127.0.0.1:10000"),
+        grpc=getattr(args, "grpc", "127.0.0.1:50051"),
+        unix=getattr(args, "unix", None),
+        metrics=getattr(args, "metrics", None) or None,
+        stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
+        log_level=args.log_level.upper(),
+        envoy_log_level=getattr(args, "envoy_log_level", "warning"),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mcp-extproc`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stdout,
+        )
+        from extproc import up as commands  # noqa: PLC0415 - keep `--help` fast
+
+        if args.command == "check":
+            print(commands.check(settings))
+            return 0
+        if args.command == "render":
+            sys.stdout.write(commands.render_envoy(settings))
+            return 0
+        if args.command == "serve":
+            return asyncio.run(commands.serve(settings))
+        return asyncio.run(commands.up(settings))
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

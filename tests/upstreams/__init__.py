@@ -1,0 +1,1 @@
+"""Test upstreams: MCP servers that integration tests and benchmarks start as real processes."""
