@@ -204,7 +204,8 @@ class Context:
         mcp: the parsed MCP request, set by the ``mcp`` stage.
         response_status: the upstream's HTTP status, once known.
         response_headers: response headers, once known.
-        response_streamed: True when the response body arrives in chunks (SSE).
+        response_streamed: True when the response body arrives in chunks (an
+            SSE stream of unknown length); False when it arrives whole.
         end_of_stream: True on the last response chunk.
         log: a logger bound to this exchange's request id.
     """
@@ -248,7 +249,7 @@ class Context:
         if found is None:
             found = key.factory()
             self._state[key.name] = found
-        return found  # type: ignore[no-any-return]
+        return found
 
     def want_response_body(self) -> None:
         """Ask the pipeline to send this exchange's response body to the stages.
@@ -262,6 +263,17 @@ class Context:
     def wants_response_body(self) -> bool:
         """True when some stage asked for this exchange's response body."""
         return self._wants_response_body
+
+    @property
+    def response_content_type(self) -> str:
+        """The response's media type, lower-case, without parameters (``""`` if unknown)."""
+        value = self.response_headers.get("content-type", "")
+        return value.split(";", 1)[0].strip().lower()
+
+    @property
+    def response_is_sse(self) -> bool:
+        """True when the response is a ``text/event-stream``."""
+        return self.response_content_type == "text/event-stream"
 
     @property
     def jsonrpc_id(self) -> Any:

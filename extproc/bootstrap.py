@@ -161,7 +161,10 @@ def _not_found_route(catalog: Catalog) -> dict[str, Any]:
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
         "response_headers_to_add": [
-            {"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
         ],
         "typed_per_filter_config": {
             "envoy.filters.http.ext_proc": {

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stdout,
         )
-        from extproc import up as commands  # noqa: PLC0415 - keep `--help` fast
+        from extproc import up as commands
 
         if args.command == "check":
             print(commands.check(settings))

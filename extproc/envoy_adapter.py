@@ -82,7 +82,7 @@ def immediate(deny: Deny, jsonrpc_id: Any) -> pb.ProcessingResponse:
     headers = {CONTENT_TYPE: "application/json", **deny.headers}
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=deny.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=deny.status),
             headers=_mutation(headers, ()),
             body=body,
             details=f"mcp_extproc_{deny.reason}".replace(" ", "_")[:120],
@@ -112,7 +112,12 @@ class Processor:
         if ctx is None:
             # Envoy always starts with request headers unless they were skipped by
             # configuration; refuse rather than guess (fail closed).
-            deny = Deny(status=500, code=-32603, message="mcp-extproc: phase without request headers", reason="protocol")
+            deny = Deny(
+                status=500,
+                code=-32603,
+                message="mcp-extproc: phase without request headers",
+                reason="protocol",
+            )
             return immediate(deny, None)
         if which == "request_body":
             return await self._request_body(ctx, request.request_body)
@@ -192,8 +197,10 @@ class Processor:
             ctx.response_status = int(headers.get(":status", "0"))
         except ValueError:
             ctx.response_status = 0
-        content_type = headers.get(CONTENT_TYPE, "").split(";", 1)[0].strip().lower()
-        ctx.response_streamed = content_type == "text/event-stream"
+        # An SSE stream of unknown length is streamed chunk by chunk; anything with a
+        # Content-Length (JSON, or an SSE reply the server finished at once) is bounded
+        # and arrives whole, so its length can be fixed after a rewrite.
+        ctx.response_streamed = ctx.response_is_sse and CONTENT_LENGTH not in headers
         ctx.end_of_stream = message.end_of_stream
         outcome = await self.pipeline.run(Phase.RESPONSE_HEADERS, ctx)
         if isinstance(outcome, Deny):
@@ -203,7 +210,6 @@ class Processor:
         if ctx.wants_response_body and not message.end_of_stream and self.pipeline.needs.response_body:
             if ctx.response_streamed:
                 body_mode = _Mode.STREAMED
-                common.header_mutation.remove_headers.append(CONTENT_LENGTH)
             else:
                 body_mode = _Mode.BUFFERED
                 self._response_buffered = True

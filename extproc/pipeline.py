@@ -142,6 +142,10 @@ class Pipeline:
                 continue
             if isinstance(verdict, Deny):
                 return verdict
+            # A later stage's word on a header wins over an earlier one's.
+            for name in verdict.remove_headers:
+                set_headers.pop(name, None)
+            remove_headers = [n for n in remove_headers if n not in verdict.set_headers]
             set_headers.update(verdict.set_headers)
             remove_headers.extend(verdict.remove_headers)
             metadata.update(verdict.metadata)

@@ -99,7 +99,7 @@ async def _forward(stream: asyncio.StreamReader, prefix: str) -> None:
 def _admin_ready(address: str) -> bool:
     """True when Envoy's admin ``/ready`` answers 200 (Envoy is LIVE)."""
     try:
-        with urllib.request.urlopen(f"http://{address}/ready", timeout=1) as reply:  # noqa: S310 - loopback admin
+        with urllib.request.urlopen(f"http://{address}/ready", timeout=1) as reply:
             return int(reply.status) == 200
     except OSError:
         return False
@@ -113,7 +113,8 @@ async def _wait_ready(admin_file: Path, proc: asyncio.subprocess.Process, deadli
         if proc.returncode is not None:
             raise ProcessError(f"envoy exited with status {proc.returncode} during startup (see [envoy] lines)")
         address = admin_file.read_text().strip() if admin_file.exists() else ""
-        if address and await asyncio.to_thread(_admin_ready, address):
+        ready: bool = bool(address) and await asyncio.to_thread(_admin_ready, address)
+        if ready:
             return address
         await asyncio.sleep(0.05)
     raise ProcessError(f"envoy did not become ready within {deadline_s:.0f}s")
@@ -196,9 +197,11 @@ def check(settings: Settings) -> str:
     config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
     Registry().build_pipeline(config)
     servers = ", ".join(sorted(catalog.servers))
-    return f"{settings.resources}: OK ({len(catalog.servers)} MCPServer: {servers}; stages: " + ", ".join(
-        spec.name for spec in config.stages
-    ) + ")"
+    return (
+        f"{settings.resources}: OK ({len(catalog.servers)} MCPServer: {servers}; stages: "
+        + ", ".join(spec.name for spec in config.stages)
+        + ")"
+    )
 
 
 def render_envoy(settings: Settings) -> str:

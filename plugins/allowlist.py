@@ -34,9 +34,11 @@ from typing import Any, ClassVar
 from mcp_types.jsonrpc import INTERNAL_ERROR
 
 from extproc.api import POLICY_DENIED, Context, Continue, Deny, Stage, StateKey, Verdict
-from extproc.mcp.jsonrpc import Era, McpRequest, encode_error, error_object
+from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
+from extproc.mcp.jsonrpc import Era, McpRequest, error_object
 from extproc.mcp.sse import SseDecoder, SseEvent, encode_event
 from extproc.resources import MCPServer
+from plugins.mcp_stage import derived_headers
 
 
 def tool_allowed(server: MCPServer, tool: str) -> bool:
@@ -69,10 +71,11 @@ def _filter_result(message: Any, server: MCPServer) -> tuple[Any, int]:
     if not isinstance(message, dict):
         return message, 0
     result = message.get("result")
-    tools = result.get("tools") if isinstance(result, dict) else None
-    if not isinstance(tools, list):
+    if not isinstance(result, dict) or not isinstance(tools := result.get("tools"), list):
         return message, 0
-    kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and tool_allowed(server, t["name"])]
+    kept = [
+        t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and tool_allowed(server, t["name"])
+    ]
     if len(kept) == len(tools):
         return message, 0
     return {**message, "result": {**result, "tools": kept}}, len(tools) - len(kept)
@@ -119,7 +122,11 @@ class AllowlistStage(Stage):
         self, ctx: Context, request: McpRequest, server: MCPServer, denied: list[int], state: _Exchange
     ) -> Verdict:
         errors = [
-            error_object(request.messages[i].id, POLICY_DENIED, _deny_message(server, request.messages[i].tool_name or ""))
+            error_object(
+                request.messages[i].id,
+                POLICY_DENIED,
+                _deny_message(server, request.messages[i].tool_name or ""),
+            )
             for i in denied
         ]
         keep = [i for i in range(len(request.messages)) if i not in denied]
@@ -140,7 +147,15 @@ class AllowlistStage(Stage):
         ctx.mcp = kept
         state.held_errors.extend(errors)
         ctx.want_response_body()
-        return Continue(body=kept.encode(), remove_headers=("accept-encoding",))
+        # The upstream's x-mcp-* headers describe what it receives, not what was cut.
+        headers, metadata = derived_headers(kept, server.name)
+        stale = tuple(h for h in (X_MCP_METHOD, X_MCP_TOOL) if h not in headers)
+        return Continue(
+            body=kept.encode(),
+            set_headers=headers,
+            metadata=metadata,
+            remove_headers=("accept-encoding", *stale),
+        )
 
     async def on_response_body(self, ctx: Context, chunk: bytes) -> Verdict:
         server = ctx.server
@@ -155,7 +170,7 @@ class AllowlistStage(Stage):
                 message=f"the upstream answered with content-encoding {encoding!r}; mcp-extproc cannot filter it",
                 reason="compressed_response",
             )
-        if ctx.response_streamed:
+        if ctx.response_is_sse:
             return self._sse_chunk(ctx, chunk, server, state)
         return self._json_body(chunk, server, state)
 

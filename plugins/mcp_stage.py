@@ -28,6 +28,7 @@ from extproc.api import Context, Continue, Deny, Stage, StageConfig, Verdict
 from extproc.mcp.headers import CONTENT_LENGTH, DERIVED_HEADERS, X_MCP_METHOD, X_MCP_SERVER, X_MCP_TOOL
 from extproc.mcp.jsonrpc import (
     DEFAULT_MAX_REQUEST_BYTES,
+    McpRequest,
     Rejection,
     encode_error,
     find_duplicated_routing_header,
@@ -44,6 +45,19 @@ class McpConfig(StageConfig):
 
 def _unique(values: list[str]) -> str:
     return ",".join(dict.fromkeys(values))
+
+
+def derived_headers(request: McpRequest, server: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The x-mcp-* headers and the dynamic metadata that describe ``request``."""
+    methods = [m.method for m in request.messages if m.method is not None]
+    tools = [m.tool_name for m in request.messages if m.tool_name is not None]
+    headers = {X_MCP_SERVER: server}
+    metadata: dict[str, Any] = {"server": server, "era": request.era.value, "batch": request.is_batch}
+    if methods:
+        headers[X_MCP_METHOD] = metadata["method"] = _unique(methods)
+    if tools:
+        headers[X_MCP_TOOL] = metadata["tool"] = _unique(tools)
+    return headers, metadata
 
 
 class McpStage(Stage):
@@ -101,13 +115,5 @@ class McpStage(Stage):
                 body=encode_error(parsed.id, parsed.code, parsed.message, parsed.data),
             )
         ctx.mcp = parsed
-        methods = [m.method for m in parsed.messages if m.method is not None]
-        tools = [m.tool_name for m in parsed.messages if m.tool_name is not None]
-        server = ctx.server.name if ctx.server else ""
-        headers = {X_MCP_SERVER: server}
-        metadata: dict[str, Any] = {"server": server, "era": parsed.era.value, "batch": parsed.is_batch}
-        if methods:
-            headers[X_MCP_METHOD] = metadata["method"] = _unique(methods)
-        if tools:
-            headers[X_MCP_TOOL] = metadata["tool"] = _unique(tools)
+        headers, metadata = derived_headers(parsed, ctx.server.name if ctx.server else "")
         return Continue(set_headers=headers, metadata=metadata)

@@ -93,9 +93,7 @@ def wait_for_tcp(host: str, port: int, deadline_s: float) -> None:
         except OSError as exc:
             last_error = exc
         if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"{host}:{port} did not accept a connection within {deadline_s}s: {last_error}"
-            )
+            raise TimeoutError(f"{host}:{port} did not accept a connection within {deadline_s}s: {last_error}")
         time.sleep(_POLL_INTERVAL_S)
 
 
@@ -278,9 +276,7 @@ def start_pyserver(
     return proc, port
 
 
-def start_everything(
-    *, log_dir: Path | None = None, deadline_s: float = DEFAULT_START_DEADLINE_S
-) -> tuple[Proc, int]:
+def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT_START_DEADLINE_S) -> tuple[Proc, int]:
     """Start `@modelcontextprotocol/server-everything` in streamableHttp mode on a free port.
 
     It serves Streamable HTTP (legacy era, stateful, SSE responses) at `/mcp`, bound to
@@ -322,6 +318,4 @@ def start_everything(
             proc.stop()
             raise
         return proc, port
-    raise RuntimeError(
-        f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}"
-    )
+    raise RuntimeError(f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}")

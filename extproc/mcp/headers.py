@@ -10,6 +10,11 @@ a ``=?base64?...?=`` sentinel (see :func:`decode_header_value`).
 The ``x-mcp-*`` headers are *derived*: this server sets them from the parsed
 body for Envoy routing, RBAC and access logs, so an agent must never be able to
 supply them itself.
+
+Also here: what the headers alone say (:func:`header_hints`), duplicated
+routing header lines (:func:`find_duplicated_routing_header`) and whether the
+routing headers agree with a parsed body (:func:`routing_header_mismatch`,
+the last rung of :func:`extproc.mcp.jsonrpc.parse_request`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -44,6 +50,7 @@ __all__ = [
     "decode_header_value",
     "find_duplicated_routing_header",
     "header_hints",
+    "quote",
     "routing_header_mismatch",
 ]
 
@@ -179,15 +186,22 @@ _DISPLAY_NAMES: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
+def quote(value: Any) -> str:
+    """``repr`` of a client-supplied value, shortened to fit in an error message."""
+    return _REPR.repr(value)
+
+
 def _mismatch(headers: Mapping[str, str], header: str, body_field: str, expected: Any) -> str:
     sent, name = headers.get(header), _DISPLAY_NAMES[header]
-    if sent is None and isinstance(expected, str):
-        return f"{name} header is missing; the body's {body_field} is {expected!r}: send {name}: {expected}"
     if sent is None:
-        return f"{name} header is missing and the body's {body_field} is {expected!r}"
+        return f"{name} header is missing; it must equal the body's {body_field} {quote(expected)}"
     if expected is None:
-        return f"{name} header is {sent!r} but the body has no {body_field}; a modern request carries both"
-    return f"{name} header {sent!r} does not match the body's {body_field} {expected!r}"
+        return f"{name} header is {quote(sent)} but the body has no {body_field}; a modern request carries both"
+    return f"{name} header {quote(sent)} does not match the body's {body_field} {quote(expected)}"
 
 
 def routing_header_mismatch(

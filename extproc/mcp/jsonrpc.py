@@ -38,6 +38,7 @@ from extproc.mcp.headers import (
     HeaderHints,
     find_duplicated_routing_header,
     header_hints,
+    quote,
     routing_header_mismatch,
 )
 
@@ -233,9 +234,7 @@ def _classify(obj: object) -> Message | str:
         return Message("request", obj["id"], method, params, obj)
     has_result, has_error = "result" in obj, "error" in obj
     if has_result == has_error:
-        return (
-            'a JSON-RPC message needs "method" (request), or exactly one of "result" and "error" (response)'
-        )
+        return 'a JSON-RPC message needs "method" (request), or exactly one of "result" and "error" (response)'
     if has_error and not isinstance(obj["error"], dict):
         return '"error" must be an object with "code" and "message"'
     if not (_valid_id(obj.get("id")) or (has_error and obj.get("id", 0) is None)):
@@ -305,9 +304,7 @@ def parse_request(
         Never raises on any input.
     """
     if len(body) > max_bytes:
-        return Rejection(
-            413, INVALID_REQUEST, f"request body of {len(body)} bytes exceeds the {max_bytes}-byte limit"
-        )
+        return Rejection(413, INVALID_REQUEST, f"request body of {len(body)} bytes exceeds the {max_bytes}-byte limit")
     try:
         decoded = _decode(body)
     except UnicodeDecodeError as e:
@@ -316,7 +313,8 @@ def parse_request(
         where = f"line {e.lineno} column {e.colno} (char {e.pos})"
         return Rejection(400, PARSE_ERROR, f"request body is not valid JSON: {e.msg} at {where}")
     except _DuplicateKeyError as e:
-        msg = f"request body repeats the key {e.args[0]!r} in one JSON object; each key may appear only once"
+        key = quote(e.args[0])
+        msg = f"request body repeats the key {key} in one JSON object; each key may appear only once"
         return Rejection(400, INVALID_REQUEST, msg)
     except ValueError as e:  # NaN/Infinity, or an integer past the int-to-str digit limit
         return Rejection(400, PARSE_ERROR, f"request body is not valid JSON: {e}")
@@ -366,15 +364,15 @@ def _batch_rejection(elements: list[Any], header_version: str | None) -> Rejecti
     allowed = " and ".join(sorted(BATCH_PROTOCOL_VERSIONS))
     if header_version is not None and header_version not in BATCH_PROTOCOL_VERSIONS:
         msg = (
-            f"JSON-RPC batches are not allowed with MCP-Protocol-Version {header_version!r}; only "
+            f"JSON-RPC batches are not allowed with MCP-Protocol-Version {quote(header_version)}; only "
             f"{allowed} allow them: send each message in its own request"
         )
         return Rejection(400, INVALID_REQUEST, msg)
     for index, element in enumerate(elements):
         if (modern := _meta_version(element))[0]:
             msg = (
-                f"batch element {index} uses the modern revision {modern[1]!r} (params._meta), which does "
-                f"not allow JSON-RPC batches; only {allowed} do: send each message in its own request"
+                f"batch element {index} uses the modern revision {quote(modern[1])} (params._meta), which "
+                f"does not allow JSON-RPC batches; only {allowed} do: send each message in its own request"
             )
             return Rejection(400, INVALID_REQUEST, msg)
     return None
@@ -386,9 +384,8 @@ def _tools_call_rejection(message: Message) -> Rejection | None:
     params = message.params or {}
     name = params.get("name")
     if not isinstance(name, str) or not name:
-        msg = (
-            f"tools/call needs params.name, the name of the tool to call, as a non-empty string; got {name!r}"
-        )
+        got = quote(name)
+        msg = f"tools/call needs params.name, the name of the tool to call, as a non-empty string; got {got}"
         return Rejection(400, INVALID_PARAMS, msg, message.id)
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):

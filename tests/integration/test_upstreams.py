@@ -181,9 +181,7 @@ async def test_progress_arrives_before_the_result(pyserver: Upstream, era: str) 
 
     connect = legacy_session if era == "legacy" else modern_session
     async with connect(pyserver.url) as session:
-        result = await session.call_tool(
-            "slow_count", {"steps": 3, "delay": 0.05}, progress_callback=on_progress
-        )
+        result = await session.call_tool("slow_count", {"steps": 3, "delay": 0.05}, progress_callback=on_progress)
         events.append(text_of(result))
 
     if pyserver.mode == "legacy-json":

@@ -198,16 +198,10 @@ def read_records(path: Path) -> list[Record]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.upstreams.pyserver", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tests.upstreams.pyserver", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = pick a free one)")
-    parser.add_argument(
-        "--mode", choices=MODES, default="legacy-sse", help="how legacy-era requests are served"
-    )
-    parser.add_argument(
-        "--record", type=Path, default=None, help="append one JSON line per HTTP request here"
-    )
+    parser.add_argument("--mode", choices=MODES, default="legacy-sse", help="how legacy-era requests are served")
+    parser.add_argument("--record", type=Path, default=None, help="append one JSON line per HTTP request here")
     return parser.parse_args(argv)
 
 

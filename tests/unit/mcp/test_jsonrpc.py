@@ -328,7 +328,10 @@ def test_an_unknown_meta_version_still_reads_as_modern() -> None:
 
 def test_encode_writes_compact_json_from_the_raw_messages() -> None:
     raw = b'{ "jsonrpc" : "2.0", "id": 1, "method": "tools/call", "params": {"name": "\xc3\xa9", "x": 1.0}}'
-    assert accepted(raw).encode() == '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"é","x":1.0}}'.encode()
+    assert (
+        accepted(raw).encode()
+        == '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"é","x":1.0}}'.encode()
+    )
 
 
 def test_keep_filters_a_batch_in_body_order() -> None:
@@ -357,7 +360,9 @@ def test_error_bodies() -> None:
         "error": {"code": METHOD_NOT_FOUND, "message": "no"},
     }
     assert json.loads(encode_error("a", -32001, "denied", {"tool": "rm"}))["error"]["data"] == {"tool": "rm"}
-    assert encode_error(None, PARSE_ERROR, "bad") == b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"bad"}}'
+    assert (
+        encode_error(None, PARSE_ERROR, "bad") == b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"bad"}}'
+    )
 
 
 def test_http_status_for_error_codes() -> None:
@@ -379,8 +384,8 @@ def test_parse_message_classifies_upstream_responses() -> None:
 
 
 def test_header_sets() -> None:
-    assert ROUTING_HEADERS == {"mcp-method", "mcp-name", "mcp-protocol-version"}
-    assert DERIVED_HEADERS == {"x-mcp-method", "x-mcp-tool", "x-mcp-server"}
+    assert {"mcp-method", "mcp-name", "mcp-protocol-version"} == ROUTING_HEADERS
+    assert {"x-mcp-method", "x-mcp-tool", "x-mcp-server"} == DERIVED_HEADERS
 
 
 @pytest.mark.parametrize(
@@ -490,3 +495,8 @@ def test_decode_header_value_agrees_with_the_sdk(value: str, payload: str) -> No
     assert decode_header_value(value) == sdk_decode_header_value(value)
     sentinel = f"=?base64?{payload}?="  # ASCII only: the SDK raises on a non-ASCII payload, we say None
     assert decode_header_value(sentinel) == sdk_decode_header_value(sentinel)
+
+
+def test_error_messages_quote_client_values_briefly() -> None:
+    r = rejected(body(modern("tools/call", {"name": "n" * 10_000})), modern_headers("tools/call", "m" * 10_000))
+    assert r.code == HEADER_MISMATCH and len(r.message) < 400
