@@ -1,0 +1,92 @@
+"""The MCP requests the benchmark sends: what goes on the wire, and the wrk script for it.
+
+Pure: no I/O. Two shapes of the same ``tools/call``:
+
+* ``2025-06-18``: legacy era, the protocol version only in a header;
+* ``2026-07-28``: the method and tool mirrored in ``Mcp-Method`` / ``Mcp-Name`` and the
+  protocol version in ``params._meta``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+ALLOWED_TOOL: Final = "echo"
+"""The tool the benchmark calls; the only entry of the MCPServer's ``allowedTools``."""
+
+DENIED_TOOL: Final = "not_on_the_list"
+"""A tool outside ``allowedTools``: the default pipeline must refuse it."""
+
+LEGACY_VERSION: Final = "2025-06-18"
+MODERN_VERSION: Final = "2026-07-28"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One request: its headers and JSON body.
+
+    Attributes:
+        name: Label in the report (the protocol revision).
+        headers: Request headers (besides Host and Content-Length).
+        body: The JSON-RPC request.
+    """
+
+    name: str
+    headers: Mapping[str, str]
+    body: Mapping[str, Any] = field(hash=False)
+
+    @property
+    def body_bytes(self) -> bytes:
+        """The body as sent: compact JSON."""
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+def _common_headers(version: str) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": version,
+    }
+
+
+def legacy_call(tool: str = ALLOWED_TOOL) -> Shape:
+    """A 2025-06-18 ``tools/call`` of ``tool``."""
+    params: dict[str, Any] = {"name": tool, "arguments": {"text": "hi"}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+    return Shape(LEGACY_VERSION, _common_headers(LEGACY_VERSION), body)
+
+
+def modern_call(tool: str = ALLOWED_TOOL) -> Shape:
+    """A 2026-07-28 ``tools/call`` of ``tool`` (routing headers plus ``params._meta``)."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    params: dict[str, Any] = {"name": tool, "arguments": {"text": "hi"}, "_meta": meta}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+    headers = {**_common_headers(MODERN_VERSION), "mcp-method": "tools/call", "mcp-name": tool}
+    return Shape(MODERN_VERSION, headers, body)
+
+
+SHAPES: Final = (legacy_call(), modern_call())
+"""What is measured, in report order."""
+
+
+def denied_variant(shape: Shape) -> Shape:
+    """The same request for :data:`DENIED_TOOL` (for the sanity check)."""
+    return modern_call(DENIED_TOOL) if shape.name == MODERN_VERSION else legacy_call(DENIED_TOOL)
+
+
+def _lua_string(value: str) -> str:
+    # JSON string escaping is valid Lua string escaping for the ASCII we send.
+    return json.dumps(value)
+
+
+def wrk_script(shape: Shape) -> str:
+    """A wrk Lua script sending ``shape`` as a POST on every request."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(shape.body_bytes.decode())}"]
+    lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in shape.headers.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""Processes and failure: fail closed, clean shutdown, the rendered bootstrap, the CLI's errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
+from extproc.registry import DEFAULT_PIPELINE, Registry
+from extproc.resources import load_resources
+from extproc.up import envoy_binary
+from tests.agents import raw_post
+from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
+from tests.procs import Proc, free_port, start_pyserver
+from tests.upstreams.pyserver import read_records
+
+pytestmark = pytest.mark.integration
+
+CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A legacy-era upstream; yields (resources file, record file)."""
+    record = tmp_path / "upstream.jsonl"
+    proc, port = start_pyserver("legacy-json", record)
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(yaml.safe_dump(resource_doc("py", port, PY_TOOLS)))
+    try:
+        yield resources, record
+    finally:
+        proc.stop()
+
+
+def envoy_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "envoy"], capture_output=True, text=True, check=False).stdout
+    return {int(pid) for pid in out.split()}
+
+
+async def test_extension_server_down_fails_closed(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    """Envoy pointed at a dead extension server answers 5xx and forwards nothing."""
+    resources, record = upstream
+    catalog = load_resources(resources)
+    needs = Registry().build_pipeline(DEFAULT_PIPELINE).needs
+    port = free_port()
+    bootstrap = tmp_path / "envoy.yaml"
+    options = BootstrapOptions(listen_port=port, extproc_tcp=None, extproc_unix=str(tmp_path / "nobody.sock"))
+    bootstrap.write_text(render_bootstrap_yaml(catalog, needs, options))
+    admin = tmp_path / "admin"
+    envoy = Proc(
+        [envoy_binary(), "-c", str(bootstrap), "--use-dynamic-base-id", "--admin-address-path", str(admin)],
+        name="envoy",
+        log_dir=tmp_path,
+    )
+    try:
+        envoy.wait_for_line(r"starting main dispatch loop", 30)
+        reply = await raw_post(f"http://127.0.0.1:{port}/py/mcp", CALL)
+    finally:
+        envoy.stop()
+    assert 500 <= reply.status_code < 600
+    assert read_records(record) == []
+
+
+def test_up_stops_cleanly_on_sigterm(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    resources, _record = upstream
+    before = envoy_pids()
+    proc, _base, _metrics = start_gateway(resources, tmp_path)
+    started = envoy_pids() - before
+    assert len(started) == 1, "up should run exactly one Envoy"
+    os.killpg(proc.popen.pid, signal.SIGTERM)
+    assert proc.popen.wait(timeout=20) == 0
+    assert envoy_pids() & started == set(), "Envoy outlived `up`"
+    log = proc.log_path.read_text()
+    assert "gRPC server stopped" in log
+
+
+def test_envoy_dies_with_a_killed_up(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    resources, _record = upstream
+    before = envoy_pids()
+    proc, _base, _metrics = start_gateway(resources, tmp_path)
+    started = envoy_pids() - before
+    proc.popen.kill()  # no chance to clean up: the parent-death signal must stop Envoy
+    proc.popen.wait(timeout=10)
+    for _ in range(100):
+        if not envoy_pids() & started:
+            break
+        subprocess.run(["sleep", "0.1"], check=True)
+    assert envoy_pids() & started == set(), "Envoy was orphaned"
+
+
+def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    resources, _record = upstream
+    for extra in ([], ["--unix", "/tmp/x.sock"]):
+        rendered = subprocess.run(
+            [sys.executable, "-m", "extproc", "render", "envoy", "-f", str(resources), *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        config = tmp_path / "rendered.yaml"
+        config.write_text(rendered)
+        checked = subprocess.run(
+            [envoy_binary(), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "OK" in checked.stdout
+        filters = yaml.safe_load(rendered)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+        ext_proc = filters[0]["typed_config"]["http_filters"][0]["typed_config"]
+        assert ext_proc.get("failure_mode_allow", False) is False
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("kind: MCPServer\n", "apiVersion: must be"),
+        (
+            "apiVersion: mcp.extproc.io/v1alpha1\nkind: MCPServer\nmetadata: {name: a}\nspec: {url: nope}\n",
+            "(MCPServer 'a'): spec.url:",
+        ),
+    ],
+)
+def test_check_reports_bad_documents(tmp_path: Path, document: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(document)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "check", "-f", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert str(path) in result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_accepts_the_example(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "resources.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "check", "-f", str(example)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK (1 MCPServer: demo" in result.stdout
+
+
+async def test_serve_listens_on_tcp_and_unix_with_health(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    resources, _record = upstream
+    port = free_port()
+    sock = tmp_path / "extproc.sock"
+    argv = [sys.executable, "-m", "extproc", "serve", "-f", str(resources), "--grpc", f"127.0.0.1:{port}"]
+    proc = Proc([*argv, "--unix", str(sock), "--metrics", ""], name="serve", log_dir=tmp_path)
+    try:
+        proc.wait_for_line(r"gRPC server listening", 20)
+        for target in (f"127.0.0.1:{port}", f"unix:{sock}"):
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor")
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        os.killpg(proc.popen.pid, signal.SIGTERM)
+        code = proc.popen.wait(timeout=20)
+    assert code == 0
+    assert "gRPC server stopped" in proc.log_path.read_text()
+    assert not sock.exists()
