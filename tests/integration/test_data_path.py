@@ -34,9 +34,9 @@ def calls_of(gateway: Gateway, server: str, tool: str) -> list[Any]:
     for record in gateway.received(server):
         body = record["body"]
         for message in body if isinstance(body, list) else [body]:
-            if isinstance(message, dict) and message.get("method") == "tools/call":
-                if (message.get("params") or {}).get("name") == tool:
-                    found.append(message)
+            is_call = isinstance(message, dict) and message.get("method") == "tools/call"
+            if is_call and (message.get("params") or {}).get("name") == tool:
+                found.append(message)
     return found
 
 
