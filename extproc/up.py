@@ -28,6 +28,7 @@ from pathlib import Path
 
 from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
 from extproc.errors import ProcessError
+from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
 from extproc.metrics import Metrics
 from extproc.pipeline import Pipeline
 from extproc.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
@@ -52,6 +53,12 @@ def build(settings: Settings, metrics: Metrics | None = None) -> tuple[Catalog, 
     catalog = load_resources(settings.resources)
     config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
     return catalog, Registry().build_pipeline(config, metrics)
+
+
+def max_request_bytes(pipeline: Pipeline) -> int:
+    """The request size limit Envoy must buffer up to: the largest any stage configures."""
+    limits = [getattr(stage.config, "max_request_bytes", 0) for stage in pipeline.stages]
+    return max([DEFAULT_MAX_REQUEST_BYTES, *[limit for limit in limits if isinstance(limit, int)]])
 
 
 def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
@@ -133,6 +140,7 @@ async def up(settings: Settings) -> int:
         extproc_tcp=None,
         extproc_unix=socket_path,
         stream_idle_timeout_s=settings.stream_idle_timeout_s,
+        max_request_bytes=max_request_bytes(pipeline),
     )
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
@@ -214,5 +222,6 @@ def render_envoy(settings: Settings) -> str:
         extproc_tcp=settings.grpc if not settings.unix else None,
         extproc_unix=settings.unix,
         stream_idle_timeout_s=settings.stream_idle_timeout_s,
+        max_request_bytes=max_request_bytes(pipeline),
     )
     return render_bootstrap_yaml(catalog, pipeline.needs, options)

@@ -1,0 +1,60 @@
+"""A worked example stage: refuse tool calls whose arguments are too large.
+
+Install it like any stage: point an entry point of the ``mcp_extproc.stages``
+group at the class (in your package's ``pyproject.toml``)::
+
+    [project.entry-points."mcp_extproc.stages"]
+    argument-limit = "my_package.stages:ArgumentLimit"
+
+then name it in a pipeline file and pass ``--pipeline pipeline.yaml``::
+
+    version: v1
+    stages:
+      - name: mcp
+      - name: allowlist
+      - name: argument-limit
+        config: {maxArgumentBytes: 2048}
+        failureMode: closed
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from pydantic import Field
+
+from extproc.api import POLICY_DENIED, Context, Deny, Stage, StageConfig, Verdict
+
+
+class ArgumentLimitConfig(StageConfig):
+    """Validated from the pipeline file's ``config`` mapping (unknown keys are errors)."""
+
+    max_argument_bytes: int = Field(default=16 * 1024, gt=0, alias="maxArgumentBytes")
+
+
+class ArgumentLimit(Stage):
+    """Refuse ``tools/call`` requests whose JSON arguments exceed a size limit."""
+
+    name: ClassVar[str] = "argument-limit"
+    Config: ClassVar[type[StageConfig]] = ArgumentLimitConfig
+    requires: ClassVar[tuple[str, ...]] = ("mcp",)  # ctx.mcp is parsed by the mcp stage
+
+    async def on_request_body(self, ctx: Context) -> Verdict:
+        config = self.config
+        assert isinstance(config, ArgumentLimitConfig)
+        if ctx.mcp is None:
+            return None
+        for message in ctx.mcp.messages:
+            if message.tool_name is None:
+                continue
+            size = len(json.dumps(message.arguments or {}))
+            if size > config.max_argument_bytes:
+                return Deny(
+                    status=200,
+                    code=POLICY_DENIED,
+                    message=f"arguments of {message.tool_name!r} are {size} bytes; the limit is "
+                    f"{config.max_argument_bytes}",
+                    reason="arguments_too_large",
+                )
+        return None

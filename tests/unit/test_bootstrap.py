@@ -1,0 +1,75 @@
+"""The bootstrap renderer: stream-safe, fail-closed, and the checked-in example in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.bootstrap import BootstrapOptions, render_bootstrap, render_bootstrap_yaml
+from extproc.errors import ConfigError
+from extproc.pipeline import PhaseNeeds
+from extproc.registry import DEFAULT_PIPELINE, Registry
+from extproc.resources import Catalog, load_resources, parse_documents
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_NEEDS = Registry().build_pipeline(DEFAULT_PIPELINE).needs
+
+
+def hcm(config: dict[str, Any]) -> dict[str, Any]:
+    typed: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return typed
+
+
+def test_example_bootstrap_is_in_sync() -> None:
+    catalog = load_resources(ROOT / "examples" / "resources.yaml")
+    rendered = render_bootstrap_yaml(catalog, DEFAULT_NEEDS, BootstrapOptions())
+    assert (ROOT / "envoy" / "example-bootstrap.yaml").read_text() == rendered, (
+        "envoy/example-bootstrap.yaml is stale; regenerate it (see envoy/README.md)"
+    )
+
+
+def test_routes_are_stream_safe_and_fail_closed(catalog: Catalog) -> None:
+    config = render_bootstrap(catalog, DEFAULT_NEEDS, BootstrapOptions(stream_idle_timeout_s=900))
+    manager = hcm(config)
+    assert manager["stream_idle_timeout"] == "900s"
+    route = manager["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["match"] == {"path": "/demo/mcp"}
+    assert route["route"]["timeout"] == "0s"
+    assert route["route"]["prefix_rewrite"] == "/mcp"
+    ext_proc = manager["http_filters"][0]["typed_config"]
+    assert ext_proc.get("failure_mode_allow", False) is False
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert ext_proc["processing_mode"].get("response_body_mode", "NONE") == "NONE"  # switched on per exchange
+
+
+def test_no_stages_means_no_ext_proc_filter(catalog: Catalog) -> None:
+    config = render_bootstrap(catalog, PhaseNeeds(False, False, False, False), BootstrapOptions())
+    assert [f["name"] for f in hcm(config)["http_filters"]] == ["envoy.filters.http.router"]
+
+
+def test_https_upstream_gets_tls_with_sni() -> None:
+    doc = {
+        "apiVersion": "mcp.extproc.io/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": "remote"},
+        "spec": {"url": "https://mcp.example.test/v1/mcp"},
+    }
+    config = render_bootstrap(parse_documents([doc], "t"), DEFAULT_NEEDS, BootstrapOptions())
+    cluster = config["static_resources"]["clusters"][1]
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["transport_socket"]["typed_config"]["sni"] == "mcp.example.test"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert endpoint["socket_address"]["port_value"] == 443
+
+
+def test_bad_extension_address_is_a_config_error(catalog: Catalog) -> None:
+    with pytest.raises(ConfigError, match="expected host:port"):
+        render_bootstrap(catalog, DEFAULT_NEEDS, BootstrapOptions(extproc_tcp="nowhere"))
+
+
+def test_rendered_yaml_round_trips(catalog: Catalog) -> None:
+    text = render_bootstrap_yaml(catalog, DEFAULT_NEEDS, BootstrapOptions())
+    assert yaml.safe_load(text)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
