@@ -54,10 +54,10 @@ def listen_port() -> int:
 
 
 async def agent(url: str, failures: list[str]) -> None:
-    progress: list[float] = []
+    seen_progress: list[float] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append(value)
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen_progress.append(progress)
 
     async with legacy_session(url) as session:
         say(f"agent: connected to {url} (protocol {session.protocol_version}, legacy era)")
@@ -76,7 +76,7 @@ async def agent(url: str, failures: list[str]) -> None:
             failures.append("add did not return 42")
         result = await session.call_tool("slow_count", {"steps": 3, "delay": 0.2}, progress_callback=on_progress)
         say(
-            f"{OK}ALLOWED{END}  slow_count(3) → {len(progress)} progress notifications streamed, "
+            f"{OK}ALLOWED{END}  slow_count(3) → {len(seen_progress)} progress notifications streamed, "
             f"then {result.structured_content}"
         )
         try:

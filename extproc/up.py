@@ -156,6 +156,9 @@ async def up(settings: Settings) -> int:
         str(admin_file),
         "--log-level",
         settings.envoy_log_level,
+        # Access log lines show up within half a second instead of Envoy's default 10 s.
+        "--file-flush-interval-msec",
+        "500",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         preexec_fn=_die_with_parent,

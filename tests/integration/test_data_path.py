@@ -21,7 +21,7 @@ from tests.integration.conftest import Gateway, metric_value
 pytestmark = pytest.mark.integration
 
 POLICY_DENIED = -32003
-INIT = {
+INIT: dict[str, Any] = {
     "jsonrpc": "2.0",
     "id": 0,
     "method": "initialize",
@@ -235,14 +235,14 @@ async def test_progress_streams_before_the_result(gateway: Gateway) -> None:
 
 
 async def test_progress_with_the_sdk_client(gateway: Gateway) -> None:
-    progress: list[float] = []
+    seen_progress: list[float] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append(value)
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen_progress.append(progress)
 
     async with legacy_session(gateway.url("py")) as session:
         result = await session.call_tool("slow_count", {"steps": 3, "delay": 0.05}, progress_callback=on_progress)
-    assert progress == [1.0, 2.0, 3.0]
+    assert seen_progress == [1.0, 2.0, 3.0]
     assert result.structured_content == {"result": "counted to 3"}
 
 
@@ -313,3 +313,12 @@ async def test_decisions_are_counted_in_metrics(gateway: Gateway) -> None:
     after = metric_value(gateway.metrics_url, "mcp_extproc_requests_total", method="tools/call", decision="deny")
     assert after == before + 1
     assert metric_value(gateway.metrics_url, "mcp_extproc_stage_seconds_count", stage="allowlist") > 0
+
+
+async def test_method_and_tool_reach_envoy_as_dynamic_metadata(gateway: Gateway) -> None:
+    """Envoy's access log (rendered to print our dynamic metadata) names server, method and tool."""
+    async with legacy_session(gateway.url("pyjson")) as session:
+        await session.call_tool("echo", {"text": "metadata"})
+    expected = "mcp_server=pyjson mcp_method=tools/call mcp_tool=echo"
+    # Envoy flushes its access log asynchronously (every 0.5 s under `up`).
+    gateway.proc.wait_for_line(re.escape(expected), 10)
