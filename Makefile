@@ -34,7 +34,8 @@ test: venv node lint
 unit: venv
 	$(BIN)/pytest tests/unit
 
-bench: venv node
+bench: venv
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
 
 clean:

@@ -1,0 +1,112 @@
+"""``python -m bench``: plain Envoy vs. Envoy + mcp-extproc, in one run, one table.
+
+Exit status: 0 done; 1 the stack could not be set up or failed its sanity check;
+2 ``wrk`` is missing or the flags are wrong; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+from bench.report import machine, table, write_json
+from bench.run import LATENCY_LOAD, PLAIN, THROUGHPUT_LOAD, build_targets, extproc_argv, measure
+from bench.stack import BenchError, Stack
+from bench.wrk import INSTALL_HINT, WrkError, wrk_binary
+from extproc.up import envoy_binary
+
+QUICK_DURATION_S: Final = 2.0
+WARMUP_S: Final = 2.0
+QUICK_WARMUP_S: Final = 1.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_DURATION_S:.0f} s per measurement (smoke run)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
+    return parser
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM becomes SystemExit, so `finally` blocks stop every child.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the table; see the module docstring for exit statuses."""
+    args = _parser().parse_args(argv)
+    duration = QUICK_DURATION_S if args.quick else args.duration
+    warmup = QUICK_WARMUP_S if args.quick else WARMUP_S
+    if duration < 1:
+        print("bench: --duration must be at least 1 second (wrk's shortest run)", file=sys.stderr)
+        return 2
+    if wrk_binary() is None:
+        print(f"bench: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    facts = machine(envoy_binary())
+    workdir = Path(tempfile.mkdtemp(prefix="mcp-extproc-bench-"))
+    started = time.monotonic()
+    keep_workdir = False
+    try:
+        with Stack(workdir, extproc_argv()) as stack:
+            _progress(f"starting the stack in {workdir}")
+            upstream, targets = build_targets(stack)
+            rows = measure(upstream, targets, workdir, duration_s=duration, warmup_s=warmup, progress=_progress)
+    except (BenchError, WrkError) as exc:
+        keep_workdir = True
+        print(f"bench: error: {exc}\nbench: configs and logs kept in {workdir}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process stopped", file=sys.stderr)
+        return 130
+    finally:
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    print(
+        f"mcp-extproc benchmark, {facts['date']}\n"
+        f"machine: nproc {facts['nproc']}, {facts['cpu_model']}, Linux {facts['kernel']}, "
+        f"Python {facts['python']}, Envoy {facts['envoy']}\n"
+        f"each cell: {duration:g} s after a {warmup:g} s warm-up; "
+        f"latency: wrk -t {LATENCY_LOAD[0]} -c {LATENCY_LOAD[1]}; "
+        f"throughput: wrk -t {THROUGHPUT_LOAD[0]} -c {THROUGHPUT_LOAD[1]}; upstream: canned Envoy direct_response\n"
+        f"+ms: latency added to {PLAIN}; % of plain: throughput relative to {PLAIN}; "
+        "errors: socket errors + non-2xx over both runs;\n"
+        "ext_proc msgs/req: messages Envoy sent our server per request (each one a gRPC round trip)\n"
+    )
+    print(table(rows, PLAIN))
+    for row in rows:
+        if abs(row.upstream_share - 1.0) > 0.01:
+            print(
+                f"warning: {row.shape} {row.config}: "
+                f"{100 * row.upstream_share:.1f}% of the requests Envoy answered reached the upstream"
+            )
+    print(f"\ntotal time: {elapsed:.0f} s")
+    if args.json is not None:
+        settings = {
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "latency_load": LATENCY_LOAD,
+            "throughput_load": THROUGHPUT_LOAD,
+        }
+        write_json(args.json, facts, settings, rows, PLAIN)
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
