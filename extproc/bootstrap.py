@@ -175,6 +175,35 @@ def _not_found_route(catalog: Catalog) -> dict[str, Any]:
     }
 
 
+_UPSTREAM_FAILURE_FLAGS: Final = ["UF", "UH", "URX", "UC", "UT", "UO", "NC", "DPE"]
+_UPSTREAM_FAILURE_BODY: Final = (
+    '{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"the MCP server could not be reached '
+    'or failed (%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)"}}'
+)
+
+
+def _local_replies() -> dict[str, Any]:
+    """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
+
+    Only replies carrying an upstream-failure flag are rewritten; the stages' own
+    JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
+    """
+    return {
+        "mappers": [
+            {
+                "filter": {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
+                "body_format_override": {
+                    # A text template, not json_format: Envoy renders json_format numbers as
+                    # strings, and a JSON-RPC error code must be a number. The operators used
+                    # here never contain quotes or backslashes.
+                    "text_format_source": {"inline_string": _UPSTREAM_FAILURE_BODY},
+                    "content_type": "application/json",
+                },
+            }
+        ]
+    }
+
+
 def _ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
@@ -239,6 +268,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         }
     )
     hcm: dict[str, Any] = {
+        "local_reply_config": _local_replies(),
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mcp",
         "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",

@@ -54,6 +54,16 @@ _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 decisions = logging.getLogger("mcp_extproc.decision")
 
 
+class _ExchangeLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger that prefixes every line with the exchange's request id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{(self.extra or {}).get('request_id')}] {msg}", kwargs
+
+
+_exchange_logger = logging.getLogger("mcp_extproc.exchange")
+
+
 def _headers(header_map: core_pb.HeaderMap) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
     pairs = tuple(
         (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in header_map.headers
@@ -146,7 +156,7 @@ class Processor:
             request_header_list=pairs,
             server=server,
             catalog=self.catalog,
-            log=logging.LoggerAdapter(logging.getLogger("mcp_extproc.exchange"), {"request_id": request_id}),
+            log=_ExchangeLog(_exchange_logger, {"request_id": request_id}),
         )
         ctx.request_has_body = not message.end_of_stream
         self.ctx = ctx

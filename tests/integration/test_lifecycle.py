@@ -173,3 +173,22 @@ async def test_serve_listens_on_tcp_and_unix_with_health(tmp_path: Path, upstrea
     assert code == 0
     assert "gRPC server stopped" in proc.log_path.read_text()
     assert not sock.exists()
+
+
+async def test_unreachable_upstream_is_a_json_rpc_error(tmp_path: Path) -> None:
+    """An MCP server nobody listens on: a 503 with a JSON-RPC error, not Envoy's plain text."""
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(yaml.safe_dump(resource_doc("gone", free_port(), PY_TOOLS)))
+    proc, base, _metrics = start_gateway(resources, tmp_path)
+    try:
+        reply = await raw_post(f"{base}/gone/mcp", CALL)
+        denied = await raw_post(f"{base}/gone/mcp", {**CALL, "params": {"name": "delete_everything"}})
+    finally:
+        proc.stop()
+    assert reply.status_code == 503
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert error["code"] == -32603
+    assert "could not be reached" in error["message"]
+    # Our own answers are untouched by Envoy's local-reply rewriting.
+    assert denied.json()["error"]["code"] == -32003

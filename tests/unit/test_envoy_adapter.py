@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -38,7 +40,8 @@ async def test_allowed_call_is_forwarded_with_derived_headers(catalog: Catalog) 
     assert meta.fields["tool"].string_value == "echo"
 
 
-async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog) -> None:
+async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     proc = processor(catalog)
     await proc.handle(headers_msg(post_headers()))
     answer = await proc.handle(body_msg(call("add_secret", 42)))
@@ -48,6 +51,18 @@ async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog) -> Non
     assert body["id"] == 42
     assert body["error"]["code"] == POLICY_DENIED
     assert "add_secret" in body["error"]["message"]
+    assert "[req-1] denied tools/call of 'add_secret'" in caplog.text
+    decision = json.loads(next(r.message for r in caplog.records if r.name == "mcp_extproc.decision"))
+    assert decision == {
+        "event": "decision",
+        "request_id": "req-1",
+        "server": "demo",
+        "http_method": "POST",
+        "method": "tools/call",
+        "tool": "add_secret",
+        "decision": "deny",
+        "reason": "tool_not_allowed",
+    }
 
 
 async def test_malformed_json_is_400_parse_error(catalog: Catalog) -> None:
