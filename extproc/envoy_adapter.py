@@ -183,14 +183,7 @@ class Processor:
         if isinstance(outcome, Deny):
             return self._deny(ctx, outcome)
         self._decide(ctx, "allow", "")
-        common = self._common(outcome)
-        if outcome.body is not None:
-            common.header_mutation.set_headers.append(
-                core_pb.HeaderValueOption(
-                    header=core_pb.HeaderValue(key=CONTENT_LENGTH, raw_value=str(len(outcome.body)).encode()),
-                    append_action=_OVERWRITE,
-                )
-            )
+        common = self._common(outcome, buffered=True)
         if outcome.set_headers:
             # Routes may match on the headers we derive (x-mcp-tool, ...): re-route.
             common.clear_route_cache = True
@@ -232,14 +225,7 @@ class Processor:
         outcome = await self.pipeline.run(Phase.RESPONSE_BODY, ctx, message.body)
         if isinstance(outcome, Deny):
             return self._deny(ctx, outcome)
-        common = self._common(outcome)
-        if outcome.body is not None and self._response_buffered:
-            common.header_mutation.set_headers.append(
-                core_pb.HeaderValueOption(
-                    header=core_pb.HeaderValue(key=CONTENT_LENGTH, raw_value=str(len(outcome.body)).encode()),
-                    append_action=_OVERWRITE,
-                )
-            )
+        common = self._common(outcome, buffered=self._response_buffered)
         response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
         self._attach_metadata(response, outcome)
         return response
@@ -247,12 +233,16 @@ class Processor:
     # -- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    def _common(outcome: Continue) -> pb.CommonResponse:
+    def _common(outcome: Continue, *, buffered: bool = False) -> pb.CommonResponse:
+        """Header and body mutations; a replaced *buffered* body also gets its new Content-Length."""
         common = pb.CommonResponse()
-        if outcome.set_headers or outcome.remove_headers:
-            common.header_mutation.CopyFrom(_mutation(outcome.set_headers, outcome.remove_headers))
+        set_headers = dict(outcome.set_headers)
         if outcome.body is not None:
             common.body_mutation.body = outcome.body
+            if buffered:
+                set_headers[CONTENT_LENGTH] = str(len(outcome.body))
+        if set_headers or outcome.remove_headers:
+            common.header_mutation.CopyFrom(_mutation(set_headers, outcome.remove_headers))
         return common
 
     def _attach_metadata(self, response: pb.ProcessingResponse, outcome: Continue) -> None:

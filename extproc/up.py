@@ -61,6 +61,21 @@ def max_request_bytes(pipeline: Pipeline) -> int:
     return max([DEFAULT_MAX_REQUEST_BYTES, *[limit for limit in limits if isinstance(limit, int)]])
 
 
+def bootstrap_options(
+    settings: Settings, pipeline: Pipeline, *, extproc_tcp: str | None, extproc_unix: str | None
+) -> BootstrapOptions:
+    """What ``up`` and ``render envoy`` both render: the listener, limits and where the server is."""
+    host, port = split_hostport(settings.listen, "--listen")
+    return BootstrapOptions(
+        listen_host=host,
+        listen_port=port,
+        extproc_tcp=extproc_tcp,
+        extproc_unix=extproc_unix,
+        stream_idle_timeout_s=settings.stream_idle_timeout_s,
+        max_request_bytes=max_request_bytes(pipeline),
+    )
+
+
 def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
     if settings.metrics:
         host, port = split_hostport(settings.metrics, "--metrics")
@@ -134,14 +149,7 @@ async def up(settings: Settings) -> int:
     socket_path = settings.unix or str(workdir / "extproc.sock")
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
-    options = BootstrapOptions(
-        listen_host=host,
-        listen_port=port,
-        extproc_tcp=None,
-        extproc_unix=socket_path,
-        stream_idle_timeout_s=settings.stream_idle_timeout_s,
-        max_request_bytes=max_request_bytes(pipeline),
-    )
+    options = bootstrap_options(settings, pipeline, extproc_tcp=None, extproc_unix=socket_path)
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
     admin_file = workdir / "admin-address"
@@ -218,13 +226,7 @@ def check(settings: Settings) -> str:
 def render_envoy(settings: Settings) -> str:
     """``mcp-extproc render envoy``: the bootstrap ``up`` would run."""
     catalog, pipeline = build(settings)
-    host, port = split_hostport(settings.listen, "--listen")
-    options = BootstrapOptions(
-        listen_host=host,
-        listen_port=port,
-        extproc_tcp=settings.grpc if not settings.unix else None,
-        extproc_unix=settings.unix,
-        stream_idle_timeout_s=settings.stream_idle_timeout_s,
-        max_request_bytes=max_request_bytes(pipeline),
+    options = bootstrap_options(
+        settings, pipeline, extproc_tcp=settings.grpc if not settings.unix else None, extproc_unix=settings.unix
     )
     return render_bootstrap_yaml(catalog, pipeline.needs, options)
