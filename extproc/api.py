@@ -79,6 +79,7 @@ __all__ = [
     "Deny",
     "FailureMode",
     "Phase",
+    "Principal",
     "Stage",
     "StageConfig",
     "StateKey",
@@ -167,6 +168,43 @@ Verdict = Continue | Deny | None
 """What a hook returns: no opinion, carry on (with mutations), or refuse."""
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as established by the ``authn`` stage.
+
+    Attributes:
+        subject: the token's ``sub`` (``"anonymous"`` when no agent is declared).
+        issuer: the token's ``iss`` (``""`` when anonymous).
+        agent: the name of the ``MCPAgent`` the token was matched to, if any.
+        claims: every claim of the validated token.
+        scopes: the token's scopes (``scope``/``scp`` claims).
+        granted: the trust level the agent is granted (``low``/``medium``/``high``).
+        consented: the trust level the user consented to (the agent's consent
+            claim when present, else ``granted``).
+        token: the validated inbound token itself, for token exchange only. It
+            is never printed: ``repr`` hides it. Never forward it upstream.
+    """
+
+    subject: str
+    issuer: str = ""
+    agent: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    scopes: frozenset[str] = frozenset()
+    granted: str = "low"
+    consented: str = "low"
+    token: str = field(default="", repr=False)
+
+    @property
+    def anonymous(self) -> bool:
+        """True when no token was presented because no agent identity is declared."""
+        return not self.issuer
+
+    @property
+    def key(self) -> str:
+        """A stable key for caches and buckets: ``issuer|subject``."""
+        return f"{self.issuer}|{self.subject}"
+
+
 class StageConfig(BaseModel):
     """Base for a stage's ``Config`` model: frozen, unknown keys are errors."""
 
@@ -208,6 +246,8 @@ class Context:
             SSE stream of unknown length); False when it arrives whole.
         end_of_stream: True on the last response chunk.
         log: a logger bound to this exchange's request id.
+        principal: the caller, set by the ``authn`` stage (``None`` before it
+            runs or when it is not configured).
     """
 
     def __init__(
@@ -238,6 +278,7 @@ class Context:
         self.response_streamed = False
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
+        self.principal: Principal | None = None
         self.decision = "allow"
         self.decision_reason = ""
         self._state: dict[str, Any] = {}
