@@ -60,6 +60,7 @@ the pipeline configuration; only stages the configuration names are loaded.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -279,6 +280,8 @@ class Context:
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
+        self.started = time.perf_counter()
+        self.explanations: list[str] = []
         self.decision = "allow"
         self.decision_reason = ""
         self._state: dict[str, Any] = {}
@@ -291,6 +294,13 @@ class Context:
             found = key.factory()
             self._state[key.name] = found
         return found
+
+    def explain(self, text: str) -> None:
+        """Record why a decision was taken (the rule or Rego result); it goes to the audit line.
+
+        Never put a token or secret in ``text``.
+        """
+        self.explanations.append(text)
 
     def want_response_body(self) -> None:
         """Ask the pipeline to send this exchange's response body to the stages.
