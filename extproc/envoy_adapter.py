@@ -37,9 +37,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.api import Context, Continue, Deny, Phase
+from extproc.audit import record
 from extproc.mcp.headers import CONTENT_LENGTH, CONTENT_TYPE
 from extproc.mcp.jsonrpc import encode_error
-from extproc.metrics import method_label
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
 
@@ -51,7 +51,6 @@ SERVER_METADATA_KEY: Final = "x-mcp-server"
 
 _Mode = mode_pb.ProcessingMode
 _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-decisions = logging.getLogger("mcp_extproc.decision")
 
 
 class _ExchangeLog(logging.LoggerAdapter[logging.Logger]):
@@ -258,29 +257,11 @@ class Processor:
         return immediate(deny, ctx.jsonrpc_id)
 
     def _decide(self, ctx: Context, decision: str, reason: str) -> None:
-        """Record the request-side decision once: metrics and one structured log line."""
+        """Record the request-side decision once (audit line and metrics)."""
         if self._decided:
             return
         self._decided = True
-        ctx.decision, ctx.decision_reason = decision, reason
-        method = ctx.mcp.method if ctx.mcp is not None else None
-        self.pipeline.metrics.requests.labels(method_label(method), decision).inc()
-        if decisions.isEnabledFor(logging.INFO):
-            decisions.info(
-                json.dumps(
-                    {
-                        "event": "decision",
-                        "request_id": ctx.request_id,
-                        "server": ctx.server.name if ctx.server else None,
-                        "http_method": ctx.http_method,
-                        "method": method,
-                        "tool": ctx.mcp.tool_name if ctx.mcp is not None else None,
-                        "decision": decision,
-                        "reason": reason or None,
-                    },
-                    separators=(",", ":"),
-                )
-            )
+        record(self.pipeline.metrics, ctx, decision, reason)
 
 
 def _jsonable(value: Any) -> Any:
