@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOOK_NAMES",
     "POLICY_DENIED",
+    "Answer",
     "Context",
     "Continue",
     "Deny",
@@ -163,6 +164,17 @@ class Deny:
     data: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Answer(Deny):
+    """Answer the agent directly with ``body`` (e.g. a metadata document); not a refusal.
+
+    Counted and audited as decision ``answer`` instead of ``deny``.
+    """
+
+    code: int = 0
+    message: str = ""
 
 
 Verdict = Continue | Deny | None
@@ -361,6 +373,15 @@ class Stage:
 
     async def shutdown(self) -> None:
         """Called once after the server stopped taking traffic."""
+
+    def check(self, catalog: Catalog) -> list[str]:
+        """Problems this stage finds in ``catalog`` (e.g. a Rego syntax error), as messages.
+
+        ``mcp-extproc check`` prints them, and a reload whose catalog has any is
+        refused (the last good catalog stays). A message starting with
+        ``warning:`` is printed but refuses nothing. Must be fast and do no I/O.
+        """
+        return []
 
     def needs_response(self, ctx: Context) -> bool | None:
         """After the request headers: must Envoy send this exchange's response?

@@ -82,6 +82,12 @@ class Metrics:
             registry=self.registry,
         )
         self.reasons_seen: set[str] = set()
+        self.reloads = Counter(
+            "mcp_extproc_config_reloads",
+            "Reloads of the resource file, by result (applied, refused: the last good one stays).",
+            ["result"],
+            registry=self.registry,
+        )
         self.phases = Counter(
             "mcp_extproc_phases",
             "ext_proc messages received from Envoy, by phase.",

@@ -39,6 +39,7 @@ _SIGNATURES: Final[Mapping[str, str]] = {
     "startup": "async def startup(self) -> None",
     "shutdown": "async def shutdown(self) -> None",
     "needs_response": "def needs_response(self, ctx: Context) -> bool | None",
+    "check": "def check(self, catalog: Catalog) -> list[str]",
 }
 
 
@@ -61,8 +62,15 @@ class PipelineConfig(BaseModel):
     stages: list[StageSpec]
 
 
-DEFAULT_PIPELINE: Final = PipelineConfig(stages=[StageSpec(name="mcp"), StageSpec(name="allowlist")])
-"""The embedded default: parse MCP, then enforce the servers' tool allow-lists."""
+DEFAULT_PIPELINE: Final = PipelineConfig(
+    stages=[StageSpec(name="authn"), StageSpec(name="mcp"), StageSpec(name="allowlist"), StageSpec(name="policy")]
+)
+"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy.
+
+``authn`` runs first so a request without a valid token costs no body round
+trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
+``policy`` does nothing for servers no ``MCPToolPolicy`` targets.
+"""
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
@@ -101,7 +109,7 @@ def validate_stage_class(cls: object, source: str) -> type[Stage]:
         impl = getattr(cls, hook)
         if impl is getattr(Stage, hook):
             continue
-        expected_async = hook != "needs_response"
+        expected_async = hook not in ("needs_response", "check")
         if inspect.iscoroutinefunction(impl) != expected_async:
             kind = "an async def" if expected_async else "a plain def"
             raise PluginError(

@@ -9,8 +9,9 @@ machinery is :class:`plugins.toolgate.ToolGate`'s.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from extproc.api import POLICY_DENIED, Context, Deny
 from extproc.mcp.jsonrpc import Message
@@ -43,5 +44,5 @@ class AllowlistStage(ToolGate):
             reason="tool_not_allowed",
         )
 
-    async def hide_tool(self, ctx: Context, server: MCPServer, tool: str) -> bool:
-        return not tool_allowed(server, tool)
+    async def hide_tool(self, ctx: Context, server: MCPServer, name: str, tool: Mapping[str, Any]) -> bool:
+        return not tool_allowed(server, name)

@@ -27,6 +27,7 @@ refused (fail closed) rather than passed through unfiltered.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,8 +74,8 @@ class ToolGate(Stage):
         """The denial of one ``tools/call``, or ``None`` to let it through."""
         raise NotImplementedError
 
-    async def hide_tool(self, ctx: Context, server: MCPServer, tool: str) -> bool:
-        """True to remove ``tool`` from a ``tools/list`` result."""
+    async def hide_tool(self, ctx: Context, server: MCPServer, name: str, tool: Mapping[str, Any]) -> bool:
+        """True to remove the tool ``name`` (described by ``tool``) from a ``tools/list`` result."""
         raise NotImplementedError
 
     # -- hooks ------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class ToolGate(Stage):
         kept = []
         for tool in tools:
             name = tool.get("name") if isinstance(tool, dict) else None
-            if isinstance(name, str) and not await self.hide_tool(ctx, server, name):
+            if isinstance(name, str) and not await self.hide_tool(ctx, server, name, tool):
                 kept.append(tool)
         removed = len(tools) - len(kept)
         state.removed += removed
