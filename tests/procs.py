@@ -319,3 +319,15 @@ def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT
             raise
         return proc, port
     raise RuntimeError(f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}")
+
+
+def start_opa_standin(module: Path, *, log_dir: Path | None = None) -> tuple[Proc, int]:
+    """Start the OPA Data API stand-in (``tests.upstreams.opa_standin``) serving ``module``."""
+    argv = [sys.executable, "-m", "tests.upstreams.opa_standin", "--module", str(module), "--port", "0"]
+    proc = Proc(argv, name="opa-standin", log_dir=log_dir or module.parent)
+    try:
+        port = int(proc.wait_for_line(r"^READY (\d+)$", DEFAULT_START_DEADLINE_S).group(1))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
