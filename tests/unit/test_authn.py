@@ -197,7 +197,9 @@ async def test_a_rotated_key_is_fetched_once_and_unknown_kids_are_rate_limited(
     assert idp.fetches == 2, "made-up kids do not cause a refetch within the minimum interval"
 
 
-async def test_unreachable_jwks_is_503_and_not_forwarded(pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp) -> None:
+async def test_unreachable_jwks_is_503_and_not_forwarded(
+    pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp
+) -> None:
     idp.down()
     exchange = await answer(pipeline, catalog_with_agent, idp.mint())
     status, headers, body = refusal(exchange.last)  # type: ignore[attr-defined]
@@ -206,9 +208,7 @@ async def test_unreachable_jwks_is_503_and_not_forwarded(pipeline: Pipeline, cat
     assert "keys cannot be fetched" in body["error"]["message"]
 
 
-@pytest.mark.parametrize(
-    ("claim", "consented"), [("high", "high"), ("low", "low"), (None, "medium"), ("bogus", "low")]
-)
+@pytest.mark.parametrize(("claim", "consented"), [("high", "high"), ("low", "low"), (None, "medium"), ("bogus", "low")])
 async def test_consent_comes_from_the_claim_else_the_grant(
     pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp, claim: str | None, consented: str
 ) -> None:

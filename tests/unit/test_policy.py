@@ -182,7 +182,7 @@ async def test_rate_limit_is_429_with_retry_after(pipeline: Pipeline, idp: Idp) 
 
 
 def standin_count(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_requests", timeout=5) as reply:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_requests", timeout=5) as reply:
         return int(json.loads(reply.read())["count"])
 
 
