@@ -161,7 +161,7 @@ def running_idp(*keys: Key) -> Iterator[Idp]:
 
 def none_token(**claims: Any) -> str:
     """An unsigned ``alg: none`` token (an attack)."""
-    return jwt.encode(claims, None, algorithm="none")
+    return jwt.encode(claims, "", algorithm="none")
 
 
 def agent_doc(

@@ -7,7 +7,7 @@ would send the agent (status, WWW-Authenticate, JSON-RPC error).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import jwt
@@ -139,7 +139,7 @@ def _hs256_with_public_key(idp: Idp) -> str:
 async def test_attack_tokens_are_401(
     pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp, attack: str, expected: str
 ) -> None:
-    tokens = {
+    tokens: dict[str, Callable[[], str]] = {
         "alg_none": lambda: none_token(iss=idp.issuer, sub="mallory", aud=AUDIENCE, exp=4102444800),
         "hs256_public_key": lambda: _hs256_with_public_key(idp),
         "wrong_audience": lambda: idp.mint(aud="someone-else"),
@@ -212,7 +212,7 @@ async def test_unreachable_jwks_is_503_and_not_forwarded(
 async def test_consent_comes_from_the_claim_else_the_grant(
     pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp, claim: str | None, consented: str
 ) -> None:
-    extra = {"mcp_trust": claim} if claim is not None else {}
+    extra: dict[str, Any] = {"mcp_trust": claim} if claim is not None else {}
     exchange = await answer(pipeline, catalog_with_agent, idp.mint(**extra))
     assert exchange.principal is not None
     assert (exchange.principal.granted, exchange.principal.consented) == ("medium", consented)

@@ -95,7 +95,7 @@ async def test_trust_is_min_of_granted_and_consented(
     pipeline: Pipeline, idp: Idp, granted: str, consent: str | None, required: str, allowed: bool
 ) -> None:
     catalog = catalog_of(idp, policy_doc([{"tools": ["echo"], "requiredTrust": required}]), granted=granted)
-    claims = {"mcp_trust": consent} if consent is not None else {}
+    claims: dict[str, Any] = {"mcp_trust": consent} if consent is not None else {}
     proc, response = await send(pipeline, catalog, idp.mint(**claims), call("echo"))
     if allowed:
         assert response.HasField("request_body")
