@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ from extproc.cli import main
 from tests.unit.conftest import SERVER_DOC
 
 
-def write(tmp_path: Path, *docs: dict[str, object]) -> Path:
+def write(tmp_path: Path, *docs: Mapping[str, object]) -> Path:
     path = tmp_path / "resources.yaml"
-    path.write_text(yaml.safe_dump_all(docs))
+    path.write_text(yaml.safe_dump_all([dict(d) for d in docs]))
     return path
 
 
