@@ -52,7 +52,7 @@ class _Exchange:
     """Per-exchange state: what later services and the response phase need."""
 
     metadata: dict[str, str] = field(default_factory=dict)
-    watched: dict[Any, str] = field(default_factory=dict)  # request id → method, for PHASE_RESPONSE
+    watched: dict[Any, tuple[str, str]] = field(default_factory=dict)  # request id → (method, tool)
     decoder: SseDecoder | None = None
 
 
@@ -134,7 +134,7 @@ class ExternalStage(Stage):
                 continue  # the agent answering the server (sampling, elicitation): not a call
             for service in services:
                 if service.wants(pb.PHASE_RESPONSE, message.method) and message.id is not None:
-                    state.watched[message.id] = message.method or ""
+                    state.watched[message.id] = (message.method or "", message.tool_name or "")
                 if outcome.deny is None and service.wants(pb.PHASE_REQUEST, message.method):
                     await self._request_one(ctx, service, outcome, request)
         denied = [o for o in outcomes if o.deny is not None]
@@ -307,13 +307,14 @@ class ExternalStage(Stage):
         message = parse_message(item)
         if message is None or message.kind != "response" or message.id not in state.watched:
             return item
-        method = state.watched[message.id]
+        method, tool = state.watched[message.id]
         assert ctx.mcp is not None and ctx.server is not None
         current: dict[str, Any] = dict(item)
         for service in self.services:
             if not (service.applies_to(ctx.server.name) and service.wants(pb.PHASE_RESPONSE, method)):
                 continue
             wire = _wire_message(message, method, current)
+            wire.tool = tool
             reply = await self._call(ctx, service, pb.PHASE_RESPONSE, wire, ctx.mcp)
             if isinstance(reply, Deny):
                 return error_object(message.id, reply.code, reply.message)

@@ -233,7 +233,7 @@ class McpMessage(_message.Message):
     method: _builtins.str
     """The request's method (for PHASE_RESPONSE: the method of the request it answers)."""
     tool: _builtins.str
-    """For tools/call: params.name."""
+    """For tools/call: params.name (for PHASE_RESPONSE: of the request it answers)."""
     @_builtins.property
     def id(self) -> _struct_pb2.Value:
         """The JSON-RPC id: a string or a number; null_value for a notification."""
