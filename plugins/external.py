@@ -34,7 +34,6 @@ from typing import Any, ClassVar, Final
 from mcp_types.jsonrpc import INTERNAL_ERROR
 
 from extproc.api import POLICY_DENIED, Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
-from extproc.errors import PluginError
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
 from extproc.mcp.sse import SseDecoder, encode_event
@@ -84,7 +83,6 @@ class ExternalStage(Stage):
 
     async def startup(self) -> None:
         opened: list[Service] = []
-        names: dict[str, str] = {}
         for service in self.services:
             try:
                 await service.open()
@@ -93,14 +91,6 @@ class ExternalStage(Stage):
                     await done.close()
                 raise
             opened.append(service)
-            if service.name in names:
-                for done in opened:
-                    await done.close()
-                raise PluginError(
-                    f"{service.where}: Describe answered name={service.name!r}, the name of the service at "
-                    f"{names[service.name]} too; each external stage needs its own name"
-                )
-            names[service.name] = service.config.address
 
     async def shutdown(self) -> None:
         for service in self.services:
