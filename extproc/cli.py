@@ -1,6 +1,6 @@
 """The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
 
-Commands: ``up``, ``serve``, ``render envoy``, ``check``. A user error
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``. A user error
 (:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
 nothing prints a traceback for bad input.
 """
@@ -60,7 +60,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
+
+    stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
+    stages.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _stages(args: argparse.Namespace) -> int:
+    """``mcp-extproc stages``: exit 1 when an installed stage fails to load."""
+    import json
+
+    from extproc.stages_list import format_stages, installed_stages
+
+    found = installed_stages()
+    sys.stdout.write(json.dumps(found, indent=2) + "\n" if args.json else format_stages(found))
+    return 1 if any("error" in item for item in found) else 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -82,6 +96,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mcp-extproc`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "stages":
+        return _stages(args)
     try:
         settings = _settings(args)
         logging.basicConfig(
