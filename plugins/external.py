@@ -41,6 +41,7 @@ from extproc.stage_wire import from_struct, from_value, to_struct, to_value
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from plugins.external_client import ExternalConfig, Service, ServiceFault
 from plugins.mcp_stage import derived_headers
+from plugins.toolgate import refuse_compressed
 
 # Headers a service may not touch: routing, framing and credentials are not theirs.
 _PROTECTED: Final = frozenset({"host", "content-length", "authorization", "transfer-encoding", "cookie"})
@@ -238,14 +239,9 @@ class ExternalStage(Stage):
         state = ctx.state(_STATE)
         if not state.watched or ctx.mcp is None:
             return None
-        encoding = ctx.response_headers.get("content-encoding", "identity").lower()
-        if encoding not in ("", "identity"):
-            return Deny(
-                status=502,
-                code=INTERNAL_ERROR,
-                message=f"the upstream answered with content-encoding {encoding!r}; external stages cannot read it",
-                reason="compressed_response",
-            )
+        compressed = refuse_compressed(ctx, "external stages")
+        if compressed is not None:
+            return compressed
         if ctx.response_is_sse:
             return await self._sse_chunk(ctx, chunk, state)
         return await self._json_body(ctx, chunk)
