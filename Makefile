@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit integration bench venv node clean
+.PHONY: demo test lint unit integration bench venv node clean crds
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,9 @@ unit: venv
 bench: venv
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
+
+crds: venv
+	$(BIN)/python -m controller.crds deploy/crds
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
