@@ -123,7 +123,7 @@ class Kube:
             resource_path=path,
             query_params=query or [],
             header_params=headers,
-            body=json.dumps(body) if body is not None else None,
+            body=body,
             auth_settings=["BearerToken"],
         )
         try:
