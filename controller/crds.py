@@ -310,7 +310,9 @@ def crd(kind: CrdKind) -> dict[str, Any]:
             }
         ],
     }
-    columns = [{"name": n, "type": t, "jsonPath": p, **({"priority": pr} if pr else {})} for n, t, p, pr in kind.columns]
+    columns = [
+        {"name": n, "type": t, "jsonPath": p, **({"priority": pr} if pr else {})} for n, t, p, pr in kind.columns
+    ]
     columns += [
         {"name": "Ready", "type": "string", "jsonPath": f"{_READY}.status"},
         {"name": "Reason", "type": "string", "jsonPath": f"{_READY}.reason", "priority": 1},

@@ -47,7 +47,9 @@ def shared_catalog(view: NamespaceView, servers: list[MCPServer]) -> Catalog:
     maps = {
         ref.name: catalog.config_maps[ref.name]
         for p in policies.values()
-        if p.spec.rego is not None and (ref := p.spec.rego.config_map_ref) is not None and ref.name in catalog.config_maps
+        if p.spec.rego is not None
+        and (ref := p.spec.rego.config_map_ref) is not None
+        and ref.name in catalog.config_maps
     }
     return Catalog(
         servers={s.name: s for s in servers},

@@ -139,16 +139,15 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
         "command": ["envoy"],
         "args": ["-c", f"{CONFIG_DIR}/envoy.yaml", "--log-level", "warning"],
         "startupProbe": _probe_exec(
-            "import urllib.request; "
-            f"urllib.request.urlopen('http://127.0.0.1:{settings.admin_port}/ready', timeout=1)"
+            f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{settings.admin_port}/ready', timeout=1)"
         ),
         "resources": resources,
         "securityContext": _sidecar_security(settings),
         "volumeMounts": mounts,
     }
-    containers = [extproc, envoy]
+    containers: list[dict[str, Any]] = [extproc, envoy]
     if agent.spec.egress.sidecar_only:
-        init = {
+        init: dict[str, Any] = {
             "name": EGRESS_INIT_CONTAINER,
             "image": settings.image,
             "command": ["sh", "-c", egress_script(settings)],

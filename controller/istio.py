@@ -119,6 +119,8 @@ def envoy_filter(
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
-        "metadata": object_meta(agent_object_name(agent.name), view.namespace, [owner_ref(raw)], f"MCPAgent.{agent.name}"),
+        "metadata": object_meta(
+            agent_object_name(agent.name), view.namespace, [owner_ref(raw)], f"MCPAgent.{agent.name}"
+        ),
         "spec": {"workloadSelector": {"labels": dict(selector.match_labels)}, "configPatches": patches},
     }, None

@@ -190,13 +190,17 @@ class Kube:
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj`` (``KubeError`` 409 when it exists)."""
-        created: dict[str, Any] = self._call("POST", KINDS[obj["kind"]].path(obj["metadata"].get("namespace")), body=obj)
+        created: dict[str, Any] = self._call(
+            "POST", KINDS[obj["kind"]].path(obj["metadata"].get("namespace")), body=obj
+        )
         return created
 
     def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Replace ``obj`` (optimistic: 409 when its ``resourceVersion`` is stale)."""
         meta = obj["metadata"]
-        replaced: dict[str, Any] = self._call("PUT", KINDS[obj["kind"]].path(meta.get("namespace"), meta["name"]), body=obj)
+        replaced: dict[str, Any] = self._call(
+            "PUT", KINDS[obj["kind"]].path(meta.get("namespace"), meta["name"]), body=obj
+        )
         return replaced
 
     def watch(self, kind: str, timeout_s: int) -> Iterator[tuple[str, dict[str, Any]]]:

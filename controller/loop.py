@@ -66,7 +66,9 @@ class Metrics:
             "mcp_extproc_controller_reconcile_seconds", "Time to reconcile one namespace", registry=self.registry
         )
         self.leader = Gauge("mcp_extproc_controller_leader", "1 while this replica leads", registry=self.registry)
-        self.queue = Gauge("mcp_extproc_controller_queue", "Namespaces waiting to be reconciled", registry=self.registry)
+        self.queue = Gauge(
+            "mcp_extproc_controller_queue", "Namespaces waiting to be reconciled", registry=self.registry
+        )
 
 
 def backoff(failures: int, base_s: float, cap_s: float) -> float:
@@ -206,7 +208,7 @@ class _ProbeHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes are not logged
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 
@@ -258,7 +260,9 @@ def run(settings: ControllerSettings, options: ControllerOptions) -> int:
         start_webhook(kube, settings, split_hostport(options.webhook, "--webhook"))
     controller = run_until(kube, settings, options, stop, metrics)
     if options.probe:
-        probe = ProbeServer(split_hostport(options.probe, "--probe"), lambda: not stop.is_set() and controller.healthy(), metrics)
+        probe = ProbeServer(
+            split_hostport(options.probe, "--probe"), lambda: not stop.is_set() and controller.healthy(), metrics
+        )
         serve_in_thread(probe)
     stop.wait()
     log.info("stopping (healthy=%s)", controller.healthy())

@@ -50,7 +50,7 @@ class ServiceHost:
 def service_host(host: str) -> ServiceHost | None:
     """``<svc>.<ns>.svc`` or ``<svc>.<ns>.svc.cluster.local`` → the Service; anything else → None."""
     labels = host.rstrip(".").lower().split(".")
-    if len(labels) == 3 and labels[2] == "svc" or len(labels) == 5 and labels[2:] == ["svc", "cluster", "local"]:
+    if (len(labels) == 3 and labels[2] == "svc") or (len(labels) == 5 and labels[2:] == ["svc", "cluster", "local"]):
         return ServiceHost(labels[0], labels[1])
     return None
 
@@ -92,7 +92,9 @@ def pod_selector(selector: LabelSelector) -> dict[str, Any]:
     if selector.match_labels:
         out["matchLabels"] = dict(selector.match_labels)
     if selector.match_expressions:
-        out["matchExpressions"] = [e.model_dump(by_alias=True, exclude_defaults=True) for e in selector.match_expressions]
+        out["matchExpressions"] = [
+            e.model_dump(by_alias=True, exclude_defaults=True) for e in selector.match_expressions
+        ]
     return out
 
 

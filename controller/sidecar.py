@@ -131,7 +131,13 @@ def agent_config(
     objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}]
     if catalog.secrets:
         objects.append(
-            {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "stringData": {"resources.yaml": resources}}
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": meta,
+                "type": "Opaque",
+                "stringData": {"resources.yaml": resources},
+            }
         )
     else:
         data["resources.yaml"] = resources

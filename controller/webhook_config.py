@@ -26,7 +26,7 @@ from controller.meta import CERT_MANAGER_ANNOTATION, MANAGED_BY, MANAGER, Contro
 
 WEBHOOK_NAME: Final = "mcp-extproc-injector"
 WEBHOOK_PATH: Final = "/inject"
-TLS_SECRET: Final = "mcp-extproc-webhook-tls"
+TLS_SECRET: Final = "mcp-extproc-webhook-tls"  # noqa: S105 - a Secret name, not a secret
 INJECTION_LABEL: Final = "mcp.extproc.io/injection"
 
 
@@ -81,9 +81,7 @@ def new_tls(dns_names: list[str], *, days: int = 365) -> TlsMaterial:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())

@@ -108,7 +108,9 @@ class FakeApiServer(ThreadingHTTPServer):
     def names(self, collection: str, namespace: str = "") -> list[str]:
         """Names stored in a collection (and namespace)."""
         with self.state.cond:
-            return sorted(n for c, ns, n in self.state.objects if c == collection and (not namespace or ns == namespace))
+            return sorted(
+                n for c, ns, n in self.state.objects if c == collection and (not namespace or ns == namespace)
+            )
 
     def _bump(self, collection: str, kind: str, obj: dict[str, Any]) -> None:
         self.state.version += 1
@@ -121,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: FakeApiServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
     def _reply(self, status: int, body: Any) -> None:
@@ -143,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         state = self.server.state
-        body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
+        body: dict[str, Any] = (self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None) or {}
         with state.cond:
             state.requests.append(Request(method, parts.path, query, self.headers.get("Content-Type", "")))
             if state.fail:
@@ -161,7 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
             key = (collection, ns, name or "")
             found = state.objects.get(key)
             if method == "GET" and name is None:
-                self._reply(200, {"kind": "List", "metadata": {"resourceVersion": str(state.version)}, "items": self._list(collection, ns, query)})
+                self._reply(
+                    200,
+                    {
+                        "kind": "List",
+                        "metadata": {"resourceVersion": str(state.version)},
+                        "items": self._list(collection, ns, query),
+                    },
+                )
             elif method == "GET":
                 self._reply(200, found) if found else self._status(404, f"{name} not found")
             elif method == "POST":
@@ -204,7 +213,15 @@ class _Handler(BaseHTTPRequestHandler):
                 items.append(copy.deepcopy(obj))
         return items
 
-    def _apply(self, collection: str, ns: str, name: str, found: dict[str, Any] | None, body: dict[str, Any], query: dict[str, list[str]]) -> None:
+    def _apply(
+        self,
+        collection: str,
+        ns: str,
+        name: str,
+        found: dict[str, Any] | None,
+        body: dict[str, Any],
+        query: dict[str, list[str]],
+    ) -> None:
         if "application/apply-patch+yaml" not in self.headers.get("Content-Type", ""):
             self._status(415, "this fake only does server-side apply and status merge patches")
             return

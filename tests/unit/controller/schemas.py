@@ -30,7 +30,11 @@ def validate_core(obj: dict[str, Any]) -> None:
 
 def load_crd(path: Path) -> dict[str, Any]:
     """One CRD document from a ``.yaml`` or ``.yaml.gz`` file."""
-    text = gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as compressed:
+            text = compressed.read()
+    else:
+        text = path.read_text()
     docs = [d for d in yaml.safe_load_all(text) if d]
     assert len(docs) == 1, path
     crd: dict[str, Any] = docs[0]
@@ -55,9 +59,9 @@ def _json_schema(node: Any) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
         out.pop("anyOf", None)
-    if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node:
-        if not node.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
+    closed = "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields")
+    if node.get("type") == "object" and "properties" in node and closed:
+        out["additionalProperties"] = False
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     return out

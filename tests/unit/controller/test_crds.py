@@ -25,7 +25,7 @@ from tests.unit.controller.schemas import (
 
 def test_checked_in_crds_match_the_models() -> None:
     rendered = crds.render_crd_files()
-    assert sorted(rendered) == sorted(p.name for p in OUR_CRDS.glob("*.yaml"))
+    assert sorted(rendered) == sorted(p.name for p in OUR_CRDS.glob("mcp.extproc.io_*.yaml"))
     for name, text in rendered.items():
         assert (OUR_CRDS / name).read_text() == text, f"deploy/crds/{name} is stale: run `make crds`"
 
@@ -81,7 +81,13 @@ def _server(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
     return {"apiVersion": "mcp.extproc.io/v1alpha1", "kind": "MCPServer", "metadata": {"name": name}, "spec": spec}
 
 
-OAUTH = {"clientCredentials": {"tokenUrl": "https://as.test/token", "clientId": "c", "clientSecretRef": {"name": "s", "key": "k"}}}
+OAUTH = {
+    "clientCredentials": {
+        "tokenUrl": "https://as.test/token",
+        "clientId": "c",
+        "clientSecretRef": {"name": "s", "key": "k"},
+    }
+}
 CASES = [
     _server({"url": "http://a.test/mcp"}),
     _server({"url": "https://user:pw@a.test:8443/mcp"}),

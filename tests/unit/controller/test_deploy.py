@@ -45,7 +45,9 @@ def test_every_listed_object_exists_and_validates(overlay: str) -> None:
 def test_kustomize_builds_the_same_objects() -> None:
     kubectl = shutil.which("kubectl") or str(Path(__import__("sys").executable).with_name("kubectl"))
     for overlay in ("", "examples"):
-        built = subprocess.run([kubectl, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, check=False)
+        built = subprocess.run(
+            [kubectl, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, check=False
+        )
         assert built.returncode == 0, built.stderr
         ours = sorted((o["kind"], o["metadata"]["name"]) for o in kustomize_objects(DEPLOY / overlay))
         theirs = sorted((o["kind"], o["metadata"]["name"]) for o in yaml.safe_load_all(built.stdout) if o)

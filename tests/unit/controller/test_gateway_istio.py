@@ -15,7 +15,10 @@ from controller.render import render_documents
 from tests.unit.controller.fixtures import agent, server
 from tests.unit.controller.schemas import validate_any
 
-GW = {"parentRefs": [{"name": "mcp-gateway", "namespace": "gateways", "sectionName": "https"}], "hostnames": ["mcp.test"]}
+GW = {
+    "parentRefs": [{"name": "mcp-gateway", "namespace": "gateways", "sectionName": "https"}],
+    "hostnames": ["mcp.test"],
+}
 
 
 def render(*docs: dict[str, Any]) -> Any:
@@ -33,7 +36,13 @@ def test_gateway_mode_renders_routes_policy_and_the_shared_server() -> None:
     )
     route = out[("HTTPRoute", "mcp-tools")]["spec"]
     assert route["parentRefs"] == [
-        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "mcp-gateway", "namespace": "gateways", "sectionName": "https"}
+        {
+            "group": "gateway.networking.k8s.io",
+            "kind": "Gateway",
+            "name": "mcp-gateway",
+            "namespace": "gateways",
+            "sectionName": "https",
+        }
     ]
     assert route["hostnames"] == ["mcp.test"]
     [rule] = route["rules"]
@@ -77,7 +86,9 @@ def test_istio_envoy_filter_inserts_ext_proc_for_the_agent_workloads() -> None:
     parsed = json_format.ParseDict(http_filter, http_connection_manager_pb2.HttpFilter())
     assert parsed.disabled  # other outbound traffic of the pod never reaches ext_proc
     config = http_filter["typed_config"]
-    assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "outbound|50051||mcp-extproc.agents.svc.cluster.local"
+    assert (
+        config["grpc_service"]["envoy_grpc"]["cluster_name"] == "outbound|50051||mcp-extproc.agents.svc.cluster.local"
+    )
     assert config["failure_mode_allow"] is False
     assert [v["match"]["routeConfiguration"]["vhost"]["name"] for v in vhosts] == [
         "tools.mcp.svc.cluster.local:8080",

@@ -33,7 +33,10 @@ def check(name: str, text: str) -> None:
 )
 def test_render_k8s_command(source: Path, golden: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -45,7 +48,10 @@ def test_render_k8s_command(source: Path, golden: str) -> None:
 def test_injection_patch_golden() -> None:
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "examples" / "mcp.yaml").read_text()))
     view = build_view("agents", [d for d in docs if d["kind"] != "Namespace"])
-    pod = {"metadata": {"name": "assistant-0", "labels": {"app": "assistant"}}, "spec": {"containers": [{"name": "agent", "image": "agent:1"}]}}
+    pod = {
+        "metadata": {"name": "assistant-0", "labels": {"app": "assistant"}},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+    }
     ops, _ = injection_patch(pod, list(view.catalog.agents.values()), ControllerSettings())
     check("inject-patch.yaml", yaml.safe_dump(ops, sort_keys=False))
 
@@ -59,12 +65,24 @@ def test_webhook_configuration_golden() -> None:
 def test_render_k8s_reports_problems_and_errors(tmp_path: Path) -> None:
     source = tmp_path / "r.yaml"
     source.write_text(
-        (GOLDEN / "istio-input.yaml").read_text().replace("mcpServerRefs: [{name: tools}]", "mcpServerRefs: [{name: gone}]")
+        (GOLDEN / "istio-input.yaml")
+        .read_text()
+        .replace("mcpServerRefs: [{name: tools}]", "mcpServerRefs: [{name: gone}]")
     )
-    result = subprocess.run([sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0
     assert "warning: MCPAgent mesh/planner: spec.mcpServerRefs[0]: no MCPServer named 'gone'" in result.stderr
     source.write_text((GOLDEN / "istio-input.yaml").read_text().replace("http://tools", "tcp://tools"))
-    result = subprocess.run([sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "render", "k8s", "-f", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert "MCPServer mesh/tools: spec.url" in result.stderr and "Traceback" not in result.stderr

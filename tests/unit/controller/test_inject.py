@@ -19,7 +19,9 @@ SETTINGS = ControllerSettings()
 
 
 def agents(**spec: Any) -> Any:
-    view = build_view(NS, [server("tools", "http://tools.mcp.svc/mcp"), agent("assistant", ["tools", "web-search"], **spec)])
+    view = build_view(
+        NS, [server("tools", "http://tools.mcp.svc/mcp"), agent("assistant", ["tools", "web-search"], **spec)]
+    )
     return list(view.catalog.agents.values())
 
 
@@ -115,7 +117,12 @@ def test_egress_script_is_valid_shell() -> None:
 
 
 def test_pod_without_lists_gets_them_created() -> None:
-    bare = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {"app": "assistant"}}, "spec": {"containers": [{"name": "app", "image": "a"}]}}
+    bare = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "labels": {"app": "assistant"}},
+        "spec": {"containers": [{"name": "app", "image": "a"}]},
+    }
     patched = apply(bare, injection_patch(bare, agents(), SETTINGS)[0])
     assert [c["name"] for c in patched["spec"]["initContainers"]] == ["mcp-extproc", "mcp-envoy"]
     assert server_env_name("a.b-c") == "MCP_SERVER_A_B_C_URL"

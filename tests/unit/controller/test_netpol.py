@@ -39,8 +39,14 @@ def test_default_deny_and_one_rule_per_server_deduplicated() -> None:
             str,
             [
                 DNS_RULE,
-                {"to": [{"namespaceSelector": {"matchLabels": {ns: "mcp"}}}], "ports": [{"protocol": "TCP", "port": 8080}]},
-                {"to": [{"namespaceSelector": {"matchLabels": {ns: "team-b"}}}], "ports": [{"protocol": "TCP", "port": 80}]},
+                {
+                    "to": [{"namespaceSelector": {"matchLabels": {ns: "mcp"}}}],
+                    "ports": [{"protocol": "TCP", "port": 8080}],
+                },
+                {
+                    "to": [{"namespaceSelector": {"matchLabels": {ns: "team-b"}}}],
+                    "ports": [{"protocol": "TCP", "port": 80}],
+                },
                 {"ports": [{"protocol": "TCP", "port": 443}]},
                 {"ports": [{"protocol": "TCP", "port": 8081}]},
             ],
@@ -51,7 +57,7 @@ def test_default_deny_and_one_rule_per_server_deduplicated() -> None:
 
 
 def test_service_target_port_is_used_when_the_service_is_known() -> None:
-    services = {
+    services: dict[tuple[str, str], dict[str, Any]] = {
         ("mcp", "tools"): {"spec": {"ports": [{"port": 80, "targetPort": 8080}]}},
         ("mcp", "named"): {"spec": {"ports": [{"port": 80, "targetPort": "http-mcp"}]}},
     }

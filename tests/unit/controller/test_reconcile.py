@@ -54,7 +54,9 @@ def test_reconcile_applies_with_owner_refs_and_writes_status(api: FakeApiServer,
     assert config_map["metadata"]["ownerReferences"][0]["uid"] == owner_uid  # deletions cascade
     assert config_map["metadata"]["managedFields"] == [{"manager": MANAGER, "operation": "Apply"}]
     applies = [r for r in api.state.requests if r.method == "PATCH" and "status" not in r.path]
-    assert applies and all(r.content_type == "application/apply-patch+yaml" and r.query["force"] == ["true"] for r in applies)
+    assert applies and all(
+        r.content_type == "application/apply-patch+yaml" and r.query["force"] == ["true"] for r in applies
+    )
     assert api.names(NETPOLS, NS) == ["mcp-agent-assistant-default-deny", "mcp-agent-assistant-egress"]
     ready = conditions(api, AGENTS, "assistant")
     assert {t: c["status"] for t, c in ready.items()} == {"Accepted": "True", "ResolvedRefs": "True", "Ready": "True"}
@@ -110,11 +112,20 @@ def test_objects_no_longer_rendered_are_pruned(api: FakeApiServer, kube: Kube) -
 
 def test_referenced_secret_is_read_by_name(api: FakeApiServer, kube: Kube) -> None:
     auth = {"bearer": {"secretRef": {"name": "token", "key": "t"}}}
-    seed(api, server("tools", "http://tools.mcp.svc:8080/mcp", upstreamAuth=auth), agent("assistant", ["tools"]), secret("token", t="v"))
+    seed(
+        api,
+        server("tools", "http://tools.mcp.svc:8080/mcp", upstreamAuth=auth),
+        agent("assistant", ["tools"]),
+        secret("token", t="v"),
+    )
     seed(api, secret("unrelated", x="y"))
     Reconciler(kube, SETTINGS).reconcile(NS)
     assert api.get("v1/secrets", NS, "mcp-agent-assistant") is not None
-    reads = [r.path for r in api.state.requests if r.method == "GET" and "/secrets" in r.path and "labelSelector" not in r.query]
+    reads = [
+        r.path
+        for r in api.state.requests
+        if r.method == "GET" and "/secrets" in r.path and "labelSelector" not in r.query
+    ]
     assert reads == [f"/api/v1/namespaces/{NS}/secrets/token"]  # never lists or reads other Secrets
 
 
@@ -134,7 +145,9 @@ def test_backoff_grows_and_is_capped() -> None:
 
 
 def test_loop_watches_retries_with_backoff_and_converges(api: FakeApiServer, kube: Kube) -> None:
-    options = ControllerOptions(leader_election=False, resync_s=3600, watch_timeout_s=1, backoff_base_s=0.05, backoff_cap_s=0.2)
+    options = ControllerOptions(
+        leader_election=False, resync_s=3600, watch_timeout_s=1, backoff_base_s=0.05, backoff_cap_s=0.2
+    )
     metrics = Metrics()
     stop = threading.Event()
     api.state.fail += [500, 500]  # the first calls fail: the loop must retry
@@ -191,7 +204,11 @@ def test_only_the_leader_reconciles(api: FakeApiServer, kube: Kube) -> None:
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {"name": "mcp-extproc-controller", "namespace": "mcp-system"},
-            "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 3600, "renewTime": "2999-01-01T00:00:00.000000Z"},
+            "spec": {
+                "holderIdentity": "someone-else",
+                "leaseDurationSeconds": 3600,
+                "renewTime": "2999-01-01T00:00:00.000000Z",
+            },
         },
     )
     stop = threading.Event()

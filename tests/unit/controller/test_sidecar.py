@@ -92,4 +92,6 @@ def test_credentials_go_in_a_secret_not_the_config_map(tmp_path: Path) -> None:
     stored = out[("Secret", "mcp-agent-assistant")]["stringData"]["resources.yaml"]
     (tmp_path / "resources.yaml").write_text(stored)
     catalog = load_resources(tmp_path / "resources.yaml")
-    assert catalog.secret_value(catalog.servers["local"].spec.upstream_auth.bearer.secret_ref) == "s3cr3t-value"  # type: ignore[union-attr]
+    upstream = catalog.servers["local"].spec.upstream_auth
+    assert upstream is not None and upstream.bearer is not None and upstream.bearer.secret_ref is not None
+    assert catalog.secret_value(upstream.bearer.secret_ref) == "s3cr3t-value"

@@ -73,7 +73,9 @@ def post(base: str, tls: TlsMaterial, body: Any) -> httpx.Response:
         return client.post(f"{base}/inject", json=body, extensions={"sni_hostname": SNI}, timeout=10)
 
 
-def test_tls_material_is_stored_and_the_ca_bundle_published(api: FakeApiServer, webhook: tuple[str, TlsMaterial]) -> None:
+def test_tls_material_is_stored_and_the_ca_bundle_published(
+    api: FakeApiServer, webhook: tuple[str, TlsMaterial]
+) -> None:
     _base, tls = webhook
     secret = api.get("v1/secrets", "mcp-system", TLS_SECRET)
     assert secret is not None and TlsMaterial.from_secret(secret) == tls
@@ -95,7 +97,9 @@ def test_admission_review_over_https_injects_the_sidecars(webhook: tuple[str, Tl
     patched = jsonpatch.apply_patch(copy.deepcopy(pod()), json.loads(base64.b64decode(response["patch"])))
     validate_core({**patched, "metadata": {**patched["metadata"], "name": "assistant-x"}})
     assert [c["name"] for c in patched["spec"]["initContainers"]] == ["mcp-extproc", "mcp-envoy"]
-    assert {"name": "MCP_SERVER_TOOLS_URL", "value": "http://127.0.0.1:15001/tools/mcp"} in patched["spec"]["containers"][0]["env"]
+    assert {"name": "MCP_SERVER_TOOLS_URL", "value": "http://127.0.0.1:15001/tools/mcp"} in patched["spec"][
+        "containers"
+    ][0]["env"]
     # Reinvocation or a retried request: the injected pod is left as it is.
     again = post(base, tls, review(patched))
     assert again.json()["response"] == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
