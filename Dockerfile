@@ -8,6 +8,6 @@ COPY extproc extproc
 COPY plugins plugins
 COPY controller controller
 COPY protos protos
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir ".[controller]" && rm -rf /src
 USER 65532:65532
 ENTRYPOINT ["mcp-extproc"]

@@ -43,7 +43,12 @@ def render_k8s(path: Path, settings: ControllerSettings | None = None) -> tuple[
 
 def run_controller(args: argparse.Namespace) -> int:
     """``mcp-extproc controller``: run the reconcile loop (and the webhook) until SIGTERM."""
-    from controller.loop import ControllerOptions, run
+    try:
+        from controller.loop import ControllerOptions, run
+    except ImportError as exc:
+        raise ConfigError(
+            f"the controller needs its extra dependencies: pip install 'mcp-extproc[controller]' ({exc})"
+        ) from None
 
     settings = ControllerSettings(namespace=args.namespace, **({"image": args.image} if args.image else {}))
     options = ControllerOptions(

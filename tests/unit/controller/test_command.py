@@ -36,8 +36,24 @@ def test_controller_command_reconciles_and_stops_on_sigterm(api: FakeApiServer, 
         api.put(collection, {**doc, "metadata": {"name": doc["metadata"]["name"], "namespace": NS}})
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "controller", "--kubeconfig", str(kubeconfig), "--namespace", "mcp-system",
-         "--probe", f"127.0.0.1:{port}", "--webhook", "", "--resync", "3600", "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "controller",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--namespace",
+            "mcp-system",
+            "--probe",
+            f"127.0.0.1:{port}",
+            "--webhook",
+            "",
+            "--resync",
+            "3600",
+            "--log-level",
+            "WARNING",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -50,7 +66,7 @@ def test_controller_command_reconciles_and_stops_on_sigterm(api: FakeApiServer, 
             time.sleep(0.05)
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:  # noqa: S310
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
                     assert reply.status == 200
                     break
             except (urllib.error.URLError, ConnectionError):
