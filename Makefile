@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The TypeScript external stage example: its own package.json/lock, compiled with tsc.
 TS_STAGE := examples/external-ts/dist/stage.js
 
-.PHONY: demo test lint unit integration bench venv node stage-package clean
+.PHONY: demo test lint unit integration bench venv node stage-package clean crds
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,9 @@ unit: venv
 bench: venv
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
+
+crds: venv
+	$(BIN)/python -m controller.crds deploy/crds
 
 clean:
 	rm -rf $(VENV) node_modules examples/external-ts/node_modules examples/external-ts/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
