@@ -68,6 +68,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from extproc.mcp.jsonrpc import HeaderHints, McpRequest
     from extproc.resources import Catalog, MCPServer
 
@@ -351,6 +353,23 @@ class Stage:
 
     async def shutdown(self) -> None:
         """Called once after the server stopped taking traffic."""
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        """Called once by the pipeline with the process's Prometheus registry.
+
+        A stage that publishes metrics creates them on ``registry`` here (label
+        values must be bounded and never carry tokens or secrets).
+        """
+
+    async def on_exchange_end(self, ctx: Context) -> None:
+        """Called once when Envoy ends the exchange's ext_proc stream.
+
+        That is when the HTTP stream finished or was reset, provided Envoy still
+        had phases to send us (e.g. a response body the stage asked for with
+        :meth:`Context.want_response_body`); otherwise Envoy ends the ext_proc
+        stream as soon as the last phase it needs was answered. Keep it quick: it
+        runs as the stream is torn down. Exceptions are logged, never raised.
+        """
 
     def needs_response(self, ctx: Context) -> bool | None:
         """After the request headers: must Envoy send this exchange's response?

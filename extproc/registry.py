@@ -39,7 +39,10 @@ _SIGNATURES: Final[Mapping[str, str]] = {
     "startup": "async def startup(self) -> None",
     "shutdown": "async def shutdown(self) -> None",
     "needs_response": "def needs_response(self, ctx: Context) -> bool | None",
+    "bind_metrics": "def bind_metrics(self, registry: CollectorRegistry) -> None",
+    "on_exchange_end": "async def on_exchange_end(self, ctx: Context) -> None",
 }
+_PLAIN_HOOKS: Final = frozenset({"needs_response", "bind_metrics"})
 
 
 class StageSpec(BaseModel):
@@ -61,7 +64,9 @@ class PipelineConfig(BaseModel):
     stages: list[StageSpec]
 
 
-DEFAULT_PIPELINE: Final = PipelineConfig(stages=[StageSpec(name="mcp"), StageSpec(name="allowlist")])
+DEFAULT_PIPELINE: Final = PipelineConfig(
+    stages=[StageSpec(name=n) for n in ("mcp", "allowlist", "credentials", "session")]
+)
 """The embedded default: parse MCP, then enforce the servers' tool allow-lists."""
 
 
@@ -101,7 +106,7 @@ def validate_stage_class(cls: object, source: str) -> type[Stage]:
         impl = getattr(cls, hook)
         if impl is getattr(Stage, hook):
             continue
-        expected_async = hook != "needs_response"
+        expected_async = hook not in _PLAIN_HOOKS
         if inspect.iscoroutinefunction(impl) != expected_async:
             kind = "an async def" if expected_async else "a plain def"
             raise PluginError(
