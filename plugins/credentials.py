@@ -1,6 +1,7 @@
 """The ``credentials`` stage: the agent's credential never reaches the upstream; ours does.
 
-Data flow (request headers, before anything is forwarded)::
+Data flow (request headers for GET/DELETE; request body for POSTs, so that a refusal
+carries the JSON-RPC id; before anything is forwarded)::
 
     request ─▶ remove Authorization (always) and every header in ``removeHeaders``
             ─▶ MCPServer.spec.upstreamAuth
@@ -108,8 +109,12 @@ class CredentialsStage(Stage):
         self.settings = config
         self.remove = tuple(dict.fromkeys([AUTHORIZATION, *(h.lower() for h in config.remove_headers)]))
         self.cache = TokenCache(config.max_cached_tokens)
-        self._client: httpx.AsyncClient | None = None
-        self._endpoint: TokenEndpoint | None = None
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.token_timeout_s),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False,
+        )
+        self._endpoint = TokenEndpoint(self._client, self._margin)
         self._files: dict[str, tuple[float, str]] = {}
         self.fetches: Counter | None = None
 
@@ -121,22 +126,23 @@ class CredentialsStage(Stage):
             registry=registry,
         )
 
-    async def startup(self) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.settings.token_timeout_s),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            follow_redirects=False,
-        )
-        self._endpoint = TokenEndpoint(self._client, self._margin)
-
     async def shutdown(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        await self._client.aclose()
 
     def _margin(self, lifetime: float) -> float:
         return min(self.settings.refresh_before_s, lifetime / 4)
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
+        if ctx.request_has_body:
+            # Strip now; inject once the body is parsed, so that a refusal carries the
+            # JSON-RPC id and a call the earlier stages deny costs no token fetch.
+            return Continue(remove_headers=self.remove)
+        return await self._inject(ctx)
+
+    async def on_request_body(self, ctx: Context) -> Verdict:
+        return await self._inject(ctx)
+
+    async def _inject(self, ctx: Context) -> Verdict:
         server = ctx.server
         auth = server.spec.upstream_auth if server is not None else None
         if server is None or auth is None:
@@ -205,7 +211,6 @@ class CredentialsStage(Stage):
         form: dict[str, str],
     ) -> Token:
         endpoint = self._endpoint
-        assert endpoint is not None, "the credentials stage was not started"
 
         async def fetch() -> Token:
             try:

@@ -90,23 +90,7 @@ class SessionStage(Stage):
         assert isinstance(config, SessionConfig)
         self.settings = config
         self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self.keeper_metrics = KeeperMetrics(None)
-        self.keeper: SessionKeeper | None = None
         self.refused: Counter | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-
-    def bind_metrics(self, registry: CollectorRegistry) -> None:
-        self.keeper_metrics = KeeperMetrics(registry)
-        self.refused = Counter(
-            "mcp_extproc_session_refused",
-            "Requests refused for naming a session of another principal, or one this gateway never saw.",
-            ["server", "reason"],
-            registry=registry,
-        )
-
-    async def startup(self) -> None:
-        config = self.settings
         self._client = httpx.AsyncClient(
             # Reads never time out: the GET stream may be quiet for a long time.
             timeout=httpx.Timeout(10.0, read=None),
@@ -119,9 +103,21 @@ class SessionStage(Stage):
                 backoff_initial_s=config.backoff_initial_s,
                 backoff_max_s=config.backoff_max_s,
             ),
-            self.keeper_metrics,
+            KeeperMetrics(None),
             self._client,
         )
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        self.keeper.metrics = KeeperMetrics(registry)
+        self.refused = Counter(
+            "mcp_extproc_session_refused",
+            "Requests refused for naming a session of another principal, or one this gateway never saw.",
+            ["server", "reason"],
+            registry=registry,
+        )
+
+    async def startup(self) -> None:
         self._sweeper = asyncio.create_task(self.keeper.sweep(), name="keeper-sweep")
 
     async def shutdown(self) -> None:
@@ -129,10 +125,8 @@ class SessionStage(Stage):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self.keeper is not None:
-            await self.keeper.close()
-        if self._client is not None:
-            await self._client.aclose()
+        await self.keeper.close()
+        await self._client.aclose()
 
     def needs_response(self, ctx: Context) -> bool | None:
         if not _legacy(ctx):
@@ -169,7 +163,6 @@ class SessionStage(Stage):
         state = ctx.state(_STATE)
         state.session_id = session_id
         keeper = self.keeper
-        assert keeper is not None, "the session stage was not started"
         if ctx.http_method == "GET":
             if keeper.get(server.name, session_id) is None and self._keeps(server.name, server.spec.keepalive):
                 # The agent opens its stream before we kept the session: keep it now, so
@@ -194,7 +187,6 @@ class SessionStage(Stage):
         status = ctx.response_status or 0
         state = ctx.state(_STATE)
         keeper = self.keeper
-        assert keeper is not None
         if state.session_id is None:
             issued = ctx.response_headers.get(MCP_SESSION_ID)
             is_initialize = ctx.mcp is not None and any(m.method == "initialize" for m in ctx.mcp.messages)
@@ -220,7 +212,6 @@ class SessionStage(Stage):
         return None
 
     def _keep(self, ctx: Context, server: MCPServer, session_id: str) -> None:
-        assert self.keeper is not None
         self.keeper.keep(
             server.name,
             server.spec.url,
@@ -233,7 +224,6 @@ class SessionStage(Stage):
         if keepalive is Keepalive.NEVER:
             return False
         keeper = self.keeper
-        assert keeper is not None
         # Auto stops trying a server once it said it has no GET stream (405); Always keeps trying.
         return not (keepalive is Keepalive.AUTO and server in keeper.no_get_servers)
 
@@ -244,8 +234,7 @@ class SessionStage(Stage):
         state = ctx.state(_STATE)
         if state.agent_stream and not state.handed_back and state.session_id and ctx.server is not None:
             state.handed_back = True
-            if self.keeper is not None:
-                self.keeper.take_over(ctx.server.name, state.session_id)
+            self.keeper.take_over(ctx.server.name, state.session_id)
 
     def _bind(self, key: tuple[str, str], caller: str) -> None:
         self.owners[key] = caller

@@ -319,3 +319,28 @@ def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT
             raise
         return proc, port
     raise RuntimeError(f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}")
+
+
+def start_ready_server(
+    module: str,
+    *args: str,
+    name: str,
+    log_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    deadline_s: float = DEFAULT_START_DEADLINE_S,
+) -> tuple[Proc, int]:
+    """Start `python -m <module> --port 0 <args>` and wait for its `READY <port>` line.
+
+    Used for the test upstreams that follow pyserver's convention
+    (`tests.upstreams.oauth_server`, `tests.upstreams.heartbeat`).
+
+    Returns:
+        The process and the port it bound on 127.0.0.1.
+    """
+    proc = Proc([sys.executable, "-m", module, "--port", "0", *args], name=name, log_dir=log_dir, env=env)
+    try:
+        port = int(proc.wait_for_line(r"^READY (\d+)$", deadline_s).group(1))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
