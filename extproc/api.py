@@ -60,6 +60,7 @@ the pipeline configuration; only stages the configuration names are loaded.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOOK_NAMES",
     "POLICY_DENIED",
+    "Answer",
     "Context",
     "Continue",
     "Deny",
@@ -164,6 +166,17 @@ class Deny:
     data: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Answer(Deny):
+    """Answer the agent directly with ``body`` (e.g. a metadata document); not a refusal.
+
+    Counted and audited as decision ``answer`` instead of ``deny``.
+    """
+
+    code: int = 0
+    message: str = ""
 
 
 Verdict = Continue | Deny | None
@@ -281,6 +294,8 @@ class Context:
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
+        self.started = time.perf_counter()
+        self.explanations: list[str] = []
         self.decision = "allow"
         self.decision_reason = ""
         self._state: dict[str, Any] = {}
@@ -293,6 +308,13 @@ class Context:
             found = key.factory()
             self._state[key.name] = found
         return found
+
+    def explain(self, text: str) -> None:
+        """Record why a decision was taken (the rule or Rego result); it goes to the audit line.
+
+        Never put a token or secret in ``text``.
+        """
+        self.explanations.append(text)
 
     def want_response_body(self) -> None:
         """Ask the pipeline to send this exchange's response body to the stages.
@@ -370,6 +392,15 @@ class Stage:
         stream as soon as the last phase it needs was answered. Keep it quick: it
         runs as the stream is torn down. Exceptions are logged, never raised.
         """
+
+    def check(self, catalog: Catalog) -> list[str]:
+        """Problems this stage finds in ``catalog`` (e.g. a Rego syntax error), as messages.
+
+        ``mcp-extproc check`` prints them, and a reload whose catalog has any is
+        refused (the last good catalog stays). A message starting with
+        ``warning:`` is printed but refuses nothing. Must be fast and do no I/O.
+        """
+        return []
 
     def needs_response(self, ctx: Context) -> bool | None:
         """After the request headers: must Envoy send this exchange's response?

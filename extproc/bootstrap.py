@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -31,6 +31,7 @@ import yaml
 # Imported for their side effect: registering the types packed into Any fields.
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
@@ -47,13 +48,20 @@ from extproc.resources import Catalog, MCPServer
 
 EXTPROC_CLUSTER: Final = "mcp_extproc"
 _T = "type.googleapis.com/"
-_ACCESS_LOG_FORMAT: Final = (
-    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
-    f"mcp_server=%DYNAMIC_METADATA({METADATA_NAMESPACE}:server)% "
-    f"mcp_method=%DYNAMIC_METADATA({METADATA_NAMESPACE}:method)% "
-    f"mcp_tool=%DYNAMIC_METADATA({METADATA_NAMESPACE}:tool)% "
-    "duration_ms=%DURATION% upstream=%UPSTREAM_HOST%\n"
-)
+EXT_AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
+"""Where Envoy puts the dynamic metadata an ext_authz ``Check`` answer carries."""
+WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
+
+
+def _access_log_format(namespace: str) -> str:
+    return (
+        '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+        f"mcp_server=%DYNAMIC_METADATA({namespace}:server)% "
+        f"mcp_method=%DYNAMIC_METADATA({namespace}:method)% "
+        f"mcp_tool=%DYNAMIC_METADATA({namespace}:tool)% "
+        f"principal=%DYNAMIC_METADATA({namespace}:principal)% "
+        "duration_ms=%DURATION% upstream=%UPSTREAM_HOST%\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class BootstrapOptions:
         message_timeout_ms: how long Envoy waits for one ext_proc answer.
         access_log: write an access log line per request to stdout.
         max_connections: Envoy's limit on open downstream connections.
+        front_door: ``ext_proc`` (the full pipeline, request and response) or
+            ``ext_authz`` (request-side decisions only: one ``Check`` per request).
     """
 
     listen_host: str = "127.0.0.1"
@@ -82,6 +92,7 @@ class BootstrapOptions:
     message_timeout_ms: int = 2000
     access_log: bool = True
     max_connections: int = 10000
+    front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -127,7 +138,40 @@ def _server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
     return cluster
 
 
-def _route(server: MCPServer) -> dict[str, Any]:
+def _per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
+    """Per-route config of the front-door filter: the server name, or disabled (``None``)."""
+    if options.front_door == "ext_authz":
+        authz: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"}
+        if server is None:
+            authz["disabled"] = True
+        else:
+            authz["check_settings"] = {"context_extensions": {SERVER_METADATA_KEY: server}}
+        return {"envoy.filters.http.ext_authz": authz}
+    proc: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"}
+    if server is None:
+        proc["disabled"] = True
+    else:
+        proc["overrides"] = {"grpc_initial_metadata": [{"key": SERVER_METADATA_KEY, "value": server}]}
+    return {"envoy.filters.http.ext_proc": proc}
+
+
+def _well_known_route() -> dict[str, Any]:
+    """RFC 9728 metadata: the ``authn`` stage answers it; without that stage, a JSON 404."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32601, "message": "no protected-resource metadata here"}}
+    return {
+        "name": "oauth_protected_resource",
+        "match": {"prefix": WELL_KNOWN_PREFIX},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]:
     url = urlsplit(server.spec.url)
     upstream_path = url.path or "/"
     return {
@@ -140,16 +184,11 @@ def _route(server: MCPServer) -> dict[str, Any]:
             # No route timeout: GET streams and SSE responses stay open.
             "timeout": "0s",
         },
-        "typed_per_filter_config": {
-            "envoy.filters.http.ext_proc": {
-                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "overrides": {"grpc_initial_metadata": [{"key": SERVER_METADATA_KEY, "value": server.name}]},
-            }
-        },
+        "typed_per_filter_config": _per_route(options, server.name),
     }
 
 
-def _not_found_route(catalog: Catalog) -> dict[str, Any]:
+def _not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:
     paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
     body = {
         "jsonrpc": "2.0",
@@ -166,12 +205,7 @@ def _not_found_route(catalog: Catalog) -> dict[str, Any]:
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
         ],
-        "typed_per_filter_config": {
-            "envoy.filters.http.ext_proc": {
-                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "disabled": True,
-            }
-        },
+        "typed_per_filter_config": _per_route(options, None),
     }
 
 
@@ -228,6 +262,27 @@ def _ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, 
     }
 
 
+def _ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+                "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+            },
+            "transport_api_version": "V3",
+            # Every header line, so a routing header sent twice is still seen twice.
+            "encode_raw_headers": True,
+            "failure_mode_allow": False,
+            # The body goes along so the stages can parse the JSON-RPC request.
+            "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "clear_route_cache": True,
+        },
+    }
+
+
 def _extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
     if options.extproc_unix:
         address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
@@ -259,7 +314,9 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     listener_buffer = options.max_request_bytes + 64 * 1024
     response_buffer = max(16 * 1024 * 1024, options.max_request_bytes)
     http_filters = []
-    if needs.request_headers or needs.response_headers:
+    if options.front_door == "ext_authz":
+        http_filters.append(_ext_authz_filter(options))
+    elif needs.request_headers or needs.response_headers:
         http_filters.append(_ext_proc_filter(needs, options))
     http_filters.append(
         {
@@ -279,7 +336,8 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 {
                     "name": "mcp",
                     "domains": ["*"],
-                    "routes": [_route(s) for s in catalog.servers.values()] + [_not_found_route(catalog)],
+                    "routes": [_route(s, options) for s in catalog.servers.values()]
+                    + [_well_known_route(), _not_found_route(catalog, options)],
                 }
             ],
         },
@@ -291,7 +349,13 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": {
                     "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": _access_log_format(
+                                EXT_AUTHZ_NAMESPACE if options.front_door == "ext_authz" else METADATA_NAMESPACE
+                            )
+                        }
+                    },
                 },
             }
         ]

@@ -17,6 +17,9 @@ from pathlib import Path
 from extproc.errors import ExtProcError
 from extproc.settings import Settings
 
+_FRONT_DOOR = "how Envoy calls the server: ext_proc (full pipeline, default) or ext_authz (request-side yes/no)"
+_RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-extproc", description="Envoy ext_proc extension server for MCP.")
@@ -24,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("-f", "--file", required=True, type=Path, help="resource documents (multi-document YAML)")
-        sub.add_argument("--pipeline", type=Path, help="pipeline configuration (default: mcp, allowlist)")
+        sub.add_argument(
+            "--pipeline", type=Path, help="pipeline configuration (default: authn, mcp, allowlist, policy)"
+        )
         sub.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
 
     up = commands.add_parser("up", help="run Envoy and the extension server: the whole data path")
@@ -34,12 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
     up.add_argument("--stream-idle-timeout", type=int, default=3600, help="seconds a stream may stay silent")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+    up.add_argument("--front-door", choices=["ext_proc", "ext_authz"], default="ext_proc", help=_FRONT_DOOR)
+    up.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
     serve.add_argument("--grpc", default="127.0.0.1:50051", help="TCP host:port to listen on; '' disables TCP")
     serve.add_argument("--unix", help="also listen on this unix socket")
     serve.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
+    serve.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
 
     render = commands.add_parser("render", help="print generated configuration")
     render.add_argument("what", choices=["envoy"], help="envoy: the bootstrap `up` would run")
@@ -48,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
     render.add_argument("--unix", help="reach the extension server over this unix socket instead")
     render.add_argument("--stream-idle-timeout", type=int, default=3600)
+    render.add_argument("--front-door", choices=["ext_proc", "ext_authz"], default="ext_proc", help=_FRONT_DOOR)
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
@@ -65,6 +74,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
         log_level=args.log_level.upper(),
         envoy_log_level=getattr(args, "envoy_log_level", "warning"),
+        front_door=getattr(args, "front_door", "ext_proc"),
+        reload_interval_s=getattr(args, "reload_interval", 1.0),
     )
 
 
@@ -76,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stdout,
+            # render's stdout is a document: its logs go to stderr.
+            stream=sys.stdout if args.command in ("up", "serve") else sys.stderr,
         )
         from extproc import up as commands
 

@@ -36,10 +36,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.api import Context, Continue, Deny, Phase
+from extproc.api import Answer, Context, Continue, Deny, Phase
+from extproc.audit import record
 from extproc.mcp.headers import CONTENT_LENGTH, CONTENT_TYPE
 from extproc.mcp.jsonrpc import encode_error
-from extproc.metrics import method_label
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
 
@@ -51,10 +51,9 @@ SERVER_METADATA_KEY: Final = "x-mcp-server"
 
 _Mode = mode_pb.ProcessingMode
 _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-decisions = logging.getLogger("mcp_extproc.decision")
 
 
-class _ExchangeLog(logging.LoggerAdapter[logging.Logger]):
+class ExchangeLog(logging.LoggerAdapter[logging.Logger]):
     """A logger that prefixes every line with the exchange's request id."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -162,7 +161,7 @@ class Processor:
             request_header_list=pairs,
             server=server,
             catalog=self.catalog,
-            log=_ExchangeLog(_exchange_logger, {"request_id": request_id}),
+            log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
         )
         ctx.request_has_body = not message.end_of_stream
         self.ctx = ctx
@@ -256,39 +255,21 @@ class Processor:
             return
         self.metadata.update(outcome.metadata)
         struct = struct_pb2.Struct()
-        struct.update({METADATA_NAMESPACE: _jsonable(self.metadata)})
+        struct.update({METADATA_NAMESPACE: jsonable(self.metadata)})
         response.dynamic_metadata.CopyFrom(struct)
 
     def _deny(self, ctx: Context, deny: Deny) -> pb.ProcessingResponse:
-        self._decide(ctx, "deny", deny.reason)
+        self._decide(ctx, "answer" if isinstance(deny, Answer) else "deny", deny.reason)
         return immediate(deny, ctx.jsonrpc_id)
 
     def _decide(self, ctx: Context, decision: str, reason: str) -> None:
-        """Record the request-side decision once: metrics and one structured log line."""
+        """Record the request-side decision once (audit line and metrics)."""
         if self._decided:
             return
         self._decided = True
-        ctx.decision, ctx.decision_reason = decision, reason
-        method = ctx.mcp.method if ctx.mcp is not None else None
-        self.pipeline.metrics.requests.labels(method_label(method), decision).inc()
-        if decisions.isEnabledFor(logging.INFO):
-            decisions.info(
-                json.dumps(
-                    {
-                        "event": "decision",
-                        "request_id": ctx.request_id,
-                        "server": ctx.server.name if ctx.server else None,
-                        "http_method": ctx.http_method,
-                        "method": method,
-                        "tool": ctx.mcp.tool_name if ctx.mcp is not None else None,
-                        "decision": decision,
-                        "reason": reason or None,
-                    },
-                    separators=(",", ":"),
-                )
-            )
+        record(self.pipeline.metrics, ctx, decision, reason)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Metadata values as JSON types (Struct accepts only those)."""
     return json.loads(json.dumps(value, default=str))

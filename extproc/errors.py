@@ -34,3 +34,7 @@ class StageFault(ExtProcError):
 
 class ProcessError(ExtProcError):
     """A child process (Envoy, the gRPC server) failed to start or died."""
+
+
+class PolicyBackendError(ExtProcError):
+    """A policy backend (embedded Rego or a remote OPA server) could not decide; deny (fail closed)."""

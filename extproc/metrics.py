@@ -68,6 +68,26 @@ class Metrics:
             ["stage", "failure_mode"],
             registry=self.registry,
         )
+        self.decisions = Counter(
+            "mcp_extproc_decisions",
+            "Request-side decisions, by decision and reason (bounded).",
+            ["decision", "reason"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "mcp_extproc_decision_seconds",
+            "Time from the request headers to the decision, by decision.",
+            ["decision"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.reasons_seen: set[str] = set()
+        self.reloads = Counter(
+            "mcp_extproc_config_reloads",
+            "Reloads of the resource file, by result (applied, refused: the last good one stays).",
+            ["result"],
+            registry=self.registry,
+        )
         self.phases = Counter(
             "mcp_extproc_phases",
             "ext_proc messages received from Envoy, by phase.",

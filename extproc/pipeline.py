@@ -30,6 +30,7 @@ from mcp_types.jsonrpc import INTERNAL_ERROR
 from extproc.api import HOOK_NAMES, Context, Continue, Deny, FailureMode, Phase, Stage
 from extproc.errors import PluginError
 from extproc.metrics import Metrics
+from extproc.resources import Catalog
 
 log = logging.getLogger("mcp_extproc.pipeline")
 
@@ -115,6 +116,17 @@ class Pipeline:
             await stage.shutdown()
         except Exception:
             log.exception("stage %r failed to shut down", stage.name)
+
+    def check(self, catalog: Catalog) -> list[str]:
+        """Every stage's problems with ``catalog``, each prefixed with the stage name."""
+        problems: list[str] = []
+        for stage in self.stages:
+            try:
+                found = stage.check(catalog)
+            except Exception as exc:
+                found = [f"check failed: {type(exc).__name__}: {exc}"]
+            problems.extend(f"stage {stage.name!r}: {p}" for p in found)
+        return problems
 
     def needs_response(self, ctx: Context) -> bool:
         """After the request headers: must Envoy send this exchange's response at all?"""

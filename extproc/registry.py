@@ -41,8 +41,9 @@ _SIGNATURES: Final[Mapping[str, str]] = {
     "needs_response": "def needs_response(self, ctx: Context) -> bool | None",
     "bind_metrics": "def bind_metrics(self, registry: CollectorRegistry) -> None",
     "on_exchange_end": "async def on_exchange_end(self, ctx: Context) -> None",
+    "check": "def check(self, catalog: Catalog) -> list[str]",
 }
-_PLAIN_HOOKS: Final = frozenset({"needs_response", "bind_metrics"})
+_PLAIN_HOOKS: Final = frozenset({"needs_response", "bind_metrics", "check"})
 
 
 class StageSpec(BaseModel):
@@ -65,9 +66,15 @@ class PipelineConfig(BaseModel):
 
 
 DEFAULT_PIPELINE: Final = PipelineConfig(
-    stages=[StageSpec(name=n) for n in ("mcp", "allowlist", "credentials", "session")]
+    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "credentials", "session")]
 )
-"""The embedded default: parse MCP, then enforce the servers' tool allow-lists."""
+"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
+then swap the agent's credential for the upstream one and bind/keep legacy sessions.
+
+``authn`` runs first so a request without a valid token costs no body round
+trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
+``policy`` does nothing for servers no ``MCPToolPolicy`` targets.
+"""
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:

@@ -65,6 +65,8 @@ class Catalog:
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     config_maps: Mapping[str, ConfigMap] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    generation: int = 0
+    """Bumped on every successful reload, so caches keyed by it never outlive a change."""
 
     def server_for_path(self, path: str) -> MCPServer | None:
         """The server whose agent-facing prefix ``/<name>/`` starts ``path``."""

@@ -5,6 +5,10 @@ Data flow::
     Envoy ──ext_proc stream──▶ ExtProcService.Process ──▶ Processor (one per stream)
                                    ▲  responses, one per request message  │
                                    └──────────────────────────────────────┘
+    Envoy ──ext_authz Check───▶ AuthorizationService.Check (request side only)
+
+Both services share the pipeline and the live catalog; :meth:`ExtProcServer.set_catalog`
+swaps the catalog for new exchanges (reloads), in-flight ones keep theirs.
 
 Lifecycle: ``start()`` starts the stages, binds TCP and/or a unix socket and
 sets health to SERVING. ``stop(grace)`` (on SIGTERM) sets health to
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.authz_adapter import AUTHZ_SERVICE, AuthorizationService
 from extproc.envoy_adapter import SERVER_METADATA_KEY, Processor
 from extproc.errors import ConfigError
 from extproc.pipeline import Pipeline
@@ -79,6 +85,8 @@ class ExtProcServer:
         self.listen = listen
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
+        self._extproc = ExtProcService(pipeline, catalog)
+        self._authz = AuthorizationService(pipeline, catalog)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -90,7 +98,8 @@ class ExtProcServer:
     async def start(self) -> None:
         """Start the stages, bind, and report SERVING."""
         await self.pipeline.startup()
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcService(self.pipeline, self.catalog), self._server)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self._extproc, self._server)
+        authz_grpc.add_AuthorizationServicer_to_server(self._authz, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if self.listen.tcp:
             try:
@@ -111,8 +120,12 @@ class ExtProcServer:
             list(self.pipeline.names),
         )
 
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Serve new exchanges with ``catalog`` (a reload); in-flight exchanges keep theirs."""
+        self.catalog = self._extproc.catalog = self._authz.catalog = catalog
+
     async def _set_health(self, status: int) -> None:
-        for service in ("", EXT_PROC_SERVICE):
+        for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
             await self.health.set(service, status)
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from extproc.errors import ConfigError
 
@@ -28,6 +29,10 @@ class Settings:
         stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
         log_level: Python logging level name.
         envoy_log_level: Envoy's ``--log-level``.
+        front_door: how Envoy calls us: ``ext_proc`` (full pipeline) or
+            ``ext_authz`` (request-side yes/no).
+        reload_interval_s: how often the resource file is checked for changes
+            (0 disables reloads).
     """
 
     resources: Path
@@ -40,6 +45,8 @@ class Settings:
     stream_idle_timeout_s: int = 3600
     log_level: str = "INFO"
     envoy_log_level: str = "warning"
+    front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
+    reload_interval_s: float = 1.0
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:

@@ -26,8 +26,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from extproc import reload
 from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
-from extproc.errors import ProcessError
+from extproc.errors import ConfigError, ProcessError
 from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
 from extproc.metrics import Metrics
 from extproc.pipeline import Pipeline
@@ -49,10 +50,27 @@ def envoy_binary() -> str:
 
 
 def build(settings: Settings, metrics: Metrics | None = None) -> tuple[Catalog, Pipeline]:
-    """Load the resources and build (not start) the pipeline."""
+    """Load the resources and build (not start) the pipeline; the stages check the resources.
+
+    Raises:
+        ConfigError: a document is invalid or a stage finds a problem (e.g. a Rego syntax error).
+    """
     catalog = load_resources(settings.resources)
     config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
-    return catalog, Registry().build_pipeline(config, metrics)
+    pipeline = Registry().build_pipeline(config, metrics)
+    problems = pipeline.check(catalog)
+    errors = [p for p in problems if ": warning:" not in p]
+    if errors:
+        raise ConfigError(f"{settings.resources}: " + f"\n{settings.resources}: ".join(errors))
+    for warning in problems:
+        log.warning("%s", warning)
+    return catalog, pipeline
+
+
+def _watch(settings: Settings, server: ExtProcServer, metrics: Metrics) -> asyncio.Task[None] | None:
+    if settings.reload_interval_s <= 0:
+        return None
+    return asyncio.create_task(reload.watch(settings.resources, server, metrics, settings.reload_interval_s))
 
 
 def max_request_bytes(pipeline: Pipeline) -> int:
@@ -73,6 +91,7 @@ def bootstrap_options(
         extproc_unix=extproc_unix,
         stream_idle_timeout_s=settings.stream_idle_timeout_s,
         max_request_bytes=max_request_bytes(pipeline),
+        front_door=settings.front_door,
     )
 
 
@@ -98,9 +117,12 @@ async def serve(settings: Settings) -> int:
     server = ExtProcServer(pipeline, catalog, Listen(tcp=settings.grpc or None, unix=settings.unix))
     await server.start()
     _serve_metrics(settings, metrics)
+    watcher = _watch(settings, server, metrics)
     stop = _stop_signals()
     await stop.wait()
     log.info("stopping")
+    if watcher is not None:
+        watcher.cancel()
     await server.stop(settings.grace_s)
     return 0
 
@@ -175,12 +197,15 @@ async def up(settings: Settings) -> int:
     forward = asyncio.create_task(_forward(envoy.stdout, "[envoy]"))
     server = ExtProcServer(pipeline, catalog, Listen(tcp=None, unix=socket_path))
     code = 0
+    watcher = None
     try:
         await server.start()
         _serve_metrics(settings, metrics)
+        watcher = _watch(settings, server, metrics)
         await _wait_ready(admin_file, envoy, 30)
         for name in catalog.servers:
             log.info("ready: MCP server %r at http://%s:%d/%s/mcp", name, host, port, name)
+        log.info("front door: %s", settings.front_door)
         waiter = asyncio.create_task(envoy.wait())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -192,6 +217,8 @@ async def up(settings: Settings) -> int:
         log.error("%s", exc)
         code = 1
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await _stop_envoy(envoy, settings.grace_s)
         await asyncio.wait_for(forward, timeout=5)
         await server.stop(settings.grace_s)
@@ -212,15 +239,13 @@ async def _stop_envoy(envoy: asyncio.subprocess.Process, grace_s: float) -> None
 
 def check(settings: Settings) -> str:
     """``mcp-extproc check``: validate resources and pipeline; a summary on success."""
-    catalog = load_resources(settings.resources)
-    config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
-    Registry().build_pipeline(config)
+    catalog, pipeline = build(settings)
     servers = ", ".join(sorted(catalog.servers))
-    return (
-        f"{settings.resources}: OK ({len(catalog.servers)} MCPServer: {servers}; stages: "
-        + ", ".join(spec.name for spec in config.stages)
-        + ")"
-    )
+    counts = f"{len(catalog.servers)} MCPServer: {servers}; {len(catalog.policies)} MCPToolPolicy; "
+    counts += f"{len(catalog.agents)} MCPAgent"
+    lines = [f"{settings.resources}: warning: {p}" for p in pipeline.check(catalog)]
+    lines.append(f"{settings.resources}: OK ({counts}; stages: {', '.join(pipeline.names)})")
+    return "\n".join(lines)
 
 
 def render_envoy(settings: Settings) -> str:

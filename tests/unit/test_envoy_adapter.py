@@ -51,9 +51,15 @@ async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog, caplog
     assert body["id"] == 42
     assert body["error"]["code"] == POLICY_DENIED
     assert "add_secret" in body["error"]["message"]
-    assert "[req-1] denied tools/call of 'add_secret'" in caplog.text
-    decision = json.loads(next(r.message for r in caplog.records if r.name == "mcp_extproc.decision"))
+    assert "[req-1] allowlist: refused tools/call of 'add_secret'" in caplog.text
+    decision = json.loads(next(r.message for r in caplog.records if r.name == "mcp_extproc.audit"))
+    assert decision.pop("latency_ms") >= 0
+    assert decision.pop("time").endswith("+00:00")
+    assert "not in allowedTools" in decision.pop("rule")
     assert decision == {
+        "principal": None,
+        "issuer": None,
+        "agent": None,
         "event": "decision",
         "request_id": "req-1",
         "server": "demo",

@@ -141,13 +141,13 @@ def build_app(state: Heartbeat) -> Starlette:
             state.sessions[session.id] = session
             session.authorizations.append(request.headers.get("authorization", ""))
             asked = (message.get("params") or {}).get("protocolVersion")
-            result = {
+            opened: dict[str, Any] = {
                 "protocolVersion": asked if asked in VERSIONS else VERSIONS[-1],
                 "capabilities": {"tools": {}},
                 "serverInfo": {"name": "heartbeat", "version": "0"},
             }
             return JSONResponse(
-                {"jsonrpc": "2.0", "id": message.get("id"), "result": result},
+                {"jsonrpc": "2.0", "id": message.get("id"), "result": opened},
                 headers={"mcp-session-id": session.id},
             )
         found = session_of(request)
