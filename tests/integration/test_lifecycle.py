@@ -41,8 +41,10 @@ def upstream(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         proc.stop()
 
 
-def envoy_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "envoy"], capture_output=True, text=True, check=False).stdout
+def envoy_pids(parent: int | None = None) -> set[int]:
+    """Envoy processes (children of ``parent`` only, when given: other test runs may have their own)."""
+    command = ["pgrep", "-x", "envoy"] + (["-P", str(parent)] if parent is not None else [])
+    out = subprocess.run(command, capture_output=True, text=True, check=False).stdout
     return {int(pid) for pid in out.split()}
 
 
@@ -72,9 +74,8 @@ async def test_extension_server_down_fails_closed(tmp_path: Path, upstream: tupl
 
 def test_up_stops_cleanly_on_sigterm(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
     resources, _record = upstream
-    before = envoy_pids()
     proc, _base, _metrics = start_gateway(resources, tmp_path)
-    started = envoy_pids() - before
+    started = envoy_pids(proc.popen.pid)
     assert len(started) == 1, "up should run exactly one Envoy"
     os.killpg(proc.popen.pid, signal.SIGTERM)
     assert proc.popen.wait(timeout=20) == 0
@@ -85,9 +86,9 @@ def test_up_stops_cleanly_on_sigterm(tmp_path: Path, upstream: tuple[Path, Path]
 
 def test_envoy_dies_with_a_killed_up(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
     resources, _record = upstream
-    before = envoy_pids()
     proc, _base, _metrics = start_gateway(resources, tmp_path)
-    started = envoy_pids() - before
+    started = envoy_pids(proc.popen.pid)
+    assert len(started) == 1
     proc.popen.kill()  # no chance to clean up: the parent-death signal must stop Envoy
     proc.popen.wait(timeout=10)
     for _ in range(100):

@@ -57,7 +57,7 @@ async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog, caplog
     assert decision.pop("time").endswith("+00:00")
     assert "not in allowedTools" in decision.pop("rule")
     assert decision == {
-        "principal": None,
+        "principal": "anonymous",
         "issuer": None,
         "agent": None,
         "event": "decision",
