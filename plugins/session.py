@@ -6,7 +6,7 @@ so its requests pass untouched and are never kept.
 Data flow::
 
     initialize ──response 200 + Mcp-Session-Id──▶ bind (server, session) → principal
-    request with Mcp-Session-Id
+    request with Mcp-Session-Id (POSTs checked once the body is parsed: errors carry the id)
         unknown session or another principal ──▶ 404, JSON-RPC error; nothing forwarded
         POST  ──response 2xx──▶ keeper.keep (spec.keepalive Auto/Always; not Never)
         GET   ──▶ keeper.step_aside (its GET closes before the agent's reaches the
@@ -139,6 +139,14 @@ class SessionStage(Stage):
         return Deny(status=404, code=INVALID_REQUEST, message=message, reason=reason)
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
+        if ctx.request_has_body:
+            return None  # decided on the body, so that a refusal carries the JSON-RPC id
+        return await self._admit(ctx)
+
+    async def on_request_body(self, ctx: Context) -> Verdict:
+        return await self._admit(ctx)
+
+    async def _admit(self, ctx: Context) -> Verdict:
         server = ctx.server
         session_id = ctx.request_headers.get(MCP_SESSION_ID)
         if server is None or not session_id or not _legacy(ctx):
