@@ -89,7 +89,7 @@ async def run(sessions: int, window_s: float, interval_s: float) -> dict[str, An
         }
         resources = tmp / "resources.yaml"
         resources.write_text(yaml.safe_dump(doc))
-        gateway, base, _metrics = start_gateway(resources, tmp, "--log-level", "WARNING")
+        gateway, base, _metrics = start_gateway(resources, tmp)
         procs.append(gateway)
         pid = gateway.pid
         url = f"{base}/hb/mcp"
