@@ -5,8 +5,8 @@ Data flow::
     key(uri, kid) ──cached set fresh?──yes──▶ kid in set? ──yes──▶ PyJWK
                         │ no (absent or older than ttl)   │ no
                         ▼                                  ▼
-                   fetch (one per uri at a time)      last fetch older than
-                        │ fails: stale set if any,    min_refetch? ──yes──▶ fetch once more
+                   fetch (one per uri at a time)      last kid-triggered fetch older
+                        │ fails: stale set if any,    than min_refetch? ──yes──▶ fetch once more
                         │        else JwksUnavailable      │ no
                         ▼                                  ▼
                    parse with PyJWKSet                UnknownKey
@@ -41,6 +41,7 @@ class UnknownKey(ExtProcError):
 class _Entry:
     keys: dict[str, jwt.PyJWK] = field(default_factory=dict)
     fetched_at: float = 0.0
+    refetched_at: float = float("-inf")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -72,7 +73,8 @@ class JwksCache:
         if not entry.keys or time.monotonic() - entry.fetched_at > self._ttl:
             await self._refresh(uri, entry, stale_ok=True, since=entry.fetched_at)
         found = _pick(entry.keys, kid)
-        if found is None and time.monotonic() - entry.fetched_at >= self._min_refetch:
+        if found is None and time.monotonic() - entry.refetched_at >= self._min_refetch:
+            entry.refetched_at = time.monotonic()
             await self._refresh(uri, entry, stale_ok=True, since=entry.fetched_at)
             found = _pick(entry.keys, kid)
         if found is None:

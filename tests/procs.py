@@ -344,3 +344,15 @@ def start_ready_server(
         proc.stop()
         raise
     return proc, port
+
+
+def start_opa_standin(module: Path, *, log_dir: Path | None = None) -> tuple[Proc, int]:
+    """Start the OPA Data API stand-in (``tests.upstreams.opa_standin``) serving ``module``."""
+    argv = [sys.executable, "-m", "tests.upstreams.opa_standin", "--module", str(module), "--port", "0"]
+    proc = Proc(argv, name="opa-standin", log_dir=log_dir or module.parent)
+    try:
+        port = int(proc.wait_for_line(r"^READY (\d+)$", DEFAULT_START_DEADLINE_S).group(1))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port

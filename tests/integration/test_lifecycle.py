@@ -100,7 +100,7 @@ def test_envoy_dies_with_a_killed_up(tmp_path: Path, upstream: tuple[Path, Path]
 
 def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
     resources, _record = upstream
-    for extra in ([], ["--unix", "/tmp/x.sock"]):
+    for extra in ([], ["--unix", "/tmp/x.sock"], ["--front-door", "ext_authz"]):
         rendered = subprocess.run(
             [sys.executable, "-m", "extproc", "render", "envoy", "-f", str(resources), *extra],
             capture_output=True,
@@ -118,8 +118,11 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tupl
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert "OK" in checked.stdout
         filters = yaml.safe_load(rendered)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
-        ext_proc = filters[0]["typed_config"]["http_filters"][0]["typed_config"]
-        assert ext_proc.get("failure_mode_allow", False) is False
+        front = filters[0]["typed_config"]["http_filters"][0]
+        assert front["name"] == (
+            "envoy.filters.http.ext_authz" if extra[:1] == ["--front-door"] else "envoy.filters.http.ext_proc"
+        )
+        assert front["typed_config"].get("failure_mode_allow", False) is False
 
 
 @pytest.mark.parametrize(
