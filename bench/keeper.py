@@ -12,7 +12,7 @@ Data flow::
         ▲ 1 GET stream per session, held by the keeper; ping answers
     mcp-extproc up (the process measured: RSS from /proc/<pid>/status,
         ▲            CPU from /proc/<pid>/stat utime+stime)
-        │ N × (initialize, notifications/initialized) through Envoy, 32 at a time
+        │ N x (initialize, notifications/initialized) through Envoy, 32 at a time
     this script
 
 It reports the server's RSS before any session, after N sessions are kept (every
