@@ -294,6 +294,8 @@ class Context:
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
+        self.sees_responses = True
+        """False when the front door (ext_authz) never shows the stages the response."""
         self.started = time.perf_counter()
         self.explanations: list[str] = []
         self.decision = "allow"

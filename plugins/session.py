@@ -15,7 +15,8 @@ Data flow::
         DELETE ──▶ keeper.stop, then unbind once the upstream agrees
         any response 404 ──▶ the upstream forgot the session: keeper.stop, unbind
 
-The principal is ``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no
+Behind the ext_authz front door (no response phases) the stage does nothing: it
+never sees a session being issued. The principal is ``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no
 ``authn`` stage runs. See :mod:`plugins.keeper` for the keeper itself.
 """
 
@@ -147,6 +148,10 @@ class SessionStage(Stage):
         return await self._admit(ctx)
 
     async def _admit(self, ctx: Context) -> Verdict:
+        if not ctx.sees_responses:
+            # ext_authz front door: we never see the initialize response that issues the
+            # session id, so sessions can be neither bound nor kept (README: front doors).
+            return None
         server = ctx.server
         session_id = ctx.request_headers.get(MCP_SESSION_ID)
         if server is None or not session_id or not _legacy(ctx):
