@@ -4,8 +4,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# The TypeScript external stage example: its own package.json/lock, compiled with tsc.
+TS_STAGE := examples/external-ts/dist/stage.js
 
-.PHONY: demo test lint unit integration bench venv node clean
+.PHONY: demo test lint unit integration bench venv node stage-package clean crds
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -14,21 +16,31 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-node: node_modules/.installed
+node: node_modules/.installed $(TS_STAGE)
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(TS_STAGE): examples/external-ts/package.json examples/external-ts/package-lock.json examples/external-ts/tsconfig.json examples/external-ts/src/stage.ts
+	cd examples/external-ts && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+# The example in-process stage package, installed like any third-party stage (found by entry point).
+stage-package: $(VENV)/.stage-package
+$(VENV)/.stage-package: $(VENV)/.installed examples/stage-package/pyproject.toml examples/stage-package/mcp_stage_example/*.py
+	$(BIN)/pip install --quiet --no-deps --force-reinstall ./examples/stage-package
 	touch $@
 
 demo: venv
 	$(BIN)/python examples/demo.py
 
-lint: venv
+lint: venv stage-package
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/stage-package/mcp_stage_example examples/stage-package/tests
 	$(BIN)/lint-imports
 
-test: venv node lint
+test: venv node stage-package lint
 	$(BIN)/pytest
 
 unit: venv
@@ -38,5 +50,8 @@ bench: venv
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
 
+crds: venv
+	$(BIN)/python -m controller.crds deploy/crds
+
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) node_modules examples/external-ts/node_modules examples/external-ts/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_DURATION_S:.0f} s per measurement (smoke run)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
+    parser.add_argument(
+        "--no-external", action="store_true", help="skip the configurations with an external stage (TCP, unix)"
+    )
     return parser
 
 
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Stack(workdir, extproc_argv()) as stack:
             _progress(f"starting the stack in {workdir}")
-            upstream, targets = build_targets(stack)
+            upstream, targets = build_targets(stack, external=not args.no_external)
             rows = measure(upstream, targets, workdir, duration_s=duration, warmup_s=warmup, progress=_progress)
     except (BenchError, WrkError) as exc:
         keep_workdir = True

@@ -4,7 +4,9 @@
   upstream's canned result with status 200;
 * the default pipeline refuses a tool outside ``allowedTools`` with JSON-RPC error
   -32003 (so the pipeline is really in the path), while plain Envoy and the
-  empty pipeline pass that same call through to the upstream.
+  empty pipeline pass that same call through to the upstream;
+* the configurations with an external stage refuse a call the benchmark's external
+  stage denies (so the external stage is really called).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from bench.shapes import Shape, denied_variant
+from bench.shapes import Shape, denied_variant, external_denied_variant
 from bench.stack import BenchError, http
+from bench.stage import DENY_TEXT
 from bench.upstream import CANNED_RESULT
 from extproc.api import POLICY_DENIED
 
@@ -55,9 +58,13 @@ def check_refused(label: str, url: str, shape: Shape) -> None:
         raise BenchError(f"{_what(label, shape)} answered {status} {reply!r}, expected JSON-RPC error {POLICY_DENIED}")
 
 
-def sanity_check(label: str, url: str, shapes: Sequence[Shape], *, enforces_allowlist: bool) -> None:
+def sanity_check(
+    label: str, url: str, shapes: Sequence[Shape], *, enforces_allowlist: bool, external: bool = False
+) -> None:
     """Check one configuration with every shape (see the module docstring)."""
     for shape in shapes:
+        if external:
+            check_refused(label, url, external_denied_variant(shape, DENY_TEXT))
         check_passes(label, url, shape)
         if enforces_allowlist:
             check_refused(label, url, denied_variant(shape))

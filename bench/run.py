@@ -5,6 +5,8 @@ Configurations, all in front of the same canned upstream::
     plain      wrk ─▶ Envoy ─────────────────────────────▶ upstream Envoy
     none       wrk ─▶ Envoy ─ext_proc─▶ mcp-extproc (stages: [])  ─▶ upstream
     default    wrk ─▶ Envoy ─ext_proc─▶ mcp-extproc (mcp, allowlist) ─▶ upstream
+    external   the same plus the ``external`` stage calling one external stage service
+               (``bench.stage``, one Process per tools/call) over TCP, or over a unix socket
 
 ``none`` and ``default`` get the same ext_proc filter (rendered from the default
 pipeline's needs), so ``none`` shows what the framework and gRPC cost before any
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import yaml
 
@@ -30,7 +32,7 @@ from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
 from bench.stack import Envoy, Stack
 from bench.wrk import WrkResult, run_wrk
 from extproc.pipeline import PhaseNeeds
-from extproc.registry import DEFAULT_PIPELINE, Registry
+from extproc.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
 from extproc.resources import parse_documents
 
 LATENCY_LOAD: Final = (1, 1)
@@ -41,6 +43,8 @@ SERVER: Final = "bench"
 PLAIN: Final = "plain Envoy"
 NO_STAGES: Final = "ext_proc, no stages"
 DEFAULT: Final = "default pipeline"
+EXTERNAL_TCP: Final = "+ external stage, TCP"
+EXTERNAL_UNIX: Final = "+ external stage, unix"
 
 _UPSTREAM_RQ: Final = "http.canned.downstream_rq_completed"
 _FRONT_RQ: Final = "http.mcp.downstream_rq_completed"
@@ -54,6 +58,7 @@ class Target:
     label: str
     envoy: Envoy
     enforces_allowlist: bool
+    external: bool = False
 
     @property
     def url(self) -> str:
@@ -67,8 +72,15 @@ def extproc_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "extproc"]
 
 
-def build_targets(stack: Stack) -> tuple[Envoy, list[Target]]:
-    """Start the upstream, both gRPC servers and the three front Envoys."""
+def _external_pipeline(path: Path, address: str) -> Path:
+    stages: list[dict[str, Any]] = [{"name": spec.name} for spec in DEFAULT_PIPELINE.stages]
+    stages.append({"name": "external", "config": {"services": [{"address": address}]}})
+    path.write_text(yaml.safe_dump({"version": "v1", "stages": stages}))
+    return path
+
+
+def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[Target]]:
+    """Start the upstream, the gRPC servers (and external stages) and the front Envoys."""
     upstream = stack.start_upstream()
     doc = {
         "apiVersion": "mcp.extproc.io/v1alpha1",
@@ -90,6 +102,15 @@ def build_targets(stack: Stack) -> tuple[Envoy, list[Target]]:
         Target(NO_STAGES, stack.start_front("none", catalog, needs, none_sock), False),
         Target(DEFAULT, stack.start_front("default", catalog, needs, default_sock), True),
     ]
+    if external:
+        for label, name, address in (
+            (EXTERNAL_TCP, "external-tcp", "127.0.0.1:0"),
+            (EXTERNAL_UNIX, "external-unix", f"unix:{stack.workdir}/bench-stage.sock"),
+        ):
+            pipeline = _external_pipeline(stack.workdir / f"{name}.yaml", stack.start_stage(f"{name}-stage", address))
+            ext_needs = Registry().build_pipeline(load_pipeline_config(pipeline)).needs
+            sock = stack.start_extproc(f"extproc-{name}", resources, pipeline)
+            targets.append(Target(label, stack.start_front(name, catalog, ext_needs, sock), True, external=True))
     return upstream, targets
 
 
@@ -128,7 +149,9 @@ def measure(
 ) -> list[Row]:
     """Sanity-check every target, then measure every (shape, load, target) cell."""
     for target in targets:
-        sanity_check(target.label, target.url, shapes, enforces_allowlist=target.enforces_allowlist)
+        sanity_check(
+            target.label, target.url, shapes, enforces_allowlist=target.enforces_allowlist, external=target.external
+        )
     progress(
         "sanity check passed: every configuration answers 200 with the canned result; "
         "the default pipeline refuses a tool outside allowedTools with -32003"

@@ -80,6 +80,12 @@ def denied_variant(shape: Shape) -> Shape:
     return modern_call(DENIED_TOOL) if shape.name == MODERN_VERSION else legacy_call(DENIED_TOOL)
 
 
+def external_denied_variant(shape: Shape, text: str) -> Shape:
+    """The same request with ``arguments.text`` set to ``text`` (the benchmark stage denies it)."""
+    params = {**shape.body["params"], "arguments": {"text": text}}
+    return Shape(shape.name, shape.headers, {**shape.body, "params": params})
+
+
 def _lua_string(value: str) -> str:
     # JSON string escaping is valid Lua string escaping for the ASCII we send.
     return json.dumps(value)

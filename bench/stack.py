@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
 from extproc.pipeline import PhaseNeeds
 from extproc.resources import Catalog
 from extproc.up import envoy_binary
-from tests.procs import Proc
+from tests.procs import Proc, ProcessExitedError
 
 START_DEADLINE_S: Final = 30.0
 _POLL_S: Final = 0.05
@@ -209,6 +210,15 @@ class Stack:
             argv += ["--pipeline", str(pipeline)]
         _wait_unix(self._start(argv, name), sock)
         return sock
+
+    def start_stage(self, name: str, address: str) -> str:
+        """The benchmark's external stage (``bench.stage``) at ``address``; returns where it listens."""
+        argv = [sys.executable, "-m", "bench.stage", "--address", address]
+        proc = self._start(argv, name)
+        try:
+            return proc.wait_for_line(r"^READY (\S+)$", START_DEADLINE_S).group(1)
+        except (TimeoutError, ProcessExitedError) as exc:
+            raise BenchError(str(exc)) from None
 
     def start_front(self, name: str, catalog: Catalog, needs: PhaseNeeds, extproc_socket: Path) -> Envoy:
         """A front Envoy rendered by ``extproc.bootstrap`` (no ext_proc filter when ``needs`` is all False)."""

@@ -1,6 +1,7 @@
 """The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
 
-Commands: ``up``, ``serve``, ``render envoy``, ``check``. A user error
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``; ``render k8s`` and
+``controller`` come from the controller package through entry points (the core never imports it). A user error
 (:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
 nothing prints a traceback for bad input.
 """
@@ -12,9 +13,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
-from extproc.errors import ExtProcError
+from extproc.errors import ConfigError, ExtProcError
 from extproc.settings import Settings
 
 _FRONT_DOOR = "how Envoy calls the server: ext_proc (full pipeline, default) or ext_authz (request-side yes/no)"
@@ -50,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
 
     render = commands.add_parser("render", help="print generated configuration")
-    render.add_argument("what", choices=["envoy"], help="envoy: the bootstrap `up` would run")
+    render.add_argument(
+        "what",
+        choices=["envoy", "k8s"],
+        help="envoy: the bootstrap `up` would run; k8s: every object the controller would apply",
+    )
     common(render)
     render.add_argument("--listen", default="127.0.0.1:10000")
     render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
@@ -60,7 +67,30 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
+
+    stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
+    stages.add_argument("--json", action="store_true", help="print JSON instead of text")
+    controller = commands.add_parser("controller", help="run the Kubernetes controller (reconcile loop + webhook)")
+    controller.add_argument("--kubeconfig", help="a kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    controller.add_argument("--namespace", default="mcp-extproc-system", help="the controller's own namespace")
+    controller.add_argument("--image", help="the mcp-extproc image injected into agent pods")
+    controller.add_argument("--probe", default="0.0.0.0:8080", help="host:port for /healthz and /metrics")
+    controller.add_argument("--webhook", default="0.0.0.0:9443", help="host:port of the injection webhook; '' off")
+    controller.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs")
+    controller.add_argument("--no-leader-election", action="store_true", help="run without a Lease")
+    controller.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
     return parser
+
+
+def _stages(args: argparse.Namespace) -> int:
+    """``mcp-extproc stages``: exit 1 when an installed stage fails to load."""
+    import json
+
+    from extproc.stages_list import format_stages, installed_stages
+
+    found = installed_stages()
+    sys.stdout.write(json.dumps(found, indent=2) + "\n" if args.json else format_stages(found))
+    return 1 if any("error" in item for item in found) else 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -82,6 +112,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mcp-extproc`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "stages":
+        return _stages(args)
+    if args.command == "controller" or getattr(args, "what", None) == "k8s":
+        return _controller_command(args)
     try:
         settings = _settings(args)
         logging.basicConfig(
@@ -101,6 +135,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return asyncio.run(commands.serve(settings))
         return asyncio.run(commands.up(settings))
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _extension_command(name: str) -> Any:
+    """A command another package provides (entry point group ``mcp_extproc.commands``)."""
+    found = entry_points(group="mcp_extproc.commands", name=name)
+    if not found:
+        raise ConfigError(f"command {name!r} is not installed (the controller package provides it)")
+    return next(iter(found)).load()
+
+
+def _controller_command(args: argparse.Namespace) -> int:
+    """``render k8s`` and ``controller``, provided by the controller package through entry points.
+
+    The core never imports the controller: it finds these commands the way it finds stages.
+    """
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+    try:
+        if args.command == "controller":
+            result: int = _extension_command("controller")(args)
+            return result
+        text, warnings = _extension_command("render-k8s")(args.file)
+        for warning in warnings:
+            print(f"mcp-extproc: warning: {warning}", file=sys.stderr)
+        sys.stdout.write(text)
+        return 0
     except ExtProcError as exc:
         print(f"mcp-extproc: error: {exc}", file=sys.stderr)
         return 2

@@ -167,6 +167,26 @@ class Keepalive(StrEnum):
     NEVER = "Never"
 
 
+class GatewayParentRef(Model):
+    """A Gateway API ``Gateway`` (and optionally one of its listeners) to attach a route to."""
+
+    name: str
+    namespace: str | None = None
+    section_name: str | None = Field(default=None, alias="sectionName")
+
+
+class GatewayExposure(Model):
+    """Expose the server on a Gateway (cluster only): an ``HTTPRoute`` at ``/<name>/mcp``.
+
+    Attributes:
+        parent_refs: the Gateways the route attaches to.
+        hostnames: hostnames the route answers for (empty = the listener's).
+    """
+
+    parent_refs: list[GatewayParentRef] = Field(min_length=1, alias="parentRefs")
+    hostnames: list[str] = Field(default_factory=list)
+
+
 class MCPServerSpec(Model):
     """An upstream MCP server reached over Streamable HTTP.
 
@@ -190,6 +210,8 @@ class MCPServerSpec(Model):
     upstream_auth: UpstreamAuth | None = Field(default=None, alias="upstreamAuth")
     keepalive: Keepalive = Keepalive.AUTO
     production_mode: bool = Field(default=False, alias="productionMode")
+    gateway: GatewayExposure | None = None
+    """Cluster only: also expose the server on a Gateway (Envoy Gateway)."""
 
     @field_validator("allowed_tools", "denied_tools")
     @classmethod
@@ -380,14 +402,39 @@ class TrustGrant(Model):
     consent_claim: str | None = Field(default=None, alias="consentClaim")
 
 
+class Egress(Model):
+    """How an agent pod's egress is limited (cluster only).
+
+    Attributes:
+        sidecar_only: an init container's iptables rules let only the Envoy
+            sidecar's UID leave the pod (besides loopback and DNS).
+    """
+
+    sidecar_only: bool = Field(default=False, alias="sidecarOnly")
+
+
 class MCPAgentSpec(Model):
-    """A workload that calls MCP servers through the sidecar."""
+    """A workload that calls MCP servers through the sidecar.
+
+    Attributes:
+        selector: the agent's pods (cluster only).
+        mcp_server_refs: the servers the agent may use.
+        policy_refs: tool policies applied to the agent's calls.
+        identity: how the agent proves who it is (inbound JWT).
+        trust: the trust the agent is granted.
+        attachment: cluster only: ``Sidecar`` injects an Envoy sidecar and the
+            extension server into the pods; ``Istio`` inserts ext_proc into the
+            pods' Istio sidecar with an ``EnvoyFilter``.
+        egress: cluster only: per-container egress enforcement.
+    """
 
     selector: LabelSelector | None = None
     mcp_server_refs: list[LocalRef] = Field(min_length=1, alias="mcpServerRefs")
     policy_refs: list[LocalRef] = Field(default_factory=list, alias="policyRefs")
     identity: Identity
     trust: TrustGrant = Field(default_factory=TrustGrant)
+    attachment: Literal["Sidecar", "Istio"] = "Sidecar"
+    egress: Egress = Field(default_factory=Egress)
 
 
 class MCPAgent(Model):

@@ -51,6 +51,19 @@ class _Exchange:
     removed: int = 0
 
 
+def refuse_compressed(ctx: Context, reader: str) -> Deny | None:
+    """A 502 when the upstream compressed a body ``reader`` must read (fail closed), else ``None``."""
+    encoding = ctx.response_headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return None
+    return Deny(
+        status=502,
+        code=INTERNAL_ERROR,
+        message=f"the upstream answered with content-encoding {encoding!r}; {reader} cannot read it",
+        reason="compressed_response",
+    )
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -151,14 +164,9 @@ class ToolGate(Stage):
         state = ctx.state(self._state_key)
         if server is None or not (state.list_ids or state.held_errors):
             return None
-        encoding = ctx.response_headers.get("content-encoding", "identity").lower()
-        if encoding not in ("", "identity"):
-            return Deny(
-                status=502,
-                code=INTERNAL_ERROR,
-                message=f"the upstream answered with content-encoding {encoding!r}; mcp-extproc cannot filter it",
-                reason="compressed_response",
-            )
+        compressed = refuse_compressed(ctx, "mcp-extproc")
+        if compressed is not None:
+            return compressed
         if ctx.response_is_sse:
             return await self._sse_chunk(ctx, chunk, server, state)
         return await self._json_body(ctx, chunk, server, state)

@@ -356,3 +356,40 @@ def start_opa_standin(module: Path, *, log_dir: Path | None = None) -> tuple[Pro
         proc.stop()
         raise
     return proc, port
+
+
+TS_STAGE_SCRIPT: Final = REPO_ROOT / "examples/external-ts/dist/stage.js"
+
+
+def start_stage(argv: Sequence[str], name: str, *, log_dir: Path | None = None) -> tuple[Proc, str]:
+    """Start an external stage server that prints ``READY <address>``; return it and the address.
+
+    Args:
+        argv: the command line (e.g. ``[sys.executable, "-m", "tests.upstreams.stages", ...]``).
+        name: a label for logs.
+        log_dir: where to keep the process log.
+    """
+    proc = Proc(argv, name=name, log_dir=log_dir)
+    try:
+        address = proc.wait_for_line(r"^READY (\S+)$", DEFAULT_START_DEADLINE_S).group(1)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, address
+
+
+def start_ts_stage(address: str, patterns: Sequence[str], *, log_dir: Path | None = None) -> tuple[Proc, str]:
+    """Start the TypeScript example stage (``examples/external-ts``, built by ``make node``).
+
+    Raises:
+        FileNotFoundError: ``node`` is missing or the example is not built.
+    """
+    node = shutil.which("node")
+    if node is None:
+        raise FileNotFoundError("node is not on PATH; the TypeScript stage needs Node.js 20 or newer")
+    if not TS_STAGE_SCRIPT.is_file():
+        raise FileNotFoundError(f"{TS_STAGE_SCRIPT} is missing; run `make node`")
+    argv = [node, str(TS_STAGE_SCRIPT), "--address", address]
+    for pattern in patterns:
+        argv += ["--pattern", pattern]
+    return start_stage(argv, "ts-stage", log_dir=log_dir)

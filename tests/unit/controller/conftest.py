@@ -1,0 +1,24 @@
+"""Fixtures: the fake API server on loopback and a Kube client (the real kubernetes client) for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client
+
+from controller.kube import Kube
+from tests.fakekube import FakeApiServer, fake_api_server
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with fake_api_server() as server:
+        yield server
+
+
+@pytest.fixture
+def kube(api: FakeApiServer) -> Iterator[Kube]:
+    configuration = client.Configuration(host=api.url)
+    with client.ApiClient(configuration) as api_client:
+        yield Kube(api_client, timeout_s=10)
