@@ -10,7 +10,7 @@ import yaml
 
 from controller.meta import ControllerSettings
 from controller.render import render_documents
-from extproc.registry import load_pipeline_config
+from extproc.registry import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.resources import load_resources
 from extproc.up import envoy_binary
 from tests.unit.controller.fixtures import agent, secret, server
@@ -55,7 +55,8 @@ def test_sidecar_bootstrap_passes_envoy_validate_and_is_stream_safe(tmp_path: Pa
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["stream_idle_timeout"] == "3600s"
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["match"].get("path") for r in routes] == ["/local/mcp", "/remote/mcp", None]  # + the 404 route
+    mcp_paths = [p for r in routes if (p := r["match"].get("path")) and p.endswith("/mcp")]
+    assert mcp_paths == ["/local/mcp", "/remote/mcp"]  # + the well-known and 404 routes
     assert all(r["route"]["timeout"] == "0s" for r in routes[:2])
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     pipe = clusters["mcp_extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
@@ -76,7 +77,8 @@ def test_extension_server_files_load_with_the_local_loader(tmp_path: Path) -> No
     assert sorted(catalog.servers) == ["local"]
     assert catalog.servers["local"].spec.denied_tools == ["rm*"]
     assert [r.name for r in catalog.agents["assistant"].spec.mcp_server_refs] == ["local"]
-    assert [s.name for s in load_pipeline_config(tmp_path / "pipeline.yaml").stages] == ["mcp", "allowlist"]
+    names = [s.name for s in load_pipeline_config(tmp_path / "pipeline.yaml").stages]
+    assert names == [s.name for s in DEFAULT_PIPELINE.stages]
 
 
 def test_credentials_go_in_a_secret_not_the_config_map(tmp_path: Path) -> None:
