@@ -69,6 +69,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from extproc.mcp.jsonrpc import HeaderHints, McpRequest
     from extproc.resources import Catalog, MCPServer
 
@@ -292,6 +294,8 @@ class Context:
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
+        self.sees_responses = True
+        """False when the front door (ext_authz) never shows the stages the response."""
         self.started = time.perf_counter()
         self.explanations: list[str] = []
         self.decision = "allow"
@@ -373,6 +377,23 @@ class Stage:
 
     async def shutdown(self) -> None:
         """Called once after the server stopped taking traffic."""
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        """Called once by the pipeline with the process's Prometheus registry.
+
+        A stage that publishes metrics creates them on ``registry`` here (label
+        values must be bounded and never carry tokens or secrets).
+        """
+
+    async def on_exchange_end(self, ctx: Context) -> None:
+        """Called once when Envoy ends the exchange's ext_proc stream.
+
+        That is when the HTTP stream finished or was reset, provided Envoy still
+        had phases to send us (e.g. a response body the stage asked for with
+        :meth:`Context.want_response_body`); otherwise Envoy ends the ext_proc
+        stream as soon as the last phase it needs was answered. Keep it quick: it
+        runs as the stream is torn down. Exceptions are logged, never raised.
+        """
 
     def check(self, catalog: Catalog) -> list[str]:
         """Problems this stage finds in ``catalog`` (e.g. a Rego syntax error), as messages.

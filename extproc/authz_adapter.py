@@ -111,6 +111,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             catalog=catalog,
             log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
         )
+        ctx.sees_responses = False
         body = http.raw_body or http.body.encode()
         ctx.request_has_body = bool(body)
         self.pipeline.metrics.phases.labels("check").inc()

@@ -171,6 +171,19 @@ def _well_known_route() -> dict[str, Any]:
     }
 
 
+_GET_CONFLICT_RETRY: Final[dict[str, Any]] = {
+    # A server allows one GET stream per session and answers a second with 409. When an
+    # agent opens its GET stream, the session keeper closes its own first; should the
+    # server not have noticed yet, Envoy retries the agent's GET shortly (GETs only:
+    # they carry no call, so nothing is ever replayed).
+    "retry_on": "retriable-status-codes",
+    "retriable_status_codes": [409],
+    "num_retries": 3,
+    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+    "retriable_request_headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+}
+
+
 def _route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]:
     url = urlsplit(server.spec.url)
     upstream_path = url.path or "/"
@@ -183,6 +196,7 @@ def _route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]:
             "host_rewrite_literal": url.netloc.rsplit("@", 1)[-1],
             # No route timeout: GET streams and SSE responses stay open.
             "timeout": "0s",
+            "retry_policy": _GET_CONFLICT_RETRY,
         },
         "typed_per_filter_config": _per_route(options, server.name),
     }

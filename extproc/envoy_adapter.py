@@ -138,6 +138,12 @@ class Processor:
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
+    async def close(self) -> None:
+        """The ext_proc stream ended (normally or reset): let the stages know once."""
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            await self.pipeline.end(ctx)
+
     # -- request ---------------------------------------------------------------------------
 
     async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:

@@ -71,6 +71,9 @@ class Pipeline:
             raise PluginError(f"a stage is listed twice in the pipeline {names}")
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.metrics = metrics or Metrics()
+        for stage in self.stages:
+            stage.bind_metrics(self.metrics.registry)
+        self._enders = tuple(s for s in self.stages if overrides(s, "on_exchange_end"))
         self._by_phase: dict[Phase, tuple[Stage, ...]] = {
             phase: tuple(s for s in self.stages if overrides(s, hook)) for phase, hook in HOOK_NAMES.items()
         }
@@ -130,6 +133,15 @@ class Pipeline:
         if not self._response_stages:
             return False
         return any(stage.needs_response(ctx) is not False for stage in self._response_stages)
+
+    async def end(self, ctx: Context) -> None:
+        """The exchange's ext_proc stream ended: tell the stages that asked (errors are logged)."""
+        for stage in self._enders:
+            try:
+                await stage.on_exchange_end(ctx)
+            except Exception as exc:
+                self.metrics.stage_faults.labels(stage.name, stage.failure_mode.value).inc()
+                ctx.log.error("stage %r raised in on_exchange_end: %s: %s", stage.name, type(exc).__name__, exc)
 
     async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Deny:
         """Run ``phase`` over every stage that overrides its hook; merge their verdicts."""

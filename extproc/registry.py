@@ -39,8 +39,11 @@ _SIGNATURES: Final[Mapping[str, str]] = {
     "startup": "async def startup(self) -> None",
     "shutdown": "async def shutdown(self) -> None",
     "needs_response": "def needs_response(self, ctx: Context) -> bool | None",
+    "bind_metrics": "def bind_metrics(self, registry: CollectorRegistry) -> None",
+    "on_exchange_end": "async def on_exchange_end(self, ctx: Context) -> None",
     "check": "def check(self, catalog: Catalog) -> list[str]",
 }
+_PLAIN_HOOKS: Final = frozenset({"needs_response", "bind_metrics", "check"})
 
 
 class StageSpec(BaseModel):
@@ -63,9 +66,10 @@ class PipelineConfig(BaseModel):
 
 
 DEFAULT_PIPELINE: Final = PipelineConfig(
-    stages=[StageSpec(name="authn"), StageSpec(name="mcp"), StageSpec(name="allowlist"), StageSpec(name="policy")]
+    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "credentials", "session")]
 )
-"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy.
+"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
+then swap the agent's credential for the upstream one and bind/keep legacy sessions.
 
 ``authn`` runs first so a request without a valid token costs no body round
 trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
@@ -109,7 +113,7 @@ def validate_stage_class(cls: object, source: str) -> type[Stage]:
         impl = getattr(cls, hook)
         if impl is getattr(Stage, hook):
             continue
-        expected_async = hook not in ("needs_response", "check")
+        expected_async = hook not in _PLAIN_HOOKS
         if inspect.iscoroutinefunction(impl) != expected_async:
             kind = "an async def" if expected_async else "a plain def"
             raise PluginError(

@@ -19,6 +19,7 @@ stages down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -57,8 +58,12 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if key == SERVER_METADATA_KEY:
                 hint = value if isinstance(value, str) else value.decode()
         processor = Processor(self.pipeline, self.catalog, hint)
-        async for request in request_iterator:
-            yield await processor.handle(request)
+        try:
+            async for request in request_iterator:
+                yield await processor.handle(request)
+        finally:
+            # Shielded: a reset stream cancels us, and the stages must still hear of it.
+            await asyncio.shield(processor.close())
 
 
 @dataclass(frozen=True)

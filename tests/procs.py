@@ -321,6 +321,31 @@ def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT
     raise RuntimeError(f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}")
 
 
+def start_ready_server(
+    module: str,
+    *args: str,
+    name: str,
+    log_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    deadline_s: float = DEFAULT_START_DEADLINE_S,
+) -> tuple[Proc, int]:
+    """Start `python -m <module> --port 0 <args>` and wait for its `READY <port>` line.
+
+    Used for the test upstreams that follow pyserver's convention
+    (`tests.upstreams.oauth_server`, `tests.upstreams.heartbeat`).
+
+    Returns:
+        The process and the port it bound on 127.0.0.1.
+    """
+    proc = Proc([sys.executable, "-m", module, "--port", "0", *args], name=name, log_dir=log_dir, env=env)
+    try:
+        port = int(proc.wait_for_line(r"^READY (\d+)$", deadline_s).group(1))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
 def start_opa_standin(module: Path, *, log_dir: Path | None = None) -> tuple[Proc, int]:
     """Start the OPA Data API stand-in (``tests.upstreams.opa_standin``) serving ``module``."""
     argv = [sys.executable, "-m", "tests.upstreams.opa_standin", "--module", str(module), "--port", "0"]

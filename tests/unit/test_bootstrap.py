@@ -73,3 +73,12 @@ def test_bad_extension_address_is_a_config_error(catalog: Catalog) -> None:
 def test_rendered_yaml_round_trips(catalog: Catalog) -> None:
     text = render_bootstrap_yaml(catalog, DEFAULT_NEEDS, BootstrapOptions())
     assert yaml.safe_load(text)["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_only_get_is_retried_on_409_so_the_keeper_can_step_aside(catalog: Catalog) -> None:
+    config = render_bootstrap(catalog, DEFAULT_NEEDS, BootstrapOptions())
+    routes = hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    policy = next(r for r in routes if "route" in r)["route"]["retry_policy"]
+    assert policy["retry_on"] == "retriable-status-codes"
+    assert policy["retriable_status_codes"] == [409]
+    assert policy["retriable_request_headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
