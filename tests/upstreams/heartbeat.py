@@ -33,21 +33,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Final
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.upstreams.serving import bind_loopback, serve_ready
 
 VERSIONS: Final = ("2025-03-26", "2025-06-18", "2025-11-25")
 
@@ -225,30 +222,9 @@ def build_app(state: Heartbeat) -> Starlette:
 
 async def serve(port: int, interval_s: float, timeout_s: float) -> None:
     """Serve until SIGTERM/SIGINT, printing `READY <port>` once connections are accepted."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    bound: int = sock.getsockname()[1]
     app = build_app(Heartbeat(interval_s, timeout_s))
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1, backlog=4096
-    )
-    server = uvicorn.Server(config)
-
-    def request_exit(signum: int, frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_exit)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            await task
-            raise SystemExit("heartbeat: uvicorn exited during startup")
-        await asyncio.sleep(0.01)
-    sys.stdout.write(f"READY {bound}\n")
-    sys.stdout.flush()
-    await task
+    options = {"lifespan": "off", "timeout_graceful_shutdown": 1, "backlog": 4096}
+    await serve_ready(bind_loopback(port), app, "heartbeat", **options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

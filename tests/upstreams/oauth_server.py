@@ -29,18 +29,13 @@ import argparse
 import asyncio
 import base64
 import binascii
-import signal
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
-import uvicorn
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
@@ -48,6 +43,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.upstreams.serving import bind_loopback, serve_ready
 
 TOKEN_EXCHANGE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
@@ -219,29 +216,10 @@ def build_app(server: AuthServer) -> Starlette:
 
 async def serve(port: int, clients: dict[str, str], expires_in: int) -> None:
     """Serve until SIGTERM/SIGINT, printing `READY <port>` once connections are accepted."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    bound: int = sock.getsockname()[1]
-    state = AuthServer(clients=clients, issuer=f"http://127.0.0.1:{bound}")
+    sock = bind_loopback(port)
+    state = AuthServer(clients=clients, issuer=f"http://127.0.0.1:{sock.getsockname()[1]}")
     state.behaviour.expires_in = expires_in
-    config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-
-    def request_exit(signum: int, frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_exit)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            await task
-            raise SystemExit("oauth_server: uvicorn exited during startup")
-        await asyncio.sleep(0.01)
-    sys.stdout.write(f"READY {bound}\n")
-    sys.stdout.flush()
-    await task
+    await serve_ready(sock, build_app(state), "oauth_server", lifespan="off")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

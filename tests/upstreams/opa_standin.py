@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from regopy import Input, Interpreter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from tests.upstreams.serving import bind_loopback, serve_ready
 
 
 def build_app(module: str) -> Starlette:
@@ -62,19 +61,7 @@ def build_app(module: str) -> Starlette:
 
 
 async def serve(module: str, port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(build_app(module), log_level="warning", access_log=False))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            await task
-            raise SystemExit("opa_standin: uvicorn exited during startup")
-        await asyncio.sleep(0.01)
-    sys.stdout.write(f"READY {sock.getsockname()[1]}\n")
-    sys.stdout.flush()
-    await task
+    await serve_ready(bind_loopback(port), build_app(module), "opa_standin")
 
 
 def main() -> None:

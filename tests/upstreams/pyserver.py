@@ -43,24 +43,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import socket
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final, Literal, TypedDict, cast, get_args
 
-import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tests.upstreams.serving import bind_loopback, serve_ready
 
 Mode = Literal["legacy-sse", "legacy-json", "modern"]
 MODES: Final[tuple[str, ...]] = get_args(Mode)
 
 MCP_PATH: Final = "/mcp"
-READY_PREFIX: Final = "READY"
 _GRACEFUL_SHUTDOWN_S: Final = 2
 
 
@@ -210,37 +206,9 @@ async def serve(mode: Mode, port: int, record: Path | None) -> None:
     app = build_app(mode)
     if record is not None:
         app = RecordingMiddleware(app, record)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    bound_port: int = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        # Open SSE streams (GET streams, long tool calls) would otherwise hold shutdown forever.
-        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
-    )
-    server = uvicorn.Server(config)
-
-    def request_exit(signum: int, frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    # uvicorn swaps in its own handlers while serving and, once shut down, re-raises the
-    # signal it caught against the handlers it found. Finding these (not the defaults)
-    # turns that re-raise into a no-op, so SIGTERM ends the process with status 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_exit)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            await task  # startup failed: surface the error
-            raise SystemExit(f"pyserver: uvicorn exited during startup (mode={mode}, port={bound_port})")
-        await asyncio.sleep(0.01)
-    sys.stdout.write(f"{READY_PREFIX} {bound_port}\n")
-    sys.stdout.flush()
-    await task
+    # Open SSE streams (GET streams, long tool calls) would otherwise hold shutdown forever.
+    options = {"lifespan": "on", "timeout_graceful_shutdown": _GRACEFUL_SHUTDOWN_S}
+    await serve_ready(bind_loopback(port), app, f"pyserver (mode={mode})", **options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
