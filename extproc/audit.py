@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Final
 
-from extproc.api import Context
+from extproc.api import Answer, Context, Deny
 from extproc.metrics import Metrics, method_label
 
 audit = logging.getLogger("mcp_extproc.audit")
@@ -44,6 +44,11 @@ def reason_label(metrics: Metrics, reason: str) -> str:
             return "other"
         seen.add(reason)
     return reason
+
+
+def decision_of(deny: Deny) -> str:
+    """``answer`` for an :class:`~extproc.api.Answer` (served directly), else ``deny``."""
+    return "answer" if isinstance(deny, Answer) else "deny"
 
 
 def record(metrics: Metrics, ctx: Context, decision: str, reason: str) -> None:

@@ -35,11 +35,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.api import Answer, Context, Continue, Deny, Phase
-from extproc.audit import record
-from extproc.envoy_adapter import SERVER_METADATA_KEY, ExchangeLog, jsonable
-from extproc.mcp.headers import CONTENT_TYPE
-from extproc.mcp.jsonrpc import encode_error
+from extproc.api import Context, Continue, Deny, Phase
+from extproc.audit import decision_of, record
+from extproc.envoy_adapter import SERVER_METADATA_KEY, ExchangeLog, denial_answer, first_values, header_pairs, jsonable
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
 
@@ -53,24 +51,16 @@ def _header(key: str, value: str) -> core_pb.HeaderValueOption:
     return core_pb.HeaderValueOption(header=core_pb.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
 
-def _request_headers(http: Any) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+def _request_header_pairs(http: Any) -> tuple[tuple[str, str], ...]:
+    """Every header line: the raw ``header_map`` (``encode_raw_headers``) or else the joined map."""
     if http.header_map.headers:
-        pairs = tuple(
-            (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
-            for h in http.header_map.headers
-        )
-    else:
-        pairs = tuple((k.lower(), v) for k, v in http.headers.items())
-    first: dict[str, str] = {}
-    for key, value in pairs:
-        first.setdefault(key, value)
-    return first, pairs
+        return header_pairs(http.header_map)
+    return tuple((k.lower(), v) for k, v in http.headers.items())
 
 
 def denied(deny: Deny, jsonrpc_id: Any) -> pb.CheckResponse:
     """The ``CheckResponse`` that answers the agent for a denial."""
-    body = deny.body if deny.body is not None else encode_error(jsonrpc_id, deny.code, deny.message, deny.data)
-    headers = {CONTENT_TYPE: "application/json", **deny.headers}
+    body, headers = denial_answer(deny, jsonrpc_id)
     return pb.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=deny.reason),
         denied_response=pb.DeniedHttpResponse(
@@ -90,7 +80,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         http = request.attributes.request.http
-        headers, pairs = _request_headers(http)
+        pairs = _request_header_pairs(http)
+        headers = first_values(pairs)
         headers.setdefault(":method", http.method)
         headers.setdefault(":path", http.path)
         headers.setdefault(":authority", http.host)
@@ -149,7 +140,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         return response
 
     def _deny(self, ctx: Context, deny: Deny) -> pb.CheckResponse:
-        record(self.pipeline.metrics, ctx, "answer" if isinstance(deny, Answer) else "deny", deny.reason)
+        record(self.pipeline.metrics, ctx, decision_of(deny), deny.reason)
         return denied(deny, ctx.jsonrpc_id)
 
 

@@ -36,8 +36,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.api import Answer, Context, Continue, Deny, Phase
-from extproc.audit import record
+from extproc.api import Context, Continue, Deny, Phase
+from extproc.audit import decision_of, record
 from extproc.mcp.headers import CONTENT_LENGTH, CONTENT_TYPE
 from extproc.mcp.jsonrpc import encode_error
 from extproc.pipeline import Pipeline
@@ -63,14 +63,25 @@ class ExchangeLog(logging.LoggerAdapter[logging.Logger]):
 _exchange_logger = logging.getLogger("mcp_extproc.exchange")
 
 
-def _headers(header_map: core_pb.HeaderMap) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
-    pairs = tuple(
+def header_pairs(header_map: core_pb.HeaderMap) -> tuple[tuple[str, str], ...]:
+    """Every header line of an Envoy ``HeaderMap``, in order, with lower-case names."""
+    return tuple(
         (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in header_map.headers
     )
+
+
+def first_values(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Header name → its first value (what stages read as ``ctx.request_headers``)."""
     first: dict[str, str] = {}
     for key, value in pairs:
         first.setdefault(key, value)
-    return first, pairs
+    return first
+
+
+def denial_answer(deny: Deny, jsonrpc_id: Any) -> tuple[bytes, dict[str, str]]:
+    """The body and headers the agent gets for a denial (both front doors)."""
+    body = deny.body if deny.body is not None else encode_error(jsonrpc_id, deny.code, deny.message, deny.data)
+    return body, {CONTENT_TYPE: "application/json", **deny.headers}
 
 
 def _mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
@@ -87,8 +98,7 @@ def _mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.Heade
 
 def immediate(deny: Deny, jsonrpc_id: Any) -> pb.ProcessingResponse:
     """The ``ImmediateResponse`` that answers the agent for a denial."""
-    body = deny.body if deny.body is not None else encode_error(jsonrpc_id, deny.code, deny.message, deny.data)
-    headers = {CONTENT_TYPE: "application/json", **deny.headers}
+    body, headers = denial_answer(deny, jsonrpc_id)
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=deny.status),
@@ -147,7 +157,8 @@ class Processor:
     # -- request ---------------------------------------------------------------------------
 
     async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers, pairs = _headers(message.headers)
+        pairs = header_pairs(message.headers)
+        headers = first_values(pairs)
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         path = headers.get(":path", "/")
         server = self.catalog.servers.get(self.server_hint) if self.server_hint else None
@@ -199,7 +210,7 @@ class Processor:
     # -- response --------------------------------------------------------------------------
 
     async def _response_headers(self, ctx: Context, message: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers, _pairs = _headers(message.headers)
+        headers = first_values(header_pairs(message.headers))
         ctx.response_headers = headers
         try:
             ctx.response_status = int(headers.get(":status", "0"))
@@ -259,7 +270,7 @@ class Processor:
         response.dynamic_metadata.CopyFrom(struct)
 
     def _deny(self, ctx: Context, deny: Deny) -> pb.ProcessingResponse:
-        self._decide(ctx, "answer" if isinstance(deny, Answer) else "deny", deny.reason)
+        self._decide(ctx, decision_of(deny), deny.reason)
         return immediate(deny, ctx.jsonrpc_id)
 
     def _decide(self, ctx: Context, decision: str, reason: str) -> None:
