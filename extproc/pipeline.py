@@ -128,6 +128,14 @@ class Pipeline:
             problems.extend(f"stage {stage.name!r}: {p}" for p in found)
         return problems
 
+    def check_split(self, catalog: Catalog) -> tuple[list[str], list[str]]:
+        """:meth:`check`'s problems as (errors, warnings); warnings refuse nothing."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        for problem in self.check(catalog):
+            (warnings if ": warning:" in problem else errors).append(problem)
+        return errors, warnings
+
     def needs_response(self, ctx: Context) -> bool:
         """After the request headers: must Envoy send this exchange's response at all?"""
         if not self._response_stages:

@@ -46,7 +46,7 @@ def try_reload(path: Path, pipeline: Pipeline, current: Catalog, metrics: Metric
     except ConfigError as exc:
         problems = [str(exc)]
     else:
-        problems = [p for p in pipeline.check(catalog) if ": warning:" not in p]
+        problems, _warnings = pipeline.check_split(catalog)
     if problems:
         metrics.reloads.labels("refused").inc()
         log.error("reload of %s refused; keeping the last good resources:\n  %s", path, "\n  ".join(problems))

@@ -49,8 +49,11 @@ def envoy_binary() -> str:
     return found
 
 
-def build(settings: Settings, metrics: Metrics | None = None) -> tuple[Catalog, Pipeline]:
-    """Load the resources and build (not start) the pipeline; the stages check the resources.
+def _checked(settings: Settings, metrics: Metrics | None) -> tuple[Catalog, Pipeline, list[str]]:
+    """Load the resources, build (not start) the pipeline and let the stages check the resources.
+
+    Returns:
+        The catalog, the pipeline and the stages' warnings.
 
     Raises:
         ConfigError: a document is invalid or a stage finds a problem (e.g. a Rego syntax error).
@@ -58,11 +61,16 @@ def build(settings: Settings, metrics: Metrics | None = None) -> tuple[Catalog, 
     catalog = load_resources(settings.resources)
     config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
     pipeline = Registry().build_pipeline(config, metrics)
-    problems = pipeline.check(catalog)
-    errors = [p for p in problems if ": warning:" not in p]
+    errors, warnings = pipeline.check_split(catalog)
     if errors:
         raise ConfigError(f"{settings.resources}: " + f"\n{settings.resources}: ".join(errors))
-    for warning in problems:
+    return catalog, pipeline, warnings
+
+
+def build(settings: Settings, metrics: Metrics | None = None) -> tuple[Catalog, Pipeline]:
+    """:func:`_checked`, logging the stages' warnings."""
+    catalog, pipeline, warnings = _checked(settings, metrics)
+    for warning in warnings:
         log.warning("%s", warning)
     return catalog, pipeline
 
@@ -239,11 +247,11 @@ async def _stop_envoy(envoy: asyncio.subprocess.Process, grace_s: float) -> None
 
 def check(settings: Settings) -> str:
     """``mcp-extproc check``: validate resources and pipeline; a summary on success."""
-    catalog, pipeline = build(settings)
+    catalog, pipeline, warnings = _checked(settings, None)
     servers = ", ".join(sorted(catalog.servers))
     counts = f"{len(catalog.servers)} MCPServer: {servers}; {len(catalog.policies)} MCPToolPolicy; "
     counts += f"{len(catalog.agents)} MCPAgent"
-    lines = [f"{settings.resources}: warning: {p}" for p in pipeline.check(catalog)]
+    lines = [f"{settings.resources}: {warning}" for warning in warnings]
     lines.append(f"{settings.resources}: OK ({counts}; stages: {', '.join(pipeline.names)})")
     return "\n".join(lines)
 
