@@ -262,18 +262,14 @@ def start_pyserver(
     Returns:
         The process and the port it serves `/mcp` on (127.0.0.1).
     """
-    argv = [sys.executable, "-m", "tests.upstreams.pyserver", "--port", "0", "--mode", mode]
+    args = ["--mode", mode]
     if record_path is not None:
-        argv += ["--record", str(record_path)]
+        args += ["--record", str(record_path)]
     if log_dir is None and record_path is not None:
         log_dir = record_path.parent
-    proc = Proc(argv, name=f"pyserver-{mode}", log_dir=log_dir)
-    try:
-        port = int(proc.wait_for_line(r"^READY (\d+)$", deadline_s).group(1))
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, port
+    return start_ready_server(
+        "tests.upstreams.pyserver", *args, name=f"pyserver-{mode}", log_dir=log_dir, deadline_s=deadline_s
+    )
 
 
 def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT_START_DEADLINE_S) -> tuple[Proc, int]:
@@ -331,8 +327,8 @@ def start_ready_server(
 ) -> tuple[Proc, int]:
     """Start `python -m <module> --port 0 <args>` and wait for its `READY <port>` line.
 
-    Used for the test upstreams that follow pyserver's convention
-    (`tests.upstreams.oauth_server`, `tests.upstreams.heartbeat`).
+    Every test upstream follows this convention (`tests.upstreams.pyserver`, `oauth_server`,
+    `heartbeat`, `opa_standin`; see `tests.upstreams.serving`).
 
     Returns:
         The process and the port it bound on 127.0.0.1.
@@ -348,14 +344,10 @@ def start_ready_server(
 
 def start_opa_standin(module: Path, *, log_dir: Path | None = None) -> tuple[Proc, int]:
     """Start the OPA Data API stand-in (``tests.upstreams.opa_standin``) serving ``module``."""
-    argv = [sys.executable, "-m", "tests.upstreams.opa_standin", "--module", str(module), "--port", "0"]
-    proc = Proc(argv, name="opa-standin", log_dir=log_dir or module.parent)
-    try:
-        port = int(proc.wait_for_line(r"^READY (\d+)$", DEFAULT_START_DEADLINE_S).group(1))
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, port
+    args = ("--module", str(module))
+    return start_ready_server(
+        "tests.upstreams.opa_standin", *args, name="opa-standin", log_dir=log_dir or module.parent
+    )
 
 
 TS_STAGE_SCRIPT: Final = REPO_ROOT / "examples/external-ts/dist/stage.js"
