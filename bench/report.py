@@ -25,7 +25,8 @@ class Row:
         config: The configuration's label.
         latency: The 1-connection run.
         throughput: The 16-connection run.
-        extproc_msgs_per_request: ext_proc messages Envoy sent per request (throughput run).
+        extproc_msgs_per_request: gRPC calls Envoy made to our server per request (ext_proc
+            messages plus ext_authz ``Check``s; throughput run).
         upstream_share: Requests that reached the upstream / requests Envoy answered.
     """
 
@@ -78,7 +79,7 @@ def table(rows: Sequence[Row], baseline: str) -> str:
         "+p99 ms",
         "req/s @16",
         "% of plain",
-        "ext_proc msgs/req",
+        "gRPC calls/req",
         "errors",
     )
     base = {r.shape: r for r in rows if r.config == baseline}

@@ -2,17 +2,22 @@
 
 Configurations, all in front of the same canned upstream::
 
-    plain      wrk ─▶ Envoy ─────────────────────────────▶ upstream Envoy
-    none       wrk ─▶ Envoy ─ext_proc─▶ mcp-extproc (stages: [])  ─▶ upstream
-    default    wrk ─▶ Envoy ─ext_proc─▶ mcp-extproc (mcp, allowlist) ─▶ upstream
-    external   the same plus the ``external`` stage calling one external stage service
-               (``bench.stage``, one Process per tools/call) over TCP, or over a unix socket
+    plain                 wrk ─▶ Envoy ──────────────────────────────▶ upstream Envoy
+    ext_proc, no stages   wrk ─▶ Envoy ─ext_proc─▶ mcp-extproc (stages: []) ─▶ upstream
+    4 stages, ext_proc    mcp, allowlist, policy, credentials; every request through ext_proc
+    4 stages, auto        the same stages, front door ``auto``: a tools/call is one ext_authz Check
+    6 stages, ext_proc    the default pipeline (+ authn, session), everything through ext_proc
+    6 stages, auto        the default pipeline, front door ``auto``
+    external              the default pipeline (auto) plus the ``external`` stage calling one
+                          external stage service (``bench.stage``) over TCP, or over a unix socket
 
-``none`` and ``default`` get the same ext_proc filter (rendered from the default
-pipeline's needs), so ``none`` shows what the framework and gRPC cost before any
-stage runs. Cells run interleaved: for each request shape and load, every
-configuration in turn, the order rotated between cells so drift does not
-always favour the same configuration.
+The resources give the stages real work: an MCPToolPolicy with a rule and an
+embedded Rego module, and a static upstream bearer from a Secret. ``ext_proc, no
+stages`` gets the same ext_proc filter as the pipelines (rendered from the default
+pipeline's needs), so it shows what the framework and gRPC cost before any stage
+runs. Cells run interleaved: for each request shape and load, every configuration
+in turn, the order rotated between cells so drift does not always favour the same
+configuration.
 """
 
 from __future__ import annotations
@@ -42,13 +47,21 @@ THROUGHPUT_LOAD: Final = (2, 16)
 SERVER: Final = "bench"
 PLAIN: Final = "plain Envoy"
 NO_STAGES: Final = "ext_proc, no stages"
-DEFAULT: Final = "default pipeline"
 EXTERNAL_TCP: Final = "+ external stage, TCP"
 EXTERNAL_UNIX: Final = "+ external stage, unix"
+FOUR_STAGES: Final = ("mcp", "allowlist", "policy", "credentials")
+"""The issue's pipeline: everything but authn (no agents declared) and session."""
+UPSTREAM_TOKEN: Final = "bench-upstream-token"
+_POLICY_REGO: Final = """package mcp
+import rego.v1
+default allow := true
+allow := false if { input.tool == "echo"; input.arguments.text == "forbidden" }
+"""
 
 _UPSTREAM_RQ: Final = "http.canned.downstream_rq_completed"
 _FRONT_RQ: Final = "http.mcp.downstream_rq_completed"
 _EXTPROC_MSGS: Final = "http.mcp.ext_proc.stream_msgs_sent"
+_AUTHZ_CALLS: Final = ("http.mcp.ext_authz.ok", "http.mcp.ext_authz.denied", "http.mcp.ext_authz.error")
 
 
 @dataclass(frozen=True)
@@ -72,45 +85,82 @@ def extproc_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "extproc"]
 
 
-def _external_pipeline(path: Path, address: str) -> Path:
-    stages: list[dict[str, Any]] = [{"name": spec.name} for spec in DEFAULT_PIPELINE.stages]
-    stages.append({"name": "external", "config": {"services": [{"address": address}]}})
-    path.write_text(yaml.safe_dump({"version": "v1", "stages": stages}))
+def _pipeline_file(path: Path, stages: Sequence[str], external: str | None = None) -> Path:
+    entries: list[dict[str, Any]] = [{"name": name} for name in stages]
+    if external is not None:
+        entries.append({"name": "external", "config": {"services": [{"address": external}]}})
+    path.write_text(yaml.safe_dump({"version": "v1", "stages": entries}))
     return path
+
+
+def _documents(upstream_url: str) -> list[dict[str, Any]]:
+    """The MCPServer (with a static upstream bearer), its Secret, and a policy with a rule and Rego."""
+    api = "mcp.extproc.io/v1alpha1"
+    return [
+        {
+            "apiVersion": api,
+            "kind": "MCPServer",
+            "metadata": {"name": SERVER},
+            "spec": {
+                "url": upstream_url,
+                "allowedTools": [ALLOWED_TOOL],
+                "upstreamAuth": {"bearer": {"secretRef": {"name": "bench-upstream", "key": "token"}}},
+            },
+        },
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-upstream"}, "stringData": {"token": UPSTREAM_TOKEN}},
+        {
+            "apiVersion": api,
+            "kind": "MCPToolPolicy",
+            "metadata": {"name": "bench-policy"},
+            "spec": {
+                "targetRefs": [{"kind": "MCPServer", "name": SERVER}],
+                "rules": [{"tools": ["delete_*"], "action": "Deny"}, {"tools": [ALLOWED_TOOL], "requiredTrust": "low"}],
+                "rego": {"query": "data.mcp.allow", "module": _POLICY_REGO},
+            },
+        },
+    ]
 
 
 def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[Target]]:
     """Start the upstream, the gRPC servers (and external stages) and the front Envoys."""
     upstream = stack.start_upstream()
-    doc = {
-        "apiVersion": "mcp.extproc.io/v1alpha1",
-        "kind": "MCPServer",
-        "metadata": {"name": SERVER},
-        "spec": {"url": f"{upstream.base_url}/mcp", "allowedTools": [ALLOWED_TOOL]},
-    }
-    catalog = parse_documents([doc], "bench")
+    documents = _documents(f"{upstream.base_url}/mcp")
+    catalog = parse_documents(documents, "bench")
     resources = stack.workdir / "resources.yaml"
-    resources.write_text(yaml.safe_dump(doc, sort_keys=False))
-    empty = stack.workdir / "no-stages.yaml"
-    empty.write_text("version: v1\nstages: []\n")
-    needs = Registry().build_pipeline(DEFAULT_PIPELINE).needs
-
-    none_sock = stack.start_extproc("extproc-none", resources, empty)
-    default_sock = stack.start_extproc("extproc-default", resources, None)
+    resources.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    work = stack.workdir
+    default_names = [spec.name for spec in DEFAULT_PIPELINE.stages]
+    pipelines = {
+        "none": _pipeline_file(work / "no-stages.yaml", []),
+        "four": _pipeline_file(work / "four.yaml", FOUR_STAGES),
+        "six": _pipeline_file(work / "six.yaml", default_names),
+    }
+    built = {key: Registry().build_pipeline(load_pipeline_config(path)) for key, path in pipelines.items()}
+    needs = built["six"].needs
+    socks = {key: stack.start_extproc(f"extproc-{key}", resources, path) for key, path in pipelines.items()}
+    off = PhaseNeeds(False, False, False, False)
     targets = [
-        Target(PLAIN, stack.start_front("plain", catalog, PhaseNeeds(False, False, False, False), none_sock), False),
-        Target(NO_STAGES, stack.start_front("none", catalog, needs, none_sock), False),
-        Target(DEFAULT, stack.start_front("default", catalog, needs, default_sock), True),
+        Target(PLAIN, stack.start_front("plain", catalog, off, socks["none"]), False),
+        Target(NO_STAGES, stack.start_front("none", catalog, needs, socks["none"]), False),
     ]
+    for key, label in (("four", "4 stages"), ("six", "6 stages")):
+        pipeline = built[key]
+        targets.append(
+            Target(f"{label}, ext_proc", stack.start_front(f"{key}-ext-proc", catalog, pipeline.needs, socks[key]), True)
+        )
+        front = stack.start_front(f"{key}-auto", catalog, pipeline.needs, socks[key], pipeline.fast_call_eras)
+        targets.append(Target(f"{label}, auto", front, True))
     if external:
         for label, name, address in (
             (EXTERNAL_TCP, "external-tcp", "127.0.0.1:0"),
-            (EXTERNAL_UNIX, "external-unix", f"unix:{stack.workdir}/bench-stage.sock"),
+            (EXTERNAL_UNIX, "external-unix", f"unix:{work}/bench-stage.sock"),
         ):
-            pipeline = _external_pipeline(stack.workdir / f"{name}.yaml", stack.start_stage(f"{name}-stage", address))
-            ext_needs = Registry().build_pipeline(load_pipeline_config(pipeline)).needs
-            sock = stack.start_extproc(f"extproc-{name}", resources, pipeline)
-            targets.append(Target(label, stack.start_front(name, catalog, ext_needs, sock), True, external=True))
+            listening = stack.start_stage(f"{name}-stage", address)
+            path = _pipeline_file(work / f"{name}.yaml", default_names, listening)
+            pipeline = Registry().build_pipeline(load_pipeline_config(path))
+            sock = stack.start_extproc(f"extproc-{name}", resources, path)
+            front = stack.start_front(name, catalog, pipeline.needs, sock, pipeline.fast_call_eras)
+            targets.append(Target(label, front, True, external=True))
     return upstream, targets
 
 
@@ -125,14 +175,15 @@ class _Cell:
 def _measure(
     target: Target, upstream: Envoy, script: Path, load: tuple[int, int], duration_s: float, warmup_s: float
 ) -> tuple[WrkResult, float, float]:
-    """Warm up, then measure; also returns ext_proc messages per request and the upstream share."""
+    """Warm up, then measure; also returns gRPC calls per request (ext_proc messages plus ext_authz
+    Checks, each one round trip) and the upstream share."""
     threads, connections = load
     run_wrk(target.url, script, threads=threads, connections=connections, duration_s=warmup_s)
     before, up_before = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
     result = run_wrk(target.url, script, threads=threads, connections=connections, duration_s=duration_s)
     after, up_after = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
     answered = after.get(_FRONT_RQ, 0) - before.get(_FRONT_RQ, 0)
-    msgs = after.get(_EXTPROC_MSGS, 0) - before.get(_EXTPROC_MSGS, 0)
+    msgs = sum(after.get(name, 0) - before.get(name, 0) for name in (_EXTPROC_MSGS, *_AUTHZ_CALLS))
     reached = up_after.get(_UPSTREAM_RQ, 0) - up_before.get(_UPSTREAM_RQ, 0)
     return result, msgs / answered if answered else 0.0, reached / answered if answered else 0.0
 

@@ -220,8 +220,19 @@ class Stack:
         except (TimeoutError, ProcessExitedError) as exc:
             raise BenchError(str(exc)) from None
 
-    def start_front(self, name: str, catalog: Catalog, needs: PhaseNeeds, extproc_socket: Path) -> Envoy:
-        """A front Envoy rendered by ``extproc.bootstrap`` (no ext_proc filter when ``needs`` is all False)."""
+    def start_front(
+        self,
+        name: str,
+        catalog: Catalog,
+        needs: PhaseNeeds,
+        extproc_socket: Path,
+        fast_calls: frozenset[str] = frozenset(),
+    ) -> Envoy:
+        """A front Envoy rendered by ``extproc.bootstrap`` (no ext_proc filter when ``needs`` is all False).
+
+        ``fast_calls``: the eras whose ``tools/call`` goes to one ext_authz ``Check``
+        (the ``auto`` front door); empty: everything through ext_proc.
+        """
         options = BootstrapOptions(
             listen_host="127.0.0.1",
             listen_port=0,
@@ -229,6 +240,7 @@ class Stack:
             extproc_tcp=None,
             extproc_unix=str(extproc_socket),
             access_log=False,
+            fast_calls=fast_calls,
         )
         config = self.workdir / f"{name}.yaml"
         config.write_text(render_bootstrap_yaml(catalog, needs, options))

@@ -17,6 +17,12 @@ What ext_authz cannot do, and so what this front door refuses or skips:
 * no body rewriting: a request a stage wants to rewrite (a batch with refused
   calls) is refused whole, with a JSON-RPC error saying why (fail closed).
 
+The ``auto`` front door sends only ``tools/call`` here, on routes chosen by
+Envoy's own MCP parser (:mod:`extproc.fast_calls`); their ``x-mcp-call``
+context extension names the era the route promised. A request whose parse
+breaks that promise (not one ``tools/call`` of that era) is refused: Envoy's
+parser and ours disagreed about it, and a stage may have needed its response.
+
 This module and :mod:`extproc.envoy_adapter` are the only ones that touch
 Envoy's service protobufs.
 """
@@ -38,6 +44,7 @@ from google.rpc import code_pb2, status_pb2
 from extproc.api import Context, Continue, Deny, Phase
 from extproc.audit import decision_of, record
 from extproc.envoy_adapter import SERVER_METADATA_KEY, ExchangeLog, denial_answer, first_values, header_pairs, jsonable
+from extproc.fast_calls import CALL_ERA_KEY
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
 
@@ -127,6 +134,9 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                     ),
                 )
             outcome = _merge(first, second)
+        promised = request.attributes.context_extensions.get(CALL_ERA_KEY)
+        if promised and (broken := _broken_promise(ctx, promised)):
+            return self._deny(ctx, broken)
         record(self.pipeline.metrics, ctx, "allow", "")
         ok = pb.OkHttpResponse(
             headers=[_header(k, v) for k, v in outcome.set_headers.items()],
@@ -142,6 +152,31 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     def _deny(self, ctx: Context, deny: Deny) -> pb.CheckResponse:
         record(self.pipeline.metrics, ctx, decision_of(deny), deny.reason)
         return denied(deny, ctx.jsonrpc_id)
+
+
+def _broken_promise(ctx: Context, era: str) -> Deny | None:
+    """A refusal when the request is not the one ``tools/call`` of ``era`` its route promised."""
+    request = ctx.mcp
+    if (
+        request is not None
+        and not request.is_batch
+        and len(request.messages) == 1
+        and request.messages[0].method == "tools/call"
+        and request.era.value == era
+    ):
+        return None
+    if request is None:
+        seen = "no JSON-RPC request"
+    else:
+        methods = ", ".join(str(m.method) for m in request.messages)
+        seen = f"{'a batch of ' if request.is_batch else ''}{methods} ({request.era.value} era)"
+    return Deny(
+        status=400,
+        code=-32600,
+        message=f"Envoy's MCP parser routed this request as one {era}-era tools/call, but it is {seen}; "
+        "send one JSON-RPC request per POST, its headers matching its body",
+        reason="route_mismatch",
+    )
 
 
 def _merge(first: Continue, second: Continue) -> Continue:

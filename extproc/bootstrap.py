@@ -30,9 +30,11 @@ import yaml
 
 # Imported for their side effect: registering the types packed into Any fields.
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.route.v3 import route_components_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+from envoy.extensions.filters.http.mcp.v3 import mcp_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
@@ -42,6 +44,7 @@ from google.protobuf import json_format
 
 from extproc.envoy_adapter import METADATA_NAMESPACE, SERVER_METADATA_KEY
 from extproc.errors import ConfigError
+from extproc.fast_calls import call_routes, native_mcp_filter, without_authz
 from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
 from extproc.pipeline import PhaseNeeds
 from extproc.resources import Catalog, MCPServer
@@ -80,6 +83,9 @@ class BootstrapOptions:
         max_connections: Envoy's limit on open downstream connections.
         front_door: ``ext_proc`` (the full pipeline, request and response) or
             ``ext_authz`` (request-side decisions only: one ``Check`` per request).
+        fast_calls: with ``ext_proc``, the eras (``"legacy"``, ``"modern"``) whose
+            ``tools/call`` goes to one ext_authz ``Check`` instead (see
+            :mod:`extproc.fast_calls`); empty: everything through ext_proc.
     """
 
     listen_host: str = "127.0.0.1"
@@ -93,6 +99,7 @@ class BootstrapOptions:
     access_log: bool = True
     max_connections: int = 10000
     front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
+    fast_calls: frozenset[str] = frozenset()
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -328,10 +335,23 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     listener_buffer = options.max_request_bytes + 64 * 1024
     response_buffer = max(16 * 1024 * 1024, options.max_request_bytes)
     http_filters = []
+    fast_calls = options.fast_calls if options.front_door == "ext_proc" and needs.request_headers else frozenset()
     if options.front_door == "ext_authz":
         http_filters.append(_ext_authz_filter(options))
     elif needs.request_headers or needs.response_headers:
+        if "legacy" in fast_calls:
+            http_filters.append(native_mcp_filter(options.max_request_bytes))
+        if fast_calls:
+            http_filters.append(_ext_authz_filter(options))
         http_filters.append(_ext_proc_filter(needs, options))
+    routes = []
+    for server in catalog.servers.values():
+        route = _route(server, options)
+        routes.extend(call_routes(route, server.name, fast_calls))
+        routes.append(route)
+    routes += [_well_known_route(), _not_found_route(catalog, options)]
+    if fast_calls:
+        routes = [r if r["name"].endswith(tuple(f" call {e}" for e in fast_calls)) else without_authz(r) for r in routes]
     http_filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -350,8 +370,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 {
                     "name": "mcp",
                     "domains": ["*"],
-                    "routes": [_route(s, options) for s in catalog.servers.values()]
-                    + [_well_known_route(), _not_found_route(catalog, options)],
+                    "routes": routes,
                 }
             ],
         },

@@ -20,7 +20,11 @@ from typing import Any
 from extproc.errors import ConfigError, ExtProcError
 from extproc.settings import Settings
 
-_FRONT_DOOR = "how Envoy calls the server: ext_proc (full pipeline, default) or ext_authz (request-side yes/no)"
+_FRONT_DOOR = (
+    "how Envoy calls the server: auto (default: ext_proc, but one ext_authz Check for a tools/call no stage "
+    "reads the response of), ext_proc (every request through ext_proc) or ext_authz (request-side yes/no)"
+)
+_DOORS = ["auto", "ext_proc", "ext_authz"]
 _RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
 
 
@@ -42,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
     up.add_argument("--stream-idle-timeout", type=int, default=3600, help="seconds a stream may stay silent")
     up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
-    up.add_argument("--front-door", choices=["ext_proc", "ext_authz"], default="ext_proc", help=_FRONT_DOOR)
+    up.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
     up.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
@@ -63,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
     render.add_argument("--unix", help="reach the extension server over this unix socket instead")
     render.add_argument("--stream-idle-timeout", type=int, default=3600)
-    render.add_argument("--front-door", choices=["ext_proc", "ext_authz"], default="ext_proc", help=_FRONT_DOOR)
+    render.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
@@ -104,7 +108,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
         log_level=args.log_level.upper(),
         envoy_log_level=getattr(args, "envoy_log_level", "warning"),
-        front_door=getattr(args, "front_door", "ext_proc"),
+        front_door=getattr(args, "front_door", "auto"),
         reload_interval_s=getattr(args, "reload_interval", 1.0),
     )
 

@@ -136,6 +136,20 @@ class Pipeline:
             (warnings if ": warning:" in problem else errors).append(problem)
         return errors, warnings
 
+    @property
+    def fast_call_eras(self) -> frozenset[str]:
+        """The eras whose ``tools/call`` no stage reads the response of.
+
+        For those, a ``tools/call`` is decided from the request alone, so Envoy
+        can ask with one ext_authz ``Check`` instead of ext_proc (the ``auto``
+        front door). A stage must also be able to run behind ext_authz, which
+        every request-side stage can: the hooks are the same.
+        """
+        eras = {"legacy", "modern"}
+        for stage in self._response_stages:
+            eras -= stage.call_response_eras
+        return frozenset(eras)
+
     def needs_response(self, ctx: Context) -> bool:
         """After the request headers: must Envoy send this exchange's response at all?"""
         if not self._response_stages:

@@ -29,8 +29,10 @@ class Settings:
         stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
         log_level: Python logging level name.
         envoy_log_level: Envoy's ``--log-level``.
-        front_door: how Envoy calls us: ``ext_proc`` (full pipeline) or
-            ``ext_authz`` (request-side yes/no).
+        front_door: how Envoy calls us: ``auto`` (ext_proc, except one ext_authz
+            ``Check`` for a ``tools/call`` no stage reads the response of),
+            ``ext_proc`` (full pipeline for everything) or ``ext_authz``
+            (request-side yes/no).
         reload_interval_s: how often the resource file is checked for changes
             (0 disables reloads).
     """
@@ -45,7 +47,7 @@ class Settings:
     stream_idle_timeout_s: int = 3600
     log_level: str = "INFO"
     envoy_log_level: str = "warning"
-    front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
+    front_door: Literal["auto", "ext_proc", "ext_authz"] = "auto"
     reload_interval_s: float = 1.0
 
 

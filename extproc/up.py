@@ -99,7 +99,8 @@ def bootstrap_options(
         extproc_unix=extproc_unix,
         stream_idle_timeout_s=settings.stream_idle_timeout_s,
         max_request_bytes=max_request_bytes(pipeline),
-        front_door=settings.front_door,
+        front_door="ext_authz" if settings.front_door == "ext_authz" else "ext_proc",
+        fast_calls=pipeline.fast_call_eras if settings.front_door == "auto" else frozenset(),
     )
 
 

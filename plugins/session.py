@@ -85,6 +85,9 @@ class SessionStage(Stage):
     name: ClassVar[str] = "session"
     Config: ClassVar[type[StageConfig]] = SessionConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
+    # Legacy calls' responses start the keeper and reveal a lost session (404); the
+    # modern era has no sessions.
+    call_response_eras: ClassVar[frozenset[str]] = frozenset({"legacy"})
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
