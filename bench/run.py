@@ -51,7 +51,7 @@ EXTERNAL_TCP: Final = "+ external stage, TCP"
 EXTERNAL_UNIX: Final = "+ external stage, unix"
 FOUR_STAGES: Final = ("mcp", "allowlist", "policy", "credentials")
 """The issue's pipeline: everything but authn (no agents declared) and session."""
-UPSTREAM_TOKEN: Final = "bench-upstream-token"
+UPSTREAM_TOKEN: Final = "bench-upstream-token"  # noqa: S105 - a made-up token the canned upstream ignores
 _POLICY_REGO: Final = """package mcp
 import rego.v1
 default allow := true
@@ -107,7 +107,12 @@ def _documents(upstream_url: str) -> list[dict[str, Any]]:
                 "upstreamAuth": {"bearer": {"secretRef": {"name": "bench-upstream", "key": "token"}}},
             },
         },
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-upstream"}, "stringData": {"token": UPSTREAM_TOKEN}},
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "bench-upstream"},
+            "stringData": {"token": UPSTREAM_TOKEN},
+        },
         {
             "apiVersion": api,
             "kind": "MCPToolPolicy",
@@ -145,9 +150,8 @@ def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[T
     ]
     for key, label in (("four", "4 stages"), ("six", "6 stages")):
         pipeline = built[key]
-        targets.append(
-            Target(f"{label}, ext_proc", stack.start_front(f"{key}-ext-proc", catalog, pipeline.needs, socks[key]), True)
-        )
+        front = stack.start_front(f"{key}-ext-proc", catalog, pipeline.needs, socks[key])
+        targets.append(Target(f"{label}, ext_proc", front, True))
         front = stack.start_front(f"{key}-auto", catalog, pipeline.needs, socks[key], pipeline.fast_call_eras)
         targets.append(Target(f"{label}, auto", front, True))
     if external:

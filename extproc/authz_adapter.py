@@ -112,7 +112,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         ctx.sees_responses = False
         body = http.raw_body or http.body.encode()
         ctx.request_has_body = bool(body)
-        self.pipeline.metrics.phases.labels("check").inc()
+        self.pipeline.metrics.phase("check").inc()
         first = await self.pipeline.run(Phase.REQUEST_HEADERS, ctx)
         if isinstance(first, Deny):
             return self._deny(ctx, first)

@@ -348,10 +348,9 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     for server in catalog.servers.values():
         route = _route(server, options)
         routes.extend(call_routes(route, server.name, fast_calls))
-        routes.append(route)
-    routes += [_well_known_route(), _not_found_route(catalog, options)]
-    if fast_calls:
-        routes = [r if r["name"].endswith(tuple(f" call {e}" for e in fast_calls)) else without_authz(r) for r in routes]
+        routes.append(without_authz(route) if fast_calls else route)
+    for other in (_well_known_route(), _not_found_route(catalog, options)):
+        routes.append(without_authz(other) if fast_calls else other)
     http_filters.append(
         {
             "name": "envoy.filters.http.router",

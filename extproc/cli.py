@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("-f", "--file", required=True, type=Path, help="resource documents (multi-document YAML)")
         sub.add_argument(
-            "--pipeline", type=Path, help="pipeline configuration (default: authn, mcp, allowlist, policy)"
+            "--pipeline",
+            type=Path,
+            help="pipeline configuration (default: authn, mcp, allowlist, policy, credentials, session)",
         )
         sub.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
 

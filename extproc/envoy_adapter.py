@@ -124,7 +124,7 @@ class Processor:
     async def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Answer one ``ProcessingRequest``."""
         which = request.WhichOneof("request")
-        self.pipeline.metrics.phases.labels(which or "unknown").inc()
+        self.pipeline.metrics.phase(which or "unknown").inc()
         if which == "request_headers":
             return await self._request_headers(request.request_headers)
         ctx = self.ctx
@@ -281,6 +281,11 @@ class Processor:
         record(self.pipeline.metrics, ctx, decision, reason)
 
 
+_PLAIN = (str, bool, int, float, type(None))
+
+
 def jsonable(value: Any) -> Any:
     """Metadata values as JSON types (Struct accepts only those)."""
+    if isinstance(value, dict) and all(isinstance(v, _PLAIN) for v in value.values()):
+        return value  # the usual case (server, method, tool, era, ...): nothing to convert
     return json.loads(json.dumps(value, default=str))

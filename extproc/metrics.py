@@ -6,7 +6,7 @@ counted as ``other`` so an agent cannot blow up the label space.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
@@ -88,12 +88,20 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self._phase_children: dict[str, Any] = {}
         self.phases = Counter(
             "mcp_extproc_phases",
             "ext_proc messages received from Envoy, by phase.",
             ["phase"],
             registry=self.registry,
         )
+
+    def phase(self, which: str) -> Any:
+        """The ``mcp_extproc_phases`` counter child for ``which`` (looked up once, then reused)."""
+        child = self._phase_children.get(which)
+        if child is None:
+            child = self._phase_children[which] = self.phases.labels(which)
+        return child
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP in a background thread; returns the bound port."""

@@ -73,6 +73,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         for stage in self.stages:
             stage.bind_metrics(self.metrics.registry)
+        # Histogram children looked up once: ``labels()`` costs a lock and a dict per call.
+        self._timers: dict[tuple[str, Phase], Any] = {}
         self._enders = tuple(s for s in self.stages if overrides(s, "on_exchange_end"))
         self._by_phase: dict[Phase, tuple[Stage, ...]] = {
             phase: tuple(s for s in self.stages if overrides(s, hook)) for phase, hook in HOOK_NAMES.items()
@@ -183,7 +185,7 @@ class Pipeline:
                     continue
                 return fault
             finally:
-                self.metrics.stage_seconds.labels(stage.name, phase.value).observe(time.perf_counter() - started)
+                self._timer(stage.name, phase).observe(time.perf_counter() - started)
             if verdict is None:
                 continue
             if isinstance(verdict, Deny):
@@ -202,6 +204,12 @@ class Pipeline:
                 else:
                     ctx.body = verdict.body
         return Continue(set_headers=set_headers, remove_headers=tuple(remove_headers), body=body, metadata=metadata)
+
+    def _timer(self, stage: str, phase: Phase) -> Any:
+        timer = self._timers.get((stage, phase))
+        if timer is None:
+            timer = self._timers[stage, phase] = self.metrics.stage_seconds.labels(stage, phase.value)
+        return timer
 
     def _fault(self, stage: Stage, hook: str, exc: Exception, ctx: Context) -> Deny | None:
         mode = stage.failure_mode

@@ -98,9 +98,23 @@ def test_envoy_dies_with_a_killed_up(tmp_path: Path, upstream: tuple[Path, Path]
     assert envoy_pids() & started == set(), "Envoy was orphaned"
 
 
+_FRONT_FILTERS = {
+    # auto (the default): Envoy's MCP parser picks the route, ext_authz checks the fast
+    # tools/call routes, ext_proc everything else; all of them fail closed.
+    "auto": ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc"],
+    "ext_proc": ["envoy.filters.http.ext_proc"],
+    "ext_authz": ["envoy.filters.http.ext_authz"],
+}
+
+
 def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
     resources, _record = upstream
-    for extra in ([], ["--unix", "/tmp/x.sock"], ["--front-door", "ext_authz"]):
+    for door, extra in (
+        ("auto", []),
+        ("auto", ["--unix", "/tmp/x.sock"]),
+        ("ext_proc", ["--front-door", "ext_proc"]),
+        ("ext_authz", ["--front-door", "ext_authz"]),
+    ):
         rendered = subprocess.run(
             [sys.executable, "-m", "extproc", "render", "envoy", "-f", str(resources), *extra],
             capture_output=True,
@@ -118,11 +132,11 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tupl
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert "OK" in checked.stdout
         filters = yaml.safe_load(rendered)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
-        front = filters[0]["typed_config"]["http_filters"][0]
-        assert front["name"] == (
-            "envoy.filters.http.ext_authz" if extra[:1] == ["--front-door"] else "envoy.filters.http.ext_proc"
-        )
-        assert front["typed_config"].get("failure_mode_allow", False) is False
+        http_filters = filters[0]["typed_config"]["http_filters"]
+        deciding = [f for f in http_filters if f["name"] in _FRONT_FILTERS["auto"]]
+        assert [f["name"] for f in deciding] == _FRONT_FILTERS[door], door
+        assert all(f["typed_config"].get("failure_mode_allow", False) is False for f in deciding)
+        assert all(not f.get("disabled", False) for f in deciding)
 
 
 @pytest.mark.parametrize(
