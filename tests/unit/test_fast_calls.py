@@ -100,7 +100,7 @@ def _check(body: Any, era: str, version: str = "2025-06-18") -> authz_pb.CheckRe
 
 async def test_a_request_that_is_not_the_promised_call_is_refused(service: AuthorizationService) -> None:
     listing = {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}
-    answer = await service.Check(_check(listing, "legacy"), None)  # type: ignore[arg-type]
+    answer = await service.Check(_check(listing, "legacy"), None)
     assert answer.denied_response.status.code == 400
     reply = json.loads(answer.denied_response.body)
     assert reply["id"] == 4
@@ -111,5 +111,5 @@ async def test_a_request_that_is_not_the_promised_call_is_refused(service: Autho
 
     call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "a"}}}
     assert (await service.Check(_check(call, "legacy"), None)).HasField("ok_response")  # type: ignore[arg-type]
-    wrong_era = await service.Check(_check(call, "modern"), None)  # type: ignore[arg-type]
+    wrong_era = await service.Check(_check(call, "modern"), None)
     assert wrong_era.denied_response.status.code == 400
