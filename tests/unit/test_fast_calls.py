@@ -110,6 +110,6 @@ async def test_a_request_that_is_not_the_promised_call_is_refused(service: Autho
     )
 
     call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "a"}}}
-    assert (await service.Check(_check(call, "legacy"), None)).HasField("ok_response")  # type: ignore[arg-type]
+    assert (await service.Check(_check(call, "legacy"), None)).HasField("ok_response")
     wrong_era = await service.Check(_check(call, "modern"), None)
     assert wrong_era.denied_response.status.code == 400
