@@ -83,9 +83,20 @@ def pipeline_needs(config: PipelineConfig = DEFAULT_PIPELINE) -> tuple[Any, int]
     return pipeline.needs, max_request_bytes(pipeline)
 
 
-def sidecar_options(settings: ControllerSettings, max_bytes: int) -> BootstrapOptions:
-    """The injected Envoy: agents on 127.0.0.1:<sidecar_port>, admin on 127.0.0.1, ext_proc over the unix socket."""
+def fast_call_eras(config: PipelineConfig = DEFAULT_PIPELINE) -> frozenset[str]:
+    """The eras whose ``tools/call`` the sidecar sends as one ext_authz ``Check`` (front door ``auto``)."""
+    return Registry().build_pipeline(config).fast_call_eras
+
+
+def sidecar_options(
+    settings: ControllerSettings, max_bytes: int, fast_calls: frozenset[str] = frozenset()
+) -> BootstrapOptions:
+    """The injected Envoy: agents on 127.0.0.1:<sidecar_port>, admin on 127.0.0.1, ext_proc over the unix socket.
+
+    ``fast_calls``: as ``up``'s default front door ``auto`` (see :mod:`extproc.fast_calls`).
+    """
     return BootstrapOptions(
+        fast_calls=fast_calls,
         listen_host="127.0.0.1",
         listen_port=settings.sidecar_port,
         admin_port=settings.admin_port,
@@ -125,7 +136,9 @@ def agent_config(
     meta = object_meta(name, view.namespace, [owner_ref(raw)], f"MCPAgent.{agent.name}")
     resources = dump_documents(documents(catalog))
     data = {
-        "envoy.yaml": render_bootstrap_yaml(catalog, needs, sidecar_options(settings, max_bytes)),
+        "envoy.yaml": render_bootstrap_yaml(
+            catalog, needs, sidecar_options(settings, max_bytes, fast_call_eras(pipeline))
+        ),
         "pipeline.yaml": yaml.safe_dump(pipeline.model_dump(mode="json", by_alias=True), sort_keys=False),
     }
     objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}]

@@ -296,6 +296,10 @@ class Context:
         self.principal: Principal | None = None
         self.sees_responses = True
         """False when the front door (ext_authz) never shows the stages the response."""
+        self.fast_call = False
+        """True for a ``tools/call`` on the ``auto`` front door's fast route: one ext_authz
+        ``Check``, no response phases, but the rest of the gateway (initialize, GET
+        streams, tools/list) still runs through ext_proc and this process."""
         self.started = time.perf_counter()
         self.explanations: list[str] = []
         self.decision = "allow"

@@ -110,6 +110,8 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
         )
         ctx.sees_responses = False
+        promised = request.attributes.context_extensions.get(CALL_ERA_KEY)
+        ctx.fast_call = bool(promised)
         body = http.raw_body or http.body.encode()
         ctx.request_has_body = bool(body)
         self.pipeline.metrics.phase("check").inc()
@@ -134,7 +136,6 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                     ),
                 )
             outcome = _merge(first, second)
-        promised = request.attributes.context_extensions.get(CALL_ERA_KEY)
         if promised and (broken := _broken_promise(ctx, promised)):
             return self._deny(ctx, broken)
         record(self.pipeline.metrics, ctx, "allow", "")

@@ -435,8 +435,23 @@ def render_bootstrap(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOpti
     except json_format.ParseError as exc:
         raise ConfigError(f"rendered Envoy bootstrap does not match Envoy's schema: {exc}") from None
     # Through JSON so Any fields come back as plain dicts (YAML-safe).
-    result: dict[str, Any] = json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    result: dict[str, Any] = _sorted_maps(
+        json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    )
     return result
+
+
+_MAP_FIELDS: Final = frozenset({"typed_per_filter_config", "context_extensions", "typed_extension_protocol_options"})
+
+
+def _sorted_maps(value: Any, key: str = "") -> Any:
+    """Protobuf map fields in a stable (sorted) order: their JSON order varies between processes."""
+    if isinstance(value, dict):
+        items = sorted(value.items()) if key in _MAP_FIELDS else value.items()
+        return {k: _sorted_maps(v, k) for k, v in items}
+    if isinstance(value, list):
+        return [_sorted_maps(v, key) for v in value]
+    return value
 
 
 def render_bootstrap_yaml(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> str:

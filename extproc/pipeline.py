@@ -145,8 +145,12 @@ class Pipeline:
         For those, a ``tools/call`` is decided from the request alone, so Envoy
         can ask with one ext_authz ``Check`` instead of ext_proc (the ``auto``
         front door). A stage must also be able to run behind ext_authz, which
-        every request-side stage can: the hooks are the same.
+        every request-side stage can: the hooks are the same. Without the ``mcp``
+        stage nothing parses the call, so nothing could check that Envoy routed
+        it right: no era is fast then.
         """
+        if "mcp" not in self.names:
+            return frozenset()
         eras = {"legacy", "modern"}
         for stage in self._response_stages:
             eras -= stage.call_response_eras

@@ -12,6 +12,10 @@ document::
 :class:`extproc.errors.PolicyBackendError`; the policy stage then denies (fail
 closed). :func:`compile_problem` turns a rego-cpp syntax error into
 ``<module>:<line>:<column>: <message>`` for ``mcp-extproc check``.
+
+The engines are imported on first use, not with this module: regopy (about
+10 MB resident) and opa-python-client with aiohttp (about 14 MB) cost nothing
+in a server whose policies use neither.
 """
 
 from __future__ import annotations
@@ -21,10 +25,6 @@ import json
 import re
 from typing import Any, Protocol
 from urllib.parse import urlsplit
-
-import aiohttp
-from opa_client.opa_async import AsyncOpaClient
-from regopy import Input, Interpreter, RegoError
 
 from extproc.errors import PolicyBackendError
 
@@ -49,6 +49,8 @@ class RegoBackend(Protocol):
 
 def compile_problem(name: str, module: str, query: str) -> str | None:
     """``None`` when ``module`` compiles with ``query``; else ``name:line:col: message``."""
+    from regopy import RegoError
+
     try:
         _build(name, module, query)
     except RegoError as exc:
@@ -57,6 +59,8 @@ def compile_problem(name: str, module: str, query: str) -> str | None:
 
 
 def _build(name: str, module: str, query: str) -> Any:
+    from regopy import Interpreter
+
     builder = Interpreter()
     builder.add_module(name, module)
     return builder.build(f"x = {query}")
@@ -80,6 +84,9 @@ class EmbeddedRego:
     """
 
     def __init__(self, name: str, module: str, query: str) -> None:
+        from regopy import Input, Interpreter, RegoError
+
+        self._input, self._error = Input, RegoError
         try:
             self._bundle = _build(name, module, query)
         except RegoError as exc:
@@ -88,9 +95,9 @@ class EmbeddedRego:
 
     async def evaluate(self, document: dict[str, Any]) -> Any:
         try:
-            self._runner.set_input(Input(document))
+            self._runner.set_input(self._input(document))
             output = self._runner.query_bundle(self._bundle)
-        except RegoError as exc:
+        except self._error as exc:
             raise PolicyBackendError(f"Rego evaluation failed: {str(exc).strip()[:200]}") from None
         if not output.ok():
             raise PolicyBackendError(f"Rego evaluation failed: {str(output)[:200]}")
@@ -107,6 +114,10 @@ class RemoteOpa:
     """A remote OPA server's Data API, through opa-python-client (one session, reused)."""
 
     def __init__(self, url: str, query: str, timeout: float) -> None:
+        import aiohttp
+        from opa_client.opa_async import AsyncOpaClient
+
+        self._client_errors = (aiohttp.ClientError, TimeoutError)
         parts = urlsplit(url)
         path = query.removeprefix("data.").split(".")
         self._package, self._rule = ".".join(path[:-1]), path[-1]
@@ -129,7 +140,7 @@ class RemoteOpa:
                     self._opened = True
         try:
             answer = await self._client.query_rule(document, self._package, self._rule or None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except self._client_errors as exc:
             raise PolicyBackendError(f"OPA at {self._url} did not answer: {type(exc).__name__}") from None
         except ValueError as exc:
             raise PolicyBackendError(f"OPA at {self._url} answered something that is not JSON: {exc}") from None

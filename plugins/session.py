@@ -9,6 +9,8 @@ Data flow::
     request with Mcp-Session-Id (POSTs checked once the body is parsed: errors carry the id)
         unknown session or another principal ──▶ 404, JSON-RPC error; nothing forwarded
         POST  ──response 2xx──▶ keeper.keep (spec.keepalive Auto/Always; not Never)
+        tools/call on the auto front door's fast route (one ext_authz Check, no
+              response) ──▶ binding checked, keeper.keep from the request
         GET   ──▶ keeper.step_aside (its GET closes before the agent's reaches the
                   server); the response body is streamed through us only so that we
                   hear when the agent's stream ends (on_exchange_end) ──▶ keeper.take_over
@@ -85,9 +87,10 @@ class SessionStage(Stage):
     name: ClassVar[str] = "session"
     Config: ClassVar[type[StageConfig]] = SessionConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
-    # Legacy calls' responses start the keeper and reveal a lost session (404); the
-    # modern era has no sessions.
-    call_response_eras: ClassVar[frozenset[str]] = frozenset({"legacy"})
+    # A tools/call's response is not needed: on the auto front door's fast route the
+    # binding is checked and the keeper (re)started from the request (see _admit); a
+    # session the upstream lost shows as a 404 on the keeper's own GET.
+    call_response_eras: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
@@ -151,9 +154,11 @@ class SessionStage(Stage):
         return await self._admit(ctx)
 
     async def _admit(self, ctx: Context) -> Verdict:
-        if not ctx.sees_responses:
+        if not ctx.sees_responses and not ctx.fast_call:
             # ext_authz front door: we never see the initialize response that issues the
             # session id, so sessions can be neither bound nor kept (README: front doors).
+            # The auto door's fast tools/call route is different: its sessions were opened
+            # through ext_proc, in this process.
             return None
         server = ctx.server
         session_id = ctx.request_headers.get(MCP_SESSION_ID)
@@ -194,6 +199,15 @@ class SessionStage(Stage):
             await keeper.stop(server.name, session_id, "delete")
         else:
             keeper.touch(server.name, session_id, ctx.request_headers.get(MCP_PROTOCOL_VERSION))
+            if (
+                ctx.fast_call
+                and keeper.get(server.name, session_id) is None
+                and self._keeps(server.name, server.spec.keepalive)
+            ):
+                # No response phase will show us this call's 2xx: keep the session now
+                # (after an idle expiry, say); a session the upstream forgot answers the
+                # keeper's GET with 404, and the keeper stops.
+                self._keep(ctx, server, session_id)
         return None
 
     async def on_response_headers(self, ctx: Context) -> Verdict:

@@ -220,3 +220,48 @@ async def test_modern_requests_are_never_kept(setup: Setup) -> None:
     assert setup.metric("mcp_extproc_keeper_sessions") == kept
     methods = {r["method"] for r in read_records(setup.modern_records)}
     assert methods == {"POST"}  # no keeper GET, no ping answers
+
+
+async def test_a_call_on_the_fast_route_keeps_the_session_again_after_an_idle_expiry(tmp_path: Path) -> None:
+    # Its own heartbeat server (slow to give up on a session) and a gateway whose keeper
+    # lets sessions go after 1 s idle. A tools/call takes the auto front door's fast route
+    # (one ext_authz Check, no response phase), so the keeper must restart from the request.
+    heartbeat, port = start_ready_server(
+        "tests.upstreams.heartbeat", "--interval", "1", "--timeout", "60", name="heartbeat-slow", log_dir=tmp_path
+    )
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(yaml.safe_dump(_server("hb", {"url": f"http://127.0.0.1:{port}/mcp"})))
+    stages: list[dict[str, Any]] = [{"name": n} for n in ("authn", "mcp", "allowlist", "policy", "credentials")]
+    stages.append({"name": "session", "config": {"idleTimeoutSeconds": 1}})
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"version": "v1", "stages": stages}))
+    gateway, base, metrics = start_gateway(resources, tmp_path, "--pipeline", str(pipeline))
+    admin = f"http://127.0.0.1:{port}/admin/sessions"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def state() -> dict[str, Any]:
+                found: list[dict[str, Any]] = (await client.get(admin)).json()
+                return next(s for s in found if s["id"] == session_id)
+
+            agent = Agent(client, f"{base}/hb/mcp")
+            session_id = await agent.initialize()
+
+            async def kept_then_dropped() -> bool:
+                return metric_value(metrics, "mcp_extproc_keeper_sessions_stopped_total", reason="idle") >= 1
+
+            await until(kept_then_dropped)
+            assert (await state())["gets"] == 1 and not (await state())["stream_open"]
+            checks = metric_value(metrics, "mcp_extproc_phases_total", phase="check")
+            reply = await agent.call_echo("back again")
+            assert reply.status_code == 200, reply.text
+            assert metric_value(metrics, "mcp_extproc_phases_total", phase="check") == checks + 1
+
+            async def kept_again() -> bool:
+                current = await state()
+                return bool(current["gets"] == 2 and current["stream_open"])
+
+            await until(kept_again)
+    finally:
+        gateway.stop()
+        heartbeat.stop()

@@ -19,7 +19,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from tests.agents import BASE_HEADERS, modern_request, raw_post, response_messages
-from tests.integration.conftest import start_gateway
+from tests.integration.conftest import metric_value, start_gateway
 from tests.procs import Proc, start_pyserver, start_ready_server
 from tests.upstreams.pyserver import Record, read_records
 
@@ -40,6 +40,11 @@ class Setup:
     oauth: str
     records: Path
     gateway: Proc
+    metrics: str
+
+    def checks(self) -> float:
+        """ext_authz Checks served: tools/calls that took the auto front door's fast route."""
+        return metric_value(self.metrics, "mcp_extproc_phases_total", phase="check")
 
     def url(self, server: str) -> str:
         return f"{self.base}/{server}/mcp"
@@ -96,9 +101,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ]
         resources = tmp / "resources.yaml"
         resources.write_text(yaml.safe_dump_all(docs))
-        gateway, base, _metrics = start_gateway(resources, tmp)
+        gateway, base, metrics = start_gateway(resources, tmp)
         procs.append(gateway)
-        yield Setup(base, issuer, records, gateway)
+        yield Setup(base, issuer, records, gateway, metrics)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -139,6 +144,8 @@ async def test_a_session_is_refused_to_another_principal(setup: Setup) -> None:
     initialized = await post(url, alice, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
     assert initialized.status_code == 202
 
+    # The calls take the fast route (one ext_authz Check each): the binding holds there too.
+    checks = setup.checks()
     stolen = await post(url, bob, echo(5, "from bob"), session)
     assert stolen.status_code == 404
     assert stolen.json()["id"] == 5
@@ -152,6 +159,7 @@ async def test_a_session_is_refused_to_another_principal(setup: Setup) -> None:
     made_up = await post(url, alice, echo(7, "guess"), "0" * 32)
     assert made_up.status_code == 404
     assert "opened through this gateway" in made_up.json()["error"]["message"]
+    assert setup.checks() == checks + 3
 
 
 async def test_token_exchange_sends_the_exchanged_token_upstream(setup: Setup) -> None:

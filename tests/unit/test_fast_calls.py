@@ -36,9 +36,9 @@ class _ReadsEveryResponse(Stage):
 
 
 def test_fast_eras_follow_the_stages_that_read_call_responses() -> None:
-    assert Registry().build_pipeline(DEFAULT_PIPELINE).fast_call_eras == {"modern"}  # session reads legacy calls
+    assert Registry().build_pipeline(DEFAULT_PIPELINE).fast_call_eras == {"legacy", "modern"}
     assert _pipeline("mcp", "allowlist", "policy", "credentials").fast_call_eras == {"legacy", "modern"}
-    assert _pipeline("mcp", "allowlist", "session").fast_call_eras == {"modern"}
+    assert Pipeline([]).fast_call_eras == frozenset()  # nothing would parse the call
     undeclared = Pipeline([*_pipeline("mcp", "allowlist").stages, _ReadsEveryResponse(Stage.Config())])
     assert undeclared.fast_call_eras == frozenset()
 
