@@ -29,10 +29,9 @@ import copy
 import re
 from typing import Any, Final
 
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-
 from extproc.envoy_adapter import SERVER_METADATA_KEY
 from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION
+from extproc.mcp.spec import MODERN_PROTOCOL_VERSIONS
 
 _T: Final = "type.googleapis.com/"
 MCP_FILTER: Final = "envoy.filters.http.mcp"

@@ -25,10 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mcp_types.jsonrpc import INTERNAL_ERROR
-
 from extproc.api import HOOK_NAMES, Context, Continue, Deny, FailureMode, Phase, Stage
 from extproc.errors import PluginError
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.metrics import Metrics
 from extproc.resources import Catalog
 

@@ -28,7 +28,6 @@ from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Final
 
 import httpx
-import jwt
 from pydantic import Field
 
 from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, Verdict
@@ -190,6 +189,8 @@ class AuthnStage(Stage):
         return Continue(remove_headers=("authorization",), metadata={"principal": principal.subject})
 
     async def _authenticate(self, ctx: Context, catalog: Catalog, token: str) -> Principal:
+        import jwt  # on first use: PyJWT and cryptography weigh about 9 MB, needless without agents
+
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import httpx
-from mcp_types.jsonrpc import INTERNAL_ERROR
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
 from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.errors import ConfigError
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.models import BearerAuth, ClientCredentials, TokenExchange
 from extproc.resources import Catalog, MCPServer
 from plugins.tokens import (

@@ -31,11 +31,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from mcp_types.jsonrpc import INTERNAL_ERROR
-
 from extproc.api import POLICY_DENIED, Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, encode_event
 from extproc.stage_wire import from_struct, from_value, to_struct, to_value
 from mcp_extproc.stage.v1 import stage_pb2 as pb

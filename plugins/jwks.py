@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
-import jwt
 
 from extproc.errors import ExtProcError
+
+if TYPE_CHECKING:
+    import jwt
 
 
 class JwksUnavailable(ExtProcError):
@@ -97,6 +100,8 @@ class JwksCache:
             entry.fetched_at = time.monotonic()
 
     async def _fetch(self, uri: str) -> dict[str, jwt.PyJWK]:
+        import jwt  # on first use: PyJWT and cryptography weigh about 9 MB, needless without agents
+
         self.fetches += 1
         try:
             response = await self._client.get(uri, headers={"accept": "application/json"})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from mcp_types.jsonrpc import INVALID_REQUEST, METHOD_NOT_FOUND
 from pydantic import Field
 
 from extproc.api import Context, Continue, Deny, Stage, StageConfig, Verdict
@@ -35,6 +34,7 @@ from extproc.mcp.jsonrpc import (
     header_hints,
     parse_request,
 )
+from extproc.mcp.spec import INVALID_REQUEST, METHOD_NOT_FOUND
 
 
 class McpConfig(StageConfig):

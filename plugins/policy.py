@@ -27,12 +27,12 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
-from mcp_types.jsonrpc import INTERNAL_ERROR
 from pydantic import Field
 
 from extproc.api import POLICY_DENIED, Context, Deny, FailureMode, Principal, StageConfig
 from extproc.errors import ConfigError, PolicyBackendError
 from extproc.mcp.jsonrpc import Message
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.models import MCPToolPolicy, Rego
 from extproc.resources import Catalog, MCPServer
 from plugins.authn import insufficient_scope

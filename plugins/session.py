@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import httpx
-from mcp_types.jsonrpc import INVALID_REQUEST
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
 from extproc.api import Context, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.jsonrpc import Era
+from extproc.mcp.spec import INVALID_REQUEST
 from extproc.models import Keepalive
 from extproc.resources import MCPServer
 from plugins.credentials import UPSTREAM_CREDENTIAL

@@ -31,11 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from mcp_types.jsonrpc import INTERNAL_ERROR
-
 from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, SseEvent, encode_event
 from extproc.resources import MCPServer
 from plugins.mcp_stage import derived_headers

@@ -29,8 +29,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
-from mcp_types import PROTOCOL_VERSION_META_KEY
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from extproc.mcp.spec import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS, PROTOCOL_VERSION_META_KEY
 
 __all__ = [
     "CONTENT_LENGTH",

@@ -28,10 +28,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from mcp_types import PROTOCOL_VERSION_META_KEY
-from mcp_types.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-
 from extproc.mcp.headers import (
     MCP_PROTOCOL_VERSION,
     Era,
@@ -40,6 +36,15 @@ from extproc.mcp.headers import (
     header_hints,
     quote,
     routing_header_mismatch,
+)
+from extproc.mcp.spec import (
+    HEADER_MISMATCH,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    MODERN_PROTOCOL_VERSIONS,
+    PARSE_ERROR,
+    PROTOCOL_VERSION_META_KEY,
 )
 
 __all__ = [
