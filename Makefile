@@ -49,6 +49,7 @@ unit: venv
 bench: venv
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.keeper --sessions 1000 --window 10
 
 crds: venv
 	$(BIN)/python -m controller.crds deploy/crds
