@@ -152,7 +152,14 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
 
     def _deny(self, ctx: Context, deny: Deny) -> pb.CheckResponse:
         record(self.pipeline.metrics, ctx, decision_of(deny), deny.reason)
-        return denied(deny, ctx.jsonrpc_id)
+        response = denied(deny, ctx.jsonrpc_id)
+        # What was refused, for access logs and RBAC (Envoy keeps it for denials too).
+        facts = {"server": ctx.server.name if ctx.server else None, "decision": decision_of(deny)}
+        if ctx.mcp is not None and not ctx.mcp.is_batch and ctx.mcp.messages:
+            facts["method"] = ctx.mcp.messages[0].method
+            facts["tool"] = ctx.mcp.messages[0].tool_name
+        response.dynamic_metadata.update({k: v for k, v in facts.items() if v is not None})
+        return response
 
 
 def _broken_promise(ctx: Context, era: str) -> Deny | None:

@@ -42,14 +42,21 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
+from extproc.bootstrap_filters import (
+    EXTPROC_CLUSTER,
+    ext_authz_filter,
+    ext_proc_filter,
+    extproc_cluster,
+    local_replies,
+    socket_address,
+)
 from extproc.envoy_adapter import METADATA_NAMESPACE, SERVER_METADATA_KEY
 from extproc.errors import ConfigError
-from extproc.fast_calls import call_routes, native_mcp_filter, without_authz
+from extproc.fast_calls import call_routes, native_mcp_filter, oversized_route, without_authz
 from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
 from extproc.pipeline import PhaseNeeds
 from extproc.resources import Catalog, MCPServer
 
-EXTPROC_CLUSTER: Final = "mcp_extproc"
 _T = "type.googleapis.com/"
 EXT_AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
 """Where Envoy puts the dynamic metadata an ext_authz ``Check`` answer carries."""
@@ -102,17 +109,6 @@ class BootstrapOptions:
     fast_calls: frozenset[str] = frozenset()
 
 
-def _socket(host: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"expected host:port for the extension server, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
 def server_cluster_name(server: MCPServer) -> str:
     """The Envoy cluster that reaches ``server``."""
     return f"mcp_server_{server.name}"
@@ -131,7 +127,7 @@ def _server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
         "per_connection_buffer_limit_bytes": buffer_limit,
         "load_assignment": {
             "cluster_name": server_cluster_name(server),
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
         },
     }
     if tls:
@@ -230,102 +226,17 @@ def _not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, A
     }
 
 
-_UPSTREAM_FAILURE_FLAGS: Final = ["UF", "UH", "URX", "UC", "UT", "UO", "NC", "DPE"]
-_UPSTREAM_FAILURE_BODY: Final = (
-    '{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"the MCP server could not be reached '
-    'or failed (%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)"}}'
-)
-
-
-def _local_replies() -> dict[str, Any]:
-    """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
-
-    Only replies carrying an upstream-failure flag are rewritten; the stages' own
-    JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
-    """
-    return {
-        "mappers": [
-            {
-                "filter": {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
-                "body_format_override": {
-                    # A text template, not json_format: Envoy renders json_format numbers as
-                    # strings, and a JSON-RPC error code must be a number. The operators used
-                    # here never contain quotes or backslashes.
-                    "text_format_source": {"inline_string": _UPSTREAM_FAILURE_BODY},
-                    "content_type": "application/json",
-                },
-            }
-        ]
-    }
-
-
-def _ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_proc",
+def _access_logger(namespace: str, metadata_filter: dict[str, Any] | None = None) -> dict[str, Any]:
+    logger: dict[str, Any] = {
+        "name": "envoy.access_loggers.stdout",
         "typed_config": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "30s"},
-            "failure_mode_allow": False,
-            "message_timeout": f"{options.message_timeout_ms / 1000:.3f}s",
-            "allow_mode_override": True,
-            "processing_mode": {
-                "request_header_mode": "SEND" if needs.request_headers else "SKIP",
-                "request_body_mode": "BUFFERED" if needs.request_body else "NONE",
-                "response_header_mode": "SEND" if needs.response_headers else "SKIP",
-                # Response bodies are switched on per exchange (mode_override) by the
-                # stages that ask for them, so nothing is buffered that nobody reads.
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"text_format_source": {"inline_string": _access_log_format(namespace)}},
         },
     }
-
-
-def _ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-                "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
-            },
-            "transport_api_version": "V3",
-            # Every header line, so a routing header sent twice is still seen twice.
-            "encode_raw_headers": True,
-            "failure_mode_allow": False,
-            # The body goes along so the stages can parse the JSON-RPC request.
-            "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
-            "status_on_error": {"code": "ServiceUnavailable"},
-            "clear_route_cache": True,
-        },
-    }
-
-
-def _extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
-    if options.extproc_unix:
-        address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
-    elif options.extproc_tcp:
-        address = _socket(*_split_hostport(options.extproc_tcp))
-    else:
-        raise ConfigError("the bootstrap needs the extension server's TCP address or unix socket")
-    return {
-        "name": EXTPROC_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
-        },
-    }
+    if metadata_filter is not None:
+        logger["filter"] = {"metadata_filter": metadata_filter}
+    return logger
 
 
 def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
@@ -337,16 +248,18 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     http_filters = []
     fast_calls = options.fast_calls if options.front_door == "ext_proc" and needs.request_headers else frozenset()
     if options.front_door == "ext_authz":
-        http_filters.append(_ext_authz_filter(options))
+        http_filters.append(ext_authz_filter(options))
     elif needs.request_headers or needs.response_headers:
         if "legacy" in fast_calls:
             http_filters.append(native_mcp_filter(options.max_request_bytes))
         if fast_calls:
-            http_filters.append(_ext_authz_filter(options))
-        http_filters.append(_ext_proc_filter(needs, options))
+            http_filters.append(ext_authz_filter(options))
+        http_filters.append(ext_proc_filter(needs, options))
     routes = []
     for server in catalog.servers.values():
         route = _route(server, options)
+        if "legacy" in fast_calls:
+            routes.append(without_authz(oversized_route(route, server.name, options.max_request_bytes)))
         routes.extend(call_routes(route, server.name, fast_calls))
         routes.append(without_authz(route) if fast_calls else route)
     for other in (_well_known_route(), _not_found_route(catalog, options)):
@@ -358,7 +271,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         }
     )
     hcm: dict[str, Any] = {
-        "local_reply_config": _local_replies(),
+        "local_reply_config": local_replies(),
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mcp",
         "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",
@@ -376,24 +289,28 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         "http_filters": http_filters,
     }
     if options.access_log:
-        hcm["access_log"] = [
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": {
-                    "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    "log_format": {
-                        "text_format_source": {
-                            "inline_string": _access_log_format(
-                                EXT_AUTHZ_NAMESPACE if options.front_door == "ext_authz" else METADATA_NAMESPACE
-                            )
-                        }
-                    },
-                },
+        if options.front_door == "ext_authz":
+            hcm["access_log"] = [_access_logger(EXT_AUTHZ_NAMESPACE)]
+        elif fast_calls:
+            # ext_authz (the fast tools/call route) and ext_proc (everything else) publish
+            # into their own metadata namespaces: one logger each, exactly one of which logs.
+            answered_by_check = {
+                "filter": EXT_AUTHZ_NAMESPACE,
+                "path": [{"key": "server"}],
+                "value": {"present_match": True},
             }
-        ]
+            hcm["access_log"] = [
+                _access_logger(EXT_AUTHZ_NAMESPACE, {"matcher": answered_by_check, "match_if_key_not_found": False}),
+                _access_logger(
+                    METADATA_NAMESPACE,
+                    {"matcher": {**answered_by_check, "invert": True}, "match_if_key_not_found": True},
+                ),
+            ]
+        else:
+            hcm["access_log"] = [_access_logger(METADATA_NAMESPACE)]
     return {
         "node": {"id": "mcp-extproc", "cluster": "mcp-extproc"},
-        "admin": {"address": _socket("127.0.0.1", options.admin_port)},
+        "admin": {"address": socket_address("127.0.0.1", options.admin_port)},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -410,14 +327,14 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             "listeners": [
                 {
                     "name": "mcp",
-                    "address": _socket(options.listen_host, options.listen_port),
+                    "address": socket_address(options.listen_host, options.listen_port),
                     "per_connection_buffer_limit_bytes": listener_buffer,
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
-            "clusters": [_extproc_cluster(options)]
+            "clusters": [extproc_cluster(options)]
             + [_server_cluster(s, response_buffer) for s in catalog.servers.values()],
         },
     }

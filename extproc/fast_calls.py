@@ -13,6 +13,8 @@ remove headers (the upstream credential). The ``auto`` front door renders::
       route "N call legacy":  metadata method == tools/call, no modern version header
           ─▶ ext_authz Check (headers + body; context_extensions name the server and
              the era the route promised); ext_proc is off on these routes
+      route "N oversized" (first; Content-Length over the limit): Envoy's MCP filter off,
+          so the mcp stage answers 413 from the headers, before the upload
       route "N" (everything else: tools/list, initialize, GET, DELETE, ...)
           ─▶ ext_proc, exactly as with the ``ext_proc`` front door; ext_authz is off
              on this and every other route
@@ -90,6 +92,26 @@ def without_authz(route: dict[str, Any]) -> dict[str, Any]:
     return route
 
 
+def oversized_route(route: dict[str, Any], server: str, max_request_bytes: int) -> dict[str, Any]:
+    """A route for bodies announced larger than the limit: Envoy's MCP filter off, ext_proc on.
+
+    Envoy's MCP filter would wait for the whole body before anything else runs; with
+    it off on this route, the ``mcp`` stage answers 413 from the request headers,
+    before the agent uploads a byte. Placed before the fast routes.
+    """
+    big = copy.deepcopy(route)
+    big["name"] = f"{server} oversized"
+    big["match"] = {
+        "path": route["match"]["path"],
+        "headers": [{"name": "content-length", "range_match": {"start": max_request_bytes + 1, "end": 2**62}}],
+    }
+    big.setdefault("typed_per_filter_config", {})[MCP_FILTER] = {
+        "@type": _T + "envoy.config.route.v3.FilterConfig",
+        "disabled": True,
+    }
+    return big
+
+
 def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> list[dict[str, Any]]:
     """The fast routes for ``server``, placed before its ordinary ``route`` (whose action they copy)."""
     routes = []
@@ -113,4 +135,4 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
     return routes
 
 
-__all__ = ["CALL_ERA_KEY", "ERAS", "MCP_FILTER", "call_routes", "native_mcp_filter", "without_authz"]
+__all__ = ["CALL_ERA_KEY", "ERAS", "MCP_FILTER", "call_routes", "native_mcp_filter", "oversized_route", "without_authz"]

@@ -56,10 +56,12 @@ def test_sidecar_bootstrap_passes_envoy_validate_and_is_stream_safe(tmp_path: Pa
     assert hcm["stream_idle_timeout"] == "3600s"
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     mcp_paths = [p for r in routes if (p := r["match"].get("path")) and p.endswith("/mcp")]
-    # Per server: the fast tools/call routes of the auto front door (modern, legacy), then its own.
-    assert mcp_paths == ["/local/mcp"] * 3 + ["/remote/mcp"] * 3  # + the well-known and 404 routes
-    assert [r["name"] for r in routes[:3]] == ["local call modern", "local call legacy", "local"]
-    assert all(r["route"]["timeout"] == "0s" for r in routes[:6])
+    # Per server: oversized bodies (Envoy's MCP filter off), the auto front door's fast
+    # tools/call routes (modern, legacy), then its own.
+    assert mcp_paths == ["/local/mcp"] * 4 + ["/remote/mcp"] * 4  # + the well-known and 404 routes
+    names = ["local oversized", "local call modern", "local call legacy", "local"]
+    assert [r["name"] for r in routes[:4]] == names
+    assert all(r["route"]["timeout"] == "0s" for r in routes[:8])
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     pipe = clusters["mcp_extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert pipe == {"pipe": {"path": "/var/run/mcp-extproc/extproc.sock"}}
