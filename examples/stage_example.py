@@ -39,6 +39,7 @@ class ArgumentLimit(Stage):
     name: ClassVar[str] = "argument-limit"
     Config: ClassVar[type[StageConfig]] = ArgumentLimitConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)  # ctx.mcp is parsed by the mcp stage
+    calls_need_ext_proc: frozenset[str] = frozenset()  # decides from the request, rewrites nothing
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         config = self.config

@@ -361,13 +361,16 @@ class Stage:
         name: the name the pipeline configuration uses for this stage.
         Config: the pydantic model of the stage's configuration.
         requires: names of stages that must run before this one.
-        call_response_eras: the MCP eras (``"legacy"``, ``"modern"``) whose
-            ``tools/call`` responses this stage reads. Only consulted for stages
-            that override a response hook. Where no stage reads them, a
-            ``tools/call`` of that era is decided by one ext_authz ``Check``
-            (the fast path, see :attr:`extproc.pipeline.Pipeline.fast_call_eras`)
-            instead of two or three ext_proc round trips. The default, both
-            eras, is the safe choice for a stage that is unsure.
+        calls_need_ext_proc: the MCP eras (``"legacy"``, ``"modern"``) whose
+            ``tools/call`` this stage needs ext_proc for: it reads the call's
+            response, or may rewrite the call's body (ext_authz can do neither).
+            Only consulted for stages that override ``on_request_body`` or a
+            response hook. Where no stage needs it, a ``tools/call`` of that era
+            is decided by one ext_authz ``Check`` (the fast path, see
+            :attr:`extproc.pipeline.Pipeline.fast_call_eras`) instead of two or
+            three ext_proc round trips. The default, both eras, is the safe
+            choice for a stage that is unsure; a stage that decides calls from
+            the request (and sets headers at most) declares ``frozenset()``.
 
     Instance attributes:
         config: the validated configuration.
@@ -378,7 +381,8 @@ class Stage:
     name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
     requires: ClassVar[tuple[str, ...]] = ()
-    call_response_eras: ClassVar[frozenset[str]] = frozenset({"legacy", "modern"})
+    # Not a ClassVar: a stage may narrow it per instance from its configuration.
+    calls_need_ext_proc: frozenset[str] = frozenset({"legacy", "modern"})
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         self.config = config

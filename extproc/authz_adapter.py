@@ -125,13 +125,18 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             if isinstance(second, Deny):
                 return self._deny(ctx, second)
             if second.body is not None:
+                why = (
+                    "the fast tools/call route (one ext_authz Check) cannot; a stage that rewrites calls must "
+                    "declare calls_need_ext_proc (the external stage: leave fastCalls off)"
+                    if ctx.fast_call
+                    else "the ext_authz front door cannot do; send the calls one by one or use ext_proc"
+                )
                 return self._deny(
                     ctx,
                     Deny(
                         status=403,
                         code=-32003,
-                        message="this request would have to be rewritten (some calls in it are refused), which "
-                        "the ext_authz front door cannot do; send the calls one by one or use ext_proc",
+                        message=f"this request would have to be rewritten (a stage changed it), which {why}",
                         reason="needs_rewrite",
                     ),
                 )

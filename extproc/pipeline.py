@@ -139,7 +139,7 @@ class Pipeline:
 
     @property
     def fast_call_eras(self) -> frozenset[str]:
-        """The eras whose ``tools/call`` no stage reads the response of.
+        """The eras whose ``tools/call`` no stage needs ext_proc for (see ``Stage.calls_need_ext_proc``).
 
         For those, a ``tools/call`` is decided from the request alone, so Envoy
         can ask with one ext_authz ``Check`` instead of ext_proc (the ``auto``
@@ -151,8 +151,8 @@ class Pipeline:
         if "mcp" not in self.names:
             return frozenset()
         eras = {"legacy", "modern"}
-        for stage in self._response_stages:
-            eras -= stage.call_response_eras
+        for stage in self._response_stages + self._by_phase[Phase.REQUEST_BODY]:
+            eras -= stage.calls_need_ext_proc
         return frozenset(eras)
 
     def needs_response(self, ctx: Context) -> bool:

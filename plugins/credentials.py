@@ -102,6 +102,8 @@ class CredentialsStage(Stage):
 
     name: ClassVar[str] = "credentials"
     Config: ClassVar[type[StageConfig]] = CredentialsConfig
+    # Headers only (the upstream credential): works the same behind one ext_authz Check.
+    calls_need_ext_proc: frozenset[str] = frozenset()
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)

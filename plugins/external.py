@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 from extproc.api import POLICY_DENIED, Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.errors import PluginError
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
 from extproc.mcp.spec import INTERNAL_ERROR
@@ -80,6 +81,8 @@ class ExternalStage(Stage):
         super().__init__(config, failure_mode)
         assert isinstance(config, ExternalConfig)
         self.services = [Service(service, index) for index, service in enumerate(config.services)]
+        if config.fast_calls:
+            self.calls_need_ext_proc = frozenset()  # the configuration vouches for every service
 
     async def startup(self) -> None:
         opened: list[Service] = []
@@ -91,6 +94,16 @@ class ExternalStage(Stage):
                     await done.close()
                 raise
             opened.append(service)
+        if not self.calls_need_ext_proc:
+            for service in self.services:
+                if service.wants(pb.PHASE_RESPONSE, "tools/call"):
+                    for done in opened:
+                        await done.close()
+                    raise PluginError(
+                        f"{service.where} asks for tools/call responses, but the external stage is configured "
+                        "with fastCalls: true (tools/call takes the fast route, which has no response phase); "
+                        "remove fastCalls, or drop tools/call from the service's response methods"
+                    )
 
     async def shutdown(self) -> None:
         for service in self.services:

@@ -77,9 +77,17 @@ class ServiceConfig(StageConfig):
 
 
 class ExternalConfig(StageConfig):
-    """Configuration of the ``external`` stage: the services it calls, in order."""
+    """Configuration of the ``external`` stage: the services it calls, in order.
+
+    ``fastCalls``: ``true`` vouches that no service reads ``tools/call`` responses or
+    rewrites a ``tools/call``, so calls may take the ``auto`` front door's fast route
+    (one ext_authz ``Check``, request phase only, no body rewriting). A service that
+    asks for the response phase of ``tools/call`` is then refused at startup; one that
+    rewrites a call's params gets the call refused (403), never silently unrewritten.
+    """
 
     services: list[ServiceConfig] = Field(min_length=1)
+    fast_calls: bool = Field(default=False, alias="fastCalls")
 
 
 class ServiceFault(ExtProcError):

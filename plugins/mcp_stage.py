@@ -65,6 +65,8 @@ class McpStage(Stage):
 
     name: ClassVar[str] = "mcp"
     Config: ClassVar[type[StageConfig]] = McpConfig
+    # Parses and sets headers, never rewrites a body: fine on the fast tools/call route.
+    calls_need_ext_proc: frozenset[str] = frozenset()
 
     @property
     def _limit(self) -> int:

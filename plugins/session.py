@@ -90,7 +90,7 @@ class SessionStage(Stage):
     # A tools/call's response is not needed: on the auto front door's fast route the
     # binding is checked and the keeper (re)started from the request (see _admit); a
     # session the upstream lost shows as a 404 on the keeper's own GET.
-    call_response_eras: ClassVar[frozenset[str]] = frozenset()
+    calls_need_ext_proc: frozenset[str] = frozenset()
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)

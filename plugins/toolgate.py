@@ -71,9 +71,10 @@ class ToolGate(Stage):
     """Refuse ``tools/call`` and filter ``tools/list``; subclasses say what to refuse."""
 
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
-    # Responses are read for tools/list filtering and a batch's held errors, never for
-    # a single tools/call (a refused call is answered before the upstream sees it).
-    call_response_eras: ClassVar[frozenset[str]] = frozenset()
+    # Responses are read for tools/list filtering and a batch's held errors, bodies
+    # rewritten only to cut a batch: never for a single tools/call (a refused call is
+    # answered before the upstream sees it).
+    calls_need_ext_proc: frozenset[str] = frozenset()
 
     def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)

@@ -23,7 +23,7 @@ import yaml
 from mcp.shared.exceptions import MCPError
 
 from tests.agents import legacy_session, raw_post
-from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
+from tests.integration.conftest import PY_TOOLS, metric_value, resource_doc, start_gateway
 from tests.procs import Proc, free_port, start_pyserver, start_stage, start_ts_stage
 from tests.upstreams.pyserver import read_records
 
@@ -257,9 +257,10 @@ async def test_a_service_that_went_down_fails_closed_by_default_and_open_when_co
     assert result.structured_content == {"result": marker}  # not upper-cased: the stage was skipped
 
 
-def run_up(tmp: Path, services: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+def run_up(tmp: Path, services: list[dict[str, Any]], **config: Any) -> subprocess.CompletedProcess[str]:
     (tmp / "resources.yaml").write_text(yaml.safe_dump(resource_doc("py", 1, PY_TOOLS)))
-    pipeline = write_pipeline(tmp / "p.yaml", {"name": "mcp"}, {"name": "external", "config": {"services": services}})
+    external = {"name": "external", "config": {"services": services, **config}}
+    pipeline = write_pipeline(tmp / "p.yaml", {"name": "mcp"}, external)
     argv = [sys.executable, "-m", "extproc", "up", "-f", str(tmp / "resources.yaml"), "--pipeline", str(pipeline)]
     argv += ["--listen", f"127.0.0.1:{free_port()}", "--metrics", ""]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -292,3 +293,39 @@ def test_an_unreachable_service_stops_startup(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"stage 'external': services[0] at {address}: Describe failed: DEADLINE_EXCEEDED" in done.stderr
     assert "is the service running and listening there?" in done.stderr
+
+
+def test_fast_calls_refuses_a_service_that_reads_call_responses(tmp_path: Path) -> None:
+    # The redactor example rewrites tools/call results: it cannot vouch for the fast route.
+    server, address = python_stage(
+        "examples.external_redactor", "--address", f"unix:{tmp_path}/redactor.sock", log_dir=tmp_path
+    )
+    with server:
+        done = run_up(tmp_path, [{"address": address}], fastCalls=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "asks for tools/call responses, but the external stage is configured with fastCalls: true" in done.stderr
+
+
+async def test_with_fast_calls_a_typescript_stage_decides_a_call_in_one_check(tmp_path: Path) -> None:
+    records = tmp_path / "py.jsonl"
+    upstream, port = start_pyserver("legacy-json", records)
+    guard, guard_at = start_ts_stage("127.0.0.1:0", [SECRET_PATTERN], log_dir=tmp_path)
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(yaml.safe_dump(resource_doc("py", port, PY_TOOLS)))
+    external = {"name": "external", "config": {"services": [{"address": guard_at}], "fastCalls": True}}
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", {"name": "mcp"}, {"name": "allowlist"}, external)
+    gateway, base, metrics = start_gateway(resources, tmp_path, "--pipeline", str(pipeline))
+    try:
+        secret = "sk-" + uuid.uuid4().hex
+        async with legacy_session(f"{base}/py/mcp") as session:
+            checks = metric_value(metrics, "mcp_extproc_phases_total", phase="check")
+            ok = await session.call_tool("echo", {"text": "harmless"})
+            with pytest.raises(MCPError) as refused:
+                await session.call_tool("echo", {"text": f"use {secret}"})
+            assert metric_value(metrics, "mcp_extproc_phases_total", phase="check") == checks + 2
+        assert ok.structured_content == {"result": "harmless"}
+        assert refused.value.error.code == POLICY_DENIED
+        assert not any(secret in json.dumps(record) for record in read_records(records))
+    finally:
+        for proc in (gateway, guard, upstream):
+            proc.stop()

@@ -19,6 +19,7 @@ import pytest
 from extproc.api import Context, Continue, Deny, Principal
 from extproc.errors import ConfigError, PluginError
 from extproc.mcp.jsonrpc import McpRequest, parse_request
+from extproc.pipeline import Pipeline
 from extproc.registry import Registry, StageSpec
 from extproc.resources import Catalog
 from extproc.stage_wire import from_struct, to_struct, validate_description
@@ -219,3 +220,28 @@ def test_committed_stubs_match_the_proto() -> None:
         [sys.executable, str(ROOT / "protos/generate.py"), "--check"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_fast_calls_takes_the_fast_route_and_refuses_a_service_reading_call_responses(
+    servers: Starter, catalog: Catalog
+) -> None:
+    async def quiet(request: Request) -> Reply:
+        return None
+
+    request_only = await servers(StageService("request-only", quiet, phases=["request"]), "a")
+    reads_calls = await servers(StageService("reads-calls", quiet, phases=["request", "response"]), "b")
+    spec = {"services": [{"address": request_only}], "fastCalls": True}
+    stage = Registry().build(StageSpec(name="external", config=spec))
+    assert stage.calls_need_ext_proc == frozenset()
+    mcp = Registry().build(StageSpec(name="mcp"))
+    assert Pipeline([mcp, stage]).fast_call_eras == {"legacy", "modern"}
+    await stage.startup()
+    await stage.shutdown()
+
+    by_default = Registry().build(StageSpec(name="external", config={"services": [{"address": reads_calls}]}))
+    assert by_default.calls_need_ext_proc == {"legacy", "modern"}  # calls stay on ext_proc
+    refused = Registry().build(
+        StageSpec(name="external", config={"services": [{"address": reads_calls}], "fastCalls": True})
+    )
+    with pytest.raises(PluginError, match=r"asks for tools/call responses.*fastCalls: true"):
+        await refused.startup()

@@ -51,6 +51,7 @@ class ForbidArgumentKeys(Stage):
     name: ClassVar[str] = "forbid-argument-keys"
     Config: ClassVar[type[StageConfig]] = ForbidArgumentKeysConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)  # ctx.mcp is parsed by the mcp stage
+    calls_need_ext_proc: frozenset[str] = frozenset()  # decides from the request, rewrites nothing
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         config = self.config

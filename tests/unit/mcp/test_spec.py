@@ -19,8 +19,9 @@ def test_constants_match_the_sdk() -> None:
 
 
 def test_the_server_loads_neither_the_sdk_models_nor_unused_engines() -> None:
-    # Resident memory a user pays for nothing: mcp_types' models (about 8 MB), and the Rego
-    # engines (about 25 MB) while no policy uses them, PyJWT (about 9 MB) until a token is checked. Checked in a fresh interpreter.
+    # Resident memory a user pays for nothing: mcp_types' models (about 8 MB), the Rego
+    # engines (about 25 MB) while no policy uses them, PyJWT (about 9 MB) until a token
+    # is checked. Checked in a fresh interpreter.
     import subprocess
     import sys
 
