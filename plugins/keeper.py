@@ -113,12 +113,25 @@ class KeeperMetrics:
 
 
 class SessionKeeper:
-    """Keeps legacy MCP sessions alive; one shared HTTP client, one task per session at most."""
+    """Keeps legacy MCP sessions alive; one task per session at most.
 
-    def __init__(self, settings: KeeperSettings, metrics: KeeperMetrics, client: httpx.AsyncClient) -> None:
+    Two HTTP clients: ``streams`` holds one long GET per kept session, ``answers``
+    sends the ping answers. Apart because httpcore looks for a free connection by
+    scanning its pool: with the answers in the pool of 1,000 held streams, every
+    answer scanned 1,000 connections.
+    """
+
+    def __init__(
+        self,
+        settings: KeeperSettings,
+        metrics: KeeperMetrics,
+        streams: httpx.AsyncClient,
+        answers: httpx.AsyncClient | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.client = client
+        self.client = streams
+        self.answers = answers or streams
         self.sessions: dict[tuple[str, str], KeptSession] = {}
         self.no_get_servers: set[str] = set()
         """Servers that answered the keeper's GET with 405 (they offer no standalone stream)."""
@@ -294,7 +307,7 @@ class SessionKeeper:
             fresh = await self._headers(kept)  # a token may have been refreshed since the GET
         except Exception:
             fresh = headers
-        reply = await self.client.post(
+        reply = await self.answers.post(
             kept.url,
             content=body,
             headers={**fresh, "content-type": "application/json", "accept": "application/json, text/event-stream"},

@@ -104,6 +104,12 @@ class SessionStage(Stage):
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             follow_redirects=False,
         )
+        # Ping answers: short POSTs on a few reused connections, never queued behind streams.
+        self._answers = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            follow_redirects=False,
+        )
         self.keeper = SessionKeeper(
             KeeperSettings(
                 idle_timeout_s=config.idle_timeout_s,
@@ -112,6 +118,7 @@ class SessionStage(Stage):
             ),
             KeeperMetrics(None),
             self._client,
+            self._answers,
         )
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -134,6 +141,7 @@ class SessionStage(Stage):
                 await self._sweeper
         await self.keeper.close()
         await self._client.aclose()
+        await self._answers.aclose()
 
     def needs_response(self, ctx: Context) -> bool | None:
         if not _legacy(ctx):
