@@ -30,7 +30,6 @@ Envoy's service protobufs.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 import grpc
@@ -41,9 +40,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.api import Context, Continue, Deny, Phase
-from extproc.audit import decision_of, record
-from extproc.envoy_adapter import SERVER_METADATA_KEY, ExchangeLog, denial_answer, first_values, header_pairs, jsonable
+from extproc.api import Deny
+from extproc.authz_core import decide, denial_facts
+from extproc.envoy_adapter import SERVER_METADATA_KEY, denial_answer, header_pairs, jsonable
 from extproc.fast_calls import CALL_ERA_KEY
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
@@ -88,62 +87,23 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
         http = request.attributes.request.http
         pairs = _request_header_pairs(http)
-        headers = first_values(pairs)
-        headers.setdefault(":method", http.method)
-        headers.setdefault(":path", http.path)
-        headers.setdefault(":authority", http.host)
-        headers.setdefault(":scheme", http.scheme)
-        request_id = headers.get("x-request-id") or http.id or uuid.uuid4().hex
-        catalog = self.catalog
-        hint = request.attributes.context_extensions.get(SERVER_METADATA_KEY)
-        server = catalog.servers.get(hint) if hint else None
-        if server is None:
-            server = catalog.server_for_path(http.path)
-        ctx = Context(
-            request_id=request_id,
-            http_method=http.method or headers.get(":method", "GET"),
-            path=http.path or headers.get(":path", "/"),
-            request_headers=headers,
-            request_header_list=pairs,
-            server=server,
-            catalog=catalog,
-            log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
+        extensions = request.attributes.context_extensions
+        ctx, outcome = await decide(
+            self.pipeline,
+            self.catalog,
+            pairs=(*pairs, (":authority", http.host), (":scheme", http.scheme)),
+            method=http.method or "GET",
+            path=http.path or "/",
+            body=http.raw_body or http.body.encode(),
+            server_hint=extensions.get(SERVER_METADATA_KEY),
+            promised_era=extensions.get(CALL_ERA_KEY),
+            request_id=http.id,
         )
-        ctx.sees_responses = False
-        promised = request.attributes.context_extensions.get(CALL_ERA_KEY)
-        ctx.fast_call = bool(promised)
-        body = http.raw_body or http.body.encode()
-        ctx.request_has_body = bool(body)
-        self.pipeline.metrics.phase("check").inc()
-        first = await self.pipeline.run(Phase.REQUEST_HEADERS, ctx)
-        if isinstance(first, Deny):
-            return self._deny(ctx, first)
-        outcome = first
-        if ctx.request_has_body and self.pipeline.needs.request_body:
-            ctx.body = body
-            second = await self.pipeline.run(Phase.REQUEST_BODY, ctx)
-            if isinstance(second, Deny):
-                return self._deny(ctx, second)
-            if second.body is not None:
-                why = (
-                    "the fast tools/call route (one ext_authz Check) cannot; a stage that rewrites calls must "
-                    "declare calls_need_ext_proc (the external stage: leave fastCalls off)"
-                    if ctx.fast_call
-                    else "the ext_authz front door cannot do; send the calls one by one or use ext_proc"
-                )
-                return self._deny(
-                    ctx,
-                    Deny(
-                        status=403,
-                        code=-32003,
-                        message=f"this request would have to be rewritten (a stage changed it), which {why}",
-                        reason="needs_rewrite",
-                    ),
-                )
-            outcome = _merge(first, second)
-        if promised and (broken := _broken_promise(ctx, promised)):
-            return self._deny(ctx, broken)
-        record(self.pipeline.metrics, ctx, "allow", "")
+        if isinstance(outcome, Deny):
+            response = denied(outcome, ctx.jsonrpc_id)
+            # What was refused, for access logs and RBAC (Envoy keeps it for denials too).
+            response.dynamic_metadata.update(denial_facts(ctx, outcome))
+            return response
         ok = pb.OkHttpResponse(
             headers=[_header(k, v) for k, v in outcome.set_headers.items()],
             headers_to_remove=list(outcome.remove_headers),
@@ -154,52 +114,3 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             struct.update(jsonable(outcome.metadata))
             response.dynamic_metadata.CopyFrom(struct)
         return response
-
-    def _deny(self, ctx: Context, deny: Deny) -> pb.CheckResponse:
-        record(self.pipeline.metrics, ctx, decision_of(deny), deny.reason)
-        response = denied(deny, ctx.jsonrpc_id)
-        # What was refused, for access logs and RBAC (Envoy keeps it for denials too).
-        facts = {"server": ctx.server.name if ctx.server else None, "decision": decision_of(deny)}
-        if ctx.mcp is not None and not ctx.mcp.is_batch and ctx.mcp.messages:
-            facts["method"] = ctx.mcp.messages[0].method
-            facts["tool"] = ctx.mcp.messages[0].tool_name
-        response.dynamic_metadata.update({k: v for k, v in facts.items() if v is not None})
-        return response
-
-
-def _broken_promise(ctx: Context, era: str) -> Deny | None:
-    """A refusal when the request is not the one ``tools/call`` of ``era`` its route promised."""
-    request = ctx.mcp
-    if (
-        request is not None
-        and not request.is_batch
-        and len(request.messages) == 1
-        and request.messages[0].method == "tools/call"
-        and request.era.value == era
-    ):
-        return None
-    if request is None:
-        seen = "no JSON-RPC request"
-    else:
-        methods = ", ".join(str(m.method) for m in request.messages)
-        seen = f"{'a batch of ' if request.is_batch else ''}{methods} ({request.era.value} era)"
-    return Deny(
-        status=400,
-        code=-32600,
-        message=f"Envoy's MCP parser routed this request as one {era}-era tools/call, but it is {seen}; "
-        "send one JSON-RPC request per POST, its headers matching its body",
-        reason="route_mismatch",
-    )
-
-
-def _merge(first: Continue, second: Continue) -> Continue:
-    """The header phase's mutations overlaid by the body phase's (the later word wins)."""
-    set_headers = {k: v for k, v in first.set_headers.items() if k not in second.remove_headers}
-    set_headers.update(second.set_headers)
-    remove = [h for h in first.remove_headers if h not in second.set_headers]
-    remove.extend(h for h in second.remove_headers if h not in remove)
-    return Continue(
-        set_headers=set_headers,
-        remove_headers=tuple(remove),
-        metadata={**first.metadata, **second.metadata},
-    )

@@ -44,7 +44,9 @@ from google.protobuf import json_format
 
 from extproc.bootstrap_filters import (
     EXTPROC_CLUSTER,
+    authz_http_cluster,
     ext_authz_filter,
+    ext_authz_http_filter,
     ext_proc_filter,
     extproc_cluster,
     local_replies,
@@ -93,6 +95,9 @@ class BootstrapOptions:
         fast_calls: with ``ext_proc``, the eras (``"legacy"``, ``"modern"``) whose
             ``tools/call`` goes to one ext_authz ``Check`` instead (see
             :mod:`extproc.fast_calls`); empty: everything through ext_proc.
+        authz_http_unix: with ``fast_calls``, the unix socket of our HTTP authorization
+            service (:mod:`extproc.authz_http`), which the fast routes then call instead
+            of the gRPC ``Check``; ``None``: gRPC.
     """
 
     listen_host: str = "127.0.0.1"
@@ -107,6 +112,7 @@ class BootstrapOptions:
     max_connections: int = 10000
     front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
     fast_calls: frozenset[str] = frozenset()
+    authz_http_unix: str | None = None
 
 
 def server_cluster_name(server: MCPServer) -> str:
@@ -253,7 +259,9 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         if "legacy" in fast_calls:
             http_filters.append(native_mcp_filter(options.max_request_bytes))
         if fast_calls:
-            http_filters.append(ext_authz_filter(options))
+            http_filters.append(
+                ext_authz_http_filter(options) if options.authz_http_unix else ext_authz_filter(options)
+            )
         http_filters.append(ext_proc_filter(needs, options))
     routes = []
     for server in catalog.servers.values():
@@ -271,7 +279,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         }
     )
     hcm: dict[str, Any] = {
-        "local_reply_config": local_replies(),
+        "local_reply_config": local_replies(deny_as_200=bool(fast_calls and options.authz_http_unix)),
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mcp",
         "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",
@@ -335,6 +343,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 }
             ],
             "clusters": [extproc_cluster(options)]
+            + ([authz_http_cluster(options.authz_http_unix)] if fast_calls and options.authz_http_unix else [])
             + [_server_cluster(s, response_buffer) for s in catalog.servers.values()],
         },
     }

@@ -46,14 +46,23 @@ _UPSTREAM_FAILURE_BODY: Final = (
 )
 
 
-def local_replies() -> dict[str, Any]:
+def local_replies(*, deny_as_200: bool = False) -> dict[str, Any]:
     """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
 
     Only replies carrying an upstream-failure flag are rewritten; the stages' own
     JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
+    With ``deny_as_200``, the HTTP authorization service's 209 (a denial the agent
+    gets with HTTP 200, see :data:`extproc.authz_http.DENY_AS_200`) becomes 200.
     """
+    from extproc.authz_http import DENY_AS_200
+
+    status_back: list[dict[str, Any]] = []
+    if deny_as_200:
+        comparison = {"op": "EQ", "value": {"default_value": DENY_AS_200, "runtime_key": "mcp_extproc.deny_as_200"}}
+        status_back.append({"filter": {"status_code_filter": {"comparison": comparison}}, "status_code": 200})
     return {
         "mappers": [
+            *status_back,
             {
                 "filter": {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
                 "body_format_override": {
@@ -63,7 +72,7 @@ def local_replies() -> dict[str, Any]:
                     "text_format_source": {"inline_string": _UPSTREAM_FAILURE_BODY},
                     "content_type": "application/json",
                 },
-            }
+            },
         ]
     }
 
@@ -133,5 +142,58 @@ def extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+AUTHZ_HTTP_CLUSTER: Final = "mcp_extproc_authz_http"
+
+
+def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
+    """ext_authz calling our HTTP authorization service (:mod:`extproc.authz_http`), for the fast routes."""
+    from extproc.authz_http import METADATA_HEADERS, UPSTREAM_HEADERS
+
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {
+                    "uri": "http://mcp-extproc-authz",
+                    "cluster": AUTHZ_HTTP_CLUSTER,
+                    "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+                },
+                "authorization_request": {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}},
+                "authorization_response": {
+                    # Never ".*": that would copy this answer's own content-length upstream.
+                    "allowed_upstream_headers": {"patterns": [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]},
+                    "allowed_client_headers": {
+                        "patterns": [
+                            {"exact": "content-type"},
+                            {"exact": "www-authenticate"},
+                            {"exact": "retry-after"},
+                            {"safe_regex": {"regex": UPSTREAM_HEADERS}},
+                        ]
+                    },
+                    "dynamic_metadata_from_headers": {"patterns": [{"exact": name} for name in METADATA_HEADERS]},
+                },
+            },
+            "failure_mode_allow": False,
+            "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "clear_route_cache": True,
+        },
+    }
+
+
+def authz_http_cluster(path: str) -> dict[str, Any]:
+    """HTTP/1.1 over a unix socket to our HTTP authorization service."""
+    return {
+        "name": AUTHZ_HTTP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": AUTHZ_HTTP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
         },
     }

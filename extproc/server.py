@@ -33,6 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.authz_adapter import AUTHZ_SERVICE, AuthorizationService
+from extproc.authz_http import AuthzHttpServer
 from extproc.envoy_adapter import SERVER_METADATA_KEY, Processor
 from extproc.errors import ConfigError
 from extproc.pipeline import Pipeline
@@ -68,10 +69,15 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 @dataclass(frozen=True)
 class Listen:
-    """Where the gRPC server listens: a TCP ``host:port`` and/or a unix socket path."""
+    """Where the gRPC server listens: a TCP ``host:port`` and/or a unix socket path.
+
+    ``authz_http``: also serve the fast ``tools/call`` routes' HTTP authorization
+    service (:mod:`extproc.authz_http`) on this unix socket.
+    """
 
     tcp: str | None = "127.0.0.1:0"
     unix: str | None = None
+    authz_http: str | None = None
 
 
 class ExtProcServer:
@@ -87,6 +93,7 @@ class ExtProcServer:
         self.health = health.aio.HealthServicer()
         self._extproc = ExtProcService(pipeline, catalog)
         self._authz = AuthorizationService(pipeline, catalog)
+        self._authz_http = AuthzHttpServer(pipeline, catalog, listen.authz_http) if listen.authz_http else None
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -112,6 +119,8 @@ class ExtProcServer:
                 path.unlink()
             self._server.add_insecure_port(f"unix:{path}")
         await self._server.start()
+        if self._authz_http is not None:
+            await self._authz_http.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gRPC server listening (tcp=%s unix=%s) with stages %s",
@@ -123,6 +132,8 @@ class ExtProcServer:
     def set_catalog(self, catalog: Catalog) -> None:
         """Serve new exchanges with ``catalog`` (a reload); in-flight exchanges keep theirs."""
         self.catalog = self._extproc.catalog = self._authz.catalog = catalog
+        if self._authz_http is not None:
+            self._authz_http.catalog = catalog
 
     async def _set_health(self, status: int) -> None:
         for service in ("", EXT_PROC_SERVICE, AUTHZ_SERVICE):
@@ -131,6 +142,8 @@ class ExtProcServer:
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, then stop(grace), then stage shutdown."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._authz_http is not None:
+            await self._authz_http.stop()
         await self._server.stop(grace)
         await self.pipeline.shutdown()
         if self.listen.unix and os.path.exists(self.listen.unix):

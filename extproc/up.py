@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import shutil
 import signal
@@ -181,6 +182,10 @@ async def up(settings: Settings) -> int:
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
     options = bootstrap_options(settings, pipeline, extproc_tcp=None, extproc_unix=socket_path)
+    # The fast tools/call routes call our HTTP authorization service: grpc-python is the
+    # slow part of a Check, not the hop (extproc.authz_http).
+    authz_http = str(workdir / "authz.sock") if options.fast_calls else None
+    options = dataclasses.replace(options, authz_http_unix=authz_http)
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
     admin_file = workdir / "admin-address"
@@ -204,7 +209,7 @@ async def up(settings: Settings) -> int:
     )
     assert envoy.stdout is not None
     forward = asyncio.create_task(_forward(envoy.stdout, "[envoy]"))
-    server = ExtProcServer(pipeline, catalog, Listen(tcp=None, unix=socket_path))
+    server = ExtProcServer(pipeline, catalog, Listen(tcp=None, unix=socket_path, authz_http=authz_http))
     code = 0
     watcher = None
     try:
