@@ -14,8 +14,8 @@ keeps them open and sends one request after another)::
             the fast routes match on)
         ──▶ allow: 200, the headers to set upstream, x-envoy-auth-headers-to-remove,
                    the metadata as headers (server, method, tool, principal) for the log
-            deny:  the denial's status (209 for a denial answered with HTTP 200: to Envoy
-                   any 200 means allow; the bootstrap maps 209 back), headers, JSON-RPC body
+            deny:  the denial's status (carried as 209 / 47x when it is 200 / 5xx, which Envoy
+                   would read as allow / service failure: see CARRIED_STATUS), headers, body
 
 Envoy copies to the upstream request only the response headers that the bootstrap's
 ``allowed_upstream_headers`` names (:data:`UPSTREAM_HEADERS`): ``authorization`` and
@@ -53,11 +53,14 @@ UPSTREAM_HEADERS: Final = (
 METADATA_HEADERS: Final = ("server", "method", "tool", "principal", "decision")
 """Response headers Envoy turns into dynamic metadata (the access log reads them)."""
 REMOVE_HEADER: Final = "x-envoy-auth-headers-to-remove"
-DENY_AS_200: Final = 209
-"""Status of a denial the agent must get with HTTP 200 (a JSON-RPC error such as -32003).
+CARRIED_STATUS: Final = {200: 209, 500: 470, 501: 471, 502: 472, 503: 473, 504: 474}
+"""Denial statuses Envoy would misread, and the status that carries each instead.
 
-Envoy takes any 200 from an authorization service as "allow", so such a denial is
-sent as 209 and a local-reply mapper in the bootstrap turns it back into 200."""
+To Envoy, an authorization service's 200 means "allow" and a 5xx means "the service
+failed" (answered with ``status_on_error`` and no body). A denial the agent must get
+with 200 (a JSON-RPC error such as -32003) or a 5xx (503: a token endpoint is down)
+is therefore sent with the carrier status, and local-reply mappers in the bootstrap
+(:func:`extproc.bootstrap_filters.local_replies`) turn it back, body and headers kept."""
 _UPSTREAM = re.compile(UPSTREAM_HEADERS)
 _MAX_BODY: Final = 64 * 1024 * 1024
 
@@ -122,7 +125,9 @@ class AuthzHttpServer:
         reply, reply_headers = denial_answer(outcome, ctx.jsonrpc_id)
         out = [(k, v) for k, v in reply_headers.items()]
         out += [(k, str(v)) for k, v in denial_facts(ctx, outcome).items()]
-        return (DENY_AS_200 if outcome.status == 200 else outcome.status), out, reply
+        status = outcome.status
+        carried = CARRIED_STATUS.get(status, CARRIED_STATUS[503] if status >= 500 else status)
+        return carried, out, reply
 
 
 def _allowed(outcome: Continue) -> list[tuple[str, str]]:

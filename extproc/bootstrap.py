@@ -279,7 +279,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         }
     )
     hcm: dict[str, Any] = {
-        "local_reply_config": local_replies(deny_as_200=bool(fast_calls and options.authz_http_unix)),
+        "local_reply_config": local_replies(carried_statuses=bool(fast_calls and options.authz_http_unix)),
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mcp",
         "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",

@@ -46,20 +46,21 @@ _UPSTREAM_FAILURE_BODY: Final = (
 )
 
 
-def local_replies(*, deny_as_200: bool = False) -> dict[str, Any]:
+def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
     """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
 
     Only replies carrying an upstream-failure flag are rewritten; the stages' own
     JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
-    With ``deny_as_200``, the HTTP authorization service's 209 (a denial the agent
-    gets with HTTP 200, see :data:`extproc.authz_http.DENY_AS_200`) becomes 200.
+    With ``carried_statuses``, the HTTP authorization service's carrier statuses
+    (:data:`extproc.authz_http.CARRIED_STATUS`) are turned back into the real ones.
     """
-    from extproc.authz_http import DENY_AS_200
+    from extproc.authz_http import CARRIED_STATUS
 
     status_back: list[dict[str, Any]] = []
-    if deny_as_200:
-        comparison = {"op": "EQ", "value": {"default_value": DENY_AS_200, "runtime_key": "mcp_extproc.deny_as_200"}}
-        status_back.append({"filter": {"status_code_filter": {"comparison": comparison}}, "status_code": 200})
+    for status, carrier in CARRIED_STATUS.items() if carried_statuses else ():
+        value = {"default_value": carrier, "runtime_key": f"mcp_extproc.carried_{carrier}"}
+        status_filter = {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+        status_back.append({"filter": status_filter, "status_code": status})
     return {
         "mappers": [
             *status_back,
