@@ -202,14 +202,24 @@ class Stack:
         return self._envoy("upstream", config)
 
     def start_extproc(self, name: str, resources: Path, pipeline: Path | None) -> Path:
-        """``mcp-extproc serve`` on a unix socket; returns the socket once it accepts."""
+        """``mcp-extproc serve`` on a unix socket; returns the socket once it accepts.
+
+        It also serves the HTTP authorization service at :meth:`authz_socket` of the
+        returned socket, as ``up`` does for the fast tools/call routes.
+        """
         sock = self.workdir / f"{name}.sock"
         argv = [*self.extproc_argv, "serve", "-f", str(resources), "--grpc", "", "--unix", str(sock)]
+        argv += ["--authz-http", str(self.authz_socket(sock))]
         argv += ["--metrics", "", "--log-level", "WARNING"]
         if pipeline is not None:
             argv += ["--pipeline", str(pipeline)]
         _wait_unix(self._start(argv, name), sock)
         return sock
+
+    @staticmethod
+    def authz_socket(extproc_socket: Path) -> Path:
+        """Where the server started on ``extproc_socket`` serves the HTTP authorization service."""
+        return extproc_socket.with_name(extproc_socket.stem + "-authz.sock")
 
     def start_stage(self, name: str, address: str) -> str:
         """The benchmark's external stage (``bench.stage``) at ``address``; returns where it listens."""
@@ -241,6 +251,7 @@ class Stack:
             extproc_unix=str(extproc_socket),
             access_log=False,
             fast_calls=fast_calls,
+            authz_http_unix=str(self.authz_socket(extproc_socket)) if fast_calls else None,
         )
         config = self.workdir / f"{name}.yaml"
         config.write_text(render_bootstrap_yaml(catalog, needs, options))

@@ -25,6 +25,10 @@ _FRONT_DOOR = (
     "reads the response of), ext_proc (every request through ext_proc) or ext_authz (request-side yes/no)"
 )
 _DOORS = ["auto", "ext_proc", "ext_authz"]
+_AUTHZ_HTTP = (
+    "unix socket of the HTTP authorization service that the fast tools/call routes (front door auto) call; "
+    "without it they use the gRPC Check, which costs more (up always uses one)"
+)
 _RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
 
 
@@ -55,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--grpc", default="127.0.0.1:50051", help="TCP host:port to listen on; '' disables TCP")
     serve.add_argument("--unix", help="also listen on this unix socket")
+    serve.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
     serve.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
     serve.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
 
@@ -68,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--listen", default="127.0.0.1:10000")
     render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
     render.add_argument("--unix", help="reach the extension server over this unix socket instead")
+    render.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
     render.add_argument("--stream-idle-timeout", type=int, default=3600)
     render.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
 
@@ -106,6 +112,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         listen=getattr(args, "listen", "127.0.0.1:10000"),
         grpc=getattr(args, "grpc", "127.0.0.1:50051"),
         unix=getattr(args, "unix", None),
+        authz_http=getattr(args, "authz_http", None),
         metrics=getattr(args, "metrics", None) or None,
         stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
         log_level=args.log_level.upper(),

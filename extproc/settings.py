@@ -24,6 +24,10 @@ class Settings:
         listen: where ``up``'s Envoy accepts agents, ``host:port``.
         grpc: the gRPC server's TCP address (``serve``), ``host:port``.
         unix: the gRPC server's unix socket path, if any.
+        authz_http: the unix socket of the HTTP authorization service the fast
+            ``tools/call`` routes call (``serve`` listens there, ``render envoy`` points
+            Envoy at it); ``None``: those routes use the gRPC ``Check``. ``up`` always
+            uses one, on a private socket.
         metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
         grace_s: how long in-flight streams may finish on shutdown.
         stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
@@ -42,6 +46,7 @@ class Settings:
     listen: str = "127.0.0.1:10000"
     grpc: str = "127.0.0.1:50051"
     unix: str | None = None
+    authz_http: str | None = None
     metrics: str | None = "127.0.0.1:9464"
     grace_s: float = 5.0
     stream_idle_timeout_s: int = 3600

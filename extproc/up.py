@@ -124,7 +124,8 @@ async def serve(settings: Settings) -> int:
     """``mcp-extproc serve``: the gRPC server alone."""
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
-    server = ExtProcServer(pipeline, catalog, Listen(tcp=settings.grpc or None, unix=settings.unix))
+    listen = Listen(tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http)
+    server = ExtProcServer(pipeline, catalog, listen)
     await server.start()
     _serve_metrics(settings, metrics)
     watcher = _watch(settings, server, metrics)
@@ -268,4 +269,5 @@ def render_envoy(settings: Settings) -> str:
     options = bootstrap_options(
         settings, pipeline, extproc_tcp=settings.grpc if not settings.unix else None, extproc_unix=settings.unix
     )
+    options = dataclasses.replace(options, authz_http_unix=settings.authz_http)
     return render_bootstrap_yaml(catalog, pipeline.needs, options)

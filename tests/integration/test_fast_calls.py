@@ -145,6 +145,10 @@ def test_legacy_sdk_session_calls_take_one_check_with_the_upstream_credential(se
     assert calls, "the upstream never saw the call"
     assert calls[-1]["headers"]["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
     assert all(AGENT_TOKEN not in json.dumps(r["headers"]) for r in setup.received("legacy"))
+    # The HTTP authorization service's answer leaks nothing of its own upstream.
+    leaked = {"server", "method", "tool", "decision", "x-envoy-auth-headers-to-remove"} & set(calls[-1]["headers"])
+    assert not leaked
+    assert calls[-1]["headers"]["x-mcp-tool"] == "echo"
 
 
 def test_modern_call_takes_one_check(setup: Setup) -> None:
