@@ -112,6 +112,7 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tupl
     for door, extra in (
         ("auto", []),
         ("auto", ["--unix", "/tmp/x.sock"]),
+        ("auto", ["--authz-http", "/tmp/authz.sock"]),
         ("ext_proc", ["--front-door", "ext_proc"]),
         ("ext_authz", ["--front-door", "ext_authz"]),
     ):
