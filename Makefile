@@ -46,13 +46,22 @@ test: venv node stage-package lint
 unit: venv
 	$(BIN)/pytest tests/unit
 
-bench: venv
+# The memory measurement runs the gateway from a venv holding only the runtime dependencies,
+# as users install it (the dev tools make httpx import its CLI: click, rich, pygments).
+RUNTIME_VENV ?= .venv-runtime
+$(RUNTIME_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install --quiet --upgrade pip
+	$(RUNTIME_VENV)/bin/pip install --quiet .
+	touch $@
+
+bench: venv $(RUNTIME_VENV)/.installed
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
-	$(BIN)/python -m bench.keeper --sessions 1000 --window 10
+	$(BIN)/python -m bench.keeper --sessions 1000 --window 10 --server-python $(RUNTIME_VENV)/bin/python
 
 crds: venv
 	$(BIN)/python -m controller.crds deploy/crds
 
 clean:
-	rm -rf $(VENV) node_modules examples/external-ts/node_modules examples/external-ts/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) node_modules examples/external-ts/node_modules examples/external-ts/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -71,7 +71,7 @@ async def open_streams(admin: str) -> int:
     return sum(1 for s in sessions if s["stream_open"])
 
 
-async def run(sessions: int, window_s: float, interval_s: float) -> dict[str, Any]:
+async def run(sessions: int, window_s: float, interval_s: float, python: str = sys.executable) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-keeper-"))
     procs: list[Proc] = []
     try:
@@ -89,7 +89,7 @@ async def run(sessions: int, window_s: float, interval_s: float) -> dict[str, An
         }
         resources = tmp / "resources.yaml"
         resources.write_text(yaml.safe_dump(doc))
-        gateway, base, _metrics = start_gateway(resources, tmp)
+        gateway, base, _metrics = start_gateway(resources, tmp, python=python)
         procs.append(gateway)
         pid = gateway.pid
         url = f"{base}/hb/mcp"
@@ -141,8 +141,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--window", type=float, default=30.0, help="idle seconds over which CPU is measured")
     parser.add_argument("--interval", type=float, default=0.0, help="upstream ping interval (0: no pings)")
+    parser.add_argument(
+        "--server-python",
+        default=sys.executable,
+        help="the Python that runs the gateway (make bench: a venv with the runtime dependencies only, "
+        "as users install it; the dev venv's tools make httpx import its CLI, 7 MB more)",
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.sessions, args.window, args.interval))
+    result = asyncio.run(run(args.sessions, args.window, args.interval, args.server_python))
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -55,11 +55,11 @@ def resource_doc(name: str, port: int, tools: dict[str, list[str]]) -> dict[str,
     }
 
 
-def start_gateway(resources: Path, log_dir: Path, *extra: str) -> tuple[Proc, str, str]:
-    """Start `mcp-extproc up` on a free port; wait for its ready line."""
+def start_gateway(resources: Path, log_dir: Path, *extra: str, python: str = sys.executable) -> tuple[Proc, str, str]:
+    """Start `mcp-extproc up` (with ``python``) on a free port; wait for its ready line."""
     port = free_port()
     argv = [
-        sys.executable,
+        python,
         "-m",
         "extproc",
         "up",

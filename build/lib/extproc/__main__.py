@@ -1,0 +1,7 @@
+"""``python -m extproc`` runs the ``mcp-extproc`` command line."""
+
+import sys
+
+from extproc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,501 @@
+"""The resource models (``apiVersion: mcp.extproc.io/v1alpha1``), one source of truth.
+
+The server validates resource files with these models, and the controller
+generates its CRD schemas from them. Field names are the Python names;
+aliases are the camelCase names users write.
+
+Kinds::
+
+    MCPServer      an upstream MCP server: url, tool globs, allowed agents,
+                   upstream credential, keepalive, production mode
+    MCPToolPolicy  rules over the tools of target servers: allow/deny globs,
+                   required trust and scopes, rate limit, Rego
+    MCPAgent       a workload: pod selector, servers it may use, inbound JWT
+                   identity, granted trust
+    Secret         core ``v1`` Secret (``data`` base64, ``stringData`` plain)
+    ConfigMap      core ``v1`` ConfigMap (Rego modules)
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "mcp.extproc.io/v1alpha1"
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class Model(BaseModel):
+    """Base of every resource model: frozen, unknown keys are errors, camelCase aliases."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def http_url(value: str) -> str:
+    """Check that ``value`` is an http(s) URL with a host and a well-formed port."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"has a malformed port: {value!r}") from exc
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(http_url)]
+"""A string that must be an http(s) URL with a host."""
+
+
+class ObjectMeta(Model):
+    """The parts of Kubernetes ``metadata`` we read; labels and annotations are kept."""
+
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must be a DNS-1123 label: lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit, at most 63 characters"
+            )
+        return value
+
+
+class LocalRef(Model):
+    """A reference to another resource by name (same namespace)."""
+
+    name: str
+
+
+class KeyRef(Model):
+    """A key of a ``v1`` Secret or ConfigMap (same namespace)."""
+
+    name: str
+    key: str
+
+
+class LabelSelectorRequirement(Model):
+    """One ``matchExpressions`` entry of a Kubernetes label selector."""
+
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+
+class LabelSelector(Model):
+    """A Kubernetes label selector."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, alias="matchExpressions")
+
+
+# --- MCPServer -----------------------------------------------------------------------------
+
+
+class BearerAuth(Model):
+    """A static upstream bearer token; exactly one source."""
+
+    secret_ref: KeyRef | None = Field(default=None, alias="secretRef")
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        given = [n for n in ("secret_ref", "env", "file") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of secretRef, env or file")
+        return self
+
+
+class ClientCredentials(Model):
+    """OAuth 2.1 client credentials grant against ``tokenUrl``."""
+
+    token_url: HttpUrl = Field(alias="tokenUrl")
+    client_id: str = Field(alias="clientId")
+    client_secret_ref: KeyRef = Field(alias="clientSecretRef")
+    scopes: list[str] = Field(default_factory=list)
+    audience: str | None = None
+    resource: str | None = None
+    """RFC 8707 resource indicator."""
+
+
+class TokenExchange(Model):
+    """RFC 8693 token exchange; the subject token is the agent's validated inbound token."""
+
+    token_url: HttpUrl = Field(alias="tokenUrl")
+    client_id: str = Field(alias="clientId")
+    client_secret_ref: KeyRef = Field(alias="clientSecretRef")
+    audience: str | None = None
+    resource: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+
+
+class UpstreamAuth(Model):
+    """The credential injected upstream; exactly one kind."""
+
+    bearer: BearerAuth | None = None
+    client_credentials: ClientCredentials | None = Field(default=None, alias="clientCredentials")
+    token_exchange: TokenExchange | None = Field(default=None, alias="tokenExchange")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        given = [n for n in ("bearer", "client_credentials", "token_exchange") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of bearer, clientCredentials or tokenExchange")
+        return self
+
+    @property
+    def is_oauth(self) -> bool:
+        """True for the OAuth kinds (client credentials, token exchange)."""
+        return self.client_credentials is not None or self.token_exchange is not None
+
+
+class Keepalive(StrEnum):
+    """Whether the session keeper answers the upstream's pings for legacy sessions."""
+
+    AUTO = "Auto"
+    ALWAYS = "Always"
+    NEVER = "Never"
+
+
+class GatewayParentRef(Model):
+    """A Gateway API ``Gateway`` (and optionally one of its listeners) to attach a route to."""
+
+    name: str
+    namespace: str | None = None
+    section_name: str | None = Field(default=None, alias="sectionName")
+
+
+class GatewayExposure(Model):
+    """Expose the server on a Gateway (cluster only): an ``HTTPRoute`` at ``/<name>/mcp``.
+
+    Attributes:
+        parent_refs: the Gateways the route attaches to.
+        hostnames: hostnames the route answers for (empty = the listener's).
+    """
+
+    parent_refs: list[GatewayParentRef] = Field(min_length=1, alias="parentRefs")
+    hostnames: list[str] = Field(default_factory=list)
+
+
+class MCPServerSpec(Model):
+    """An upstream MCP server reached over Streamable HTTP.
+
+    Attributes:
+        url: the server's Streamable HTTP endpoint (``http://`` or ``https://``).
+        allowed_tools: globs of tools agents may call; empty allows none,
+            ``["*"]`` allows all.
+        denied_tools: globs of tools refused even when allowed.
+        allowed_agents: pods allowed to use the server (cluster only; empty =
+            the server's namespace).
+        upstream_auth: the credential injected upstream (the agent's own is
+            always removed).
+        keepalive: whether the session keeper answers the server's pings.
+        production_mode: requires an https URL and an OAuth upstream credential.
+    """
+
+    url: HttpUrl
+    allowed_tools: list[str] = Field(default_factory=list, alias="allowedTools")
+    denied_tools: list[str] = Field(default_factory=list, alias="deniedTools")
+    allowed_agents: LabelSelector | None = Field(default=None, alias="allowedAgents")
+    upstream_auth: UpstreamAuth | None = Field(default=None, alias="upstreamAuth")
+    keepalive: Keepalive = Keepalive.AUTO
+    production_mode: bool = Field(default=False, alias="productionMode")
+    gateway: GatewayExposure | None = None
+    """Cluster only: also expose the server on a Gateway (Envoy Gateway)."""
+
+    @field_validator("allowed_tools", "denied_tools")
+    @classmethod
+    def _non_empty_globs(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if not glob.strip():
+                raise ValueError("tool globs must not be empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _production(self) -> Self:
+        if self.production_mode:
+            if urlsplit(self.url).scheme != "https":
+                raise ValueError("productionMode requires an https:// url")
+            if self.upstream_auth is None or not self.upstream_auth.is_oauth:
+                raise ValueError("productionMode requires upstreamAuth.clientCredentials or tokenExchange")
+        return self
+
+
+class MCPServer(Model):
+    """``kind: MCPServer``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPServer"]
+    metadata: ObjectMeta
+    spec: MCPServerSpec
+
+    @property
+    def name(self) -> str:
+        """The server's name: agents reach it at ``/<name>/mcp``."""
+        return self.metadata.name
+
+
+# --- MCPToolPolicy -------------------------------------------------------------------------
+
+
+class Trust(StrEnum):
+    """Trust levels, ordered low < medium < high."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        """0, 1, 2 for low, medium, high."""
+        return _TRUST_ORDER.index(self)
+
+
+_TRUST_ORDER = (Trust.LOW, Trust.MEDIUM, Trust.HIGH)
+
+
+class TargetRef(Model):
+    """A server a policy applies to."""
+
+    kind: Literal["MCPServer"] = "MCPServer"
+    name: str
+
+
+class ToolRule(Model):
+    """One rule: the first rule whose globs match a tool decides for it.
+
+    Attributes:
+        tools: tool-name globs.
+        action: ``Allow`` (subject to trust and scopes) or ``Deny``.
+        required_trust: the least effective trust a caller needs.
+        scopes: token scopes a caller needs (403 ``insufficient_scope`` otherwise).
+    """
+
+    tools: list[str] = Field(min_length=1)
+    action: Literal["Allow", "Deny"] = "Allow"
+    required_trust: Trust = Field(default=Trust.LOW, alias="requiredTrust")
+    scopes: list[str] = Field(default_factory=list)
+
+
+class RateLimit(Model):
+    """A token bucket: ``requests`` per ``perSeconds``, one bucket per key.
+
+    ``key: principal`` keeps one bucket per caller; ``key: tool`` one per
+    (caller, tool).
+    """
+
+    requests: int = Field(gt=0)
+    per_seconds: float = Field(gt=0, alias="perSeconds")
+    key: Literal["principal", "tool"] = "principal"
+
+
+class RemoteOpa(Model):
+    """A remote OPA server's Data API."""
+
+    url: HttpUrl
+    timeout_seconds: float = Field(default=1.0, gt=0, alias="timeoutSeconds")
+
+
+class Rego(Model):
+    """A Rego policy: inline ``module``, a ConfigMap key, or a remote OPA server.
+
+    ``query`` names the rule to evaluate (``data.<package path>.<rule>``); its
+    value decides: ``true`` allows, ``false`` or undefined denies, and an
+    object ``{"allow": bool, "reason": str}`` allows or denies with a reason.
+    """
+
+    query: str = "data.mcp.allow"
+    module: str | None = None
+    config_map_ref: KeyRef | None = Field(default=None, alias="configMapRef")
+    remote: RemoteOpa | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _data_ref(cls, value: str) -> str:
+        if not re.fullmatch(r"data(\.[A-Za-z_][A-Za-z0-9_]*)+", value):
+            raise ValueError(f"must be a data reference such as 'data.mcp.allow', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        given = [n for n in ("module", "config_map_ref", "remote") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of module, configMapRef or remote")
+        return self
+
+
+class MCPToolPolicySpec(Model):
+    """Rules over the tools of the target servers."""
+
+    target_refs: list[TargetRef] = Field(min_length=1, alias="targetRefs")
+    rules: list[ToolRule] = Field(default_factory=list)
+    rate_limit: RateLimit | None = Field(default=None, alias="rateLimit")
+    rego: Rego | None = None
+
+
+class MCPToolPolicy(Model):
+    """``kind: MCPToolPolicy``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPToolPolicy"]
+    metadata: ObjectMeta
+    spec: MCPToolPolicySpec
+
+    @property
+    def name(self) -> str:
+        """The policy's name."""
+        return self.metadata.name
+
+
+# --- MCPAgent ------------------------------------------------------------------------------
+
+DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+_ASYMMETRIC = frozenset(DEFAULT_ALGORITHMS)
+
+
+class JwtIdentity(Model):
+    """Inbound JWTs: who signs them and for whom.
+
+    Attributes:
+        issuer: the required ``iss``.
+        audiences: accepted ``aud`` values (one must match).
+        jwks_uri: where the signing keys are published.
+        algorithms: accepted signature algorithms (asymmetric only; never ``none``).
+        subjects: optional ``sub`` globs, to tell agents of one issuer apart.
+    """
+
+    issuer: str
+    audiences: list[str] = Field(min_length=1)
+    jwks_uri: HttpUrl = Field(alias="jwksUri")
+    algorithms: list[str] = Field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
+    subjects: list[str] = Field(default_factory=list)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if a not in _ASYMMETRIC]
+        if bad or not value:
+            raise ValueError(f"must be a non-empty subset of {list(DEFAULT_ALGORITHMS)}; got {bad or value}")
+        return value
+
+
+class Identity(Model):
+    """How an agent proves who it is."""
+
+    jwt: JwtIdentity
+
+
+class TrustGrant(Model):
+    """The trust an agent is granted, and the claim carrying the user's consent."""
+
+    granted: Trust = Trust.LOW
+    consent_claim: str | None = Field(default=None, alias="consentClaim")
+
+
+class Egress(Model):
+    """How an agent pod's egress is limited (cluster only).
+
+    Attributes:
+        sidecar_only: an init container's iptables rules let only the Envoy
+            sidecar's UID leave the pod (besides loopback and DNS).
+    """
+
+    sidecar_only: bool = Field(default=False, alias="sidecarOnly")
+
+
+class MCPAgentSpec(Model):
+    """A workload that calls MCP servers through the sidecar.
+
+    Attributes:
+        selector: the agent's pods (cluster only).
+        mcp_server_refs: the servers the agent may use.
+        policy_refs: tool policies applied to the agent's calls.
+        identity: how the agent proves who it is (inbound JWT).
+        trust: the trust the agent is granted.
+        attachment: cluster only: ``Sidecar`` injects an Envoy sidecar and the
+            extension server into the pods; ``Istio`` inserts ext_proc into the
+            pods' Istio sidecar with an ``EnvoyFilter``.
+        egress: cluster only: per-container egress enforcement.
+    """
+
+    selector: LabelSelector | None = None
+    mcp_server_refs: list[LocalRef] = Field(min_length=1, alias="mcpServerRefs")
+    policy_refs: list[LocalRef] = Field(default_factory=list, alias="policyRefs")
+    identity: Identity
+    trust: TrustGrant = Field(default_factory=TrustGrant)
+    attachment: Literal["Sidecar", "Istio"] = "Sidecar"
+    egress: Egress = Field(default_factory=Egress)
+
+
+class MCPAgent(Model):
+    """``kind: MCPAgent``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPAgent"]
+    metadata: ObjectMeta
+    spec: MCPAgentSpec
+
+    @property
+    def name(self) -> str:
+        """The agent's name."""
+        return self.metadata.name
+
+
+# --- core v1 -------------------------------------------------------------------------------
+
+
+class Secret(Model):
+    """``apiVersion: v1, kind: Secret``; ``data`` is base64, ``stringData`` plain text."""
+
+    api_version: Literal["v1"] = Field(alias="apiVersion")
+    kind: Literal["Secret"]
+    metadata: ObjectMeta
+    type: str = "Opaque"
+    data: dict[str, str] = Field(default_factory=dict)
+    string_data: dict[str, str] = Field(default_factory=dict, alias="stringData")
+
+    @property
+    def name(self) -> str:
+        """The Secret's name."""
+        return self.metadata.name
+
+    def __repr__(self) -> str:  # never show secret values in logs or tracebacks
+        return f"Secret(name={self.name!r}, keys={sorted({*self.data, *self.string_data})})"
+
+    __str__ = __repr__
+
+
+class ConfigMap(Model):
+    """``apiVersion: v1, kind: ConfigMap``."""
+
+    api_version: Literal["v1"] = Field(alias="apiVersion")
+    kind: Literal["ConfigMap"]
+    metadata: ObjectMeta
+    data: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The ConfigMap's name."""
+        return self.metadata.name
+
+
+Resource = MCPServer | MCPToolPolicy | MCPAgent | Secret | ConfigMap
+
+KINDS: dict[tuple[str, str], type[Resource]] = {
+    (API_VERSION, "MCPServer"): MCPServer,
+    (API_VERSION, "MCPToolPolicy"): MCPToolPolicy,
+    (API_VERSION, "MCPAgent"): MCPAgent,
+    ("v1", "Secret"): Secret,
+    ("v1", "ConfigMap"): ConfigMap,
+}
+"""(apiVersion, kind) → model."""

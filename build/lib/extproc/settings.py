@@ -1,0 +1,64 @@
+"""The process settings: one frozen object, built once from flags in ``cli``.
+
+Nothing reads the environment at import time; ``cli.main`` builds a
+:class:`Settings` and hands it down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from extproc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to run.
+
+    Attributes:
+        resources: the resource file (``-f``).
+        pipeline: an optional pipeline configuration file; the embedded default
+            (``mcp`` then ``allowlist``) otherwise.
+        listen: where ``up``'s Envoy accepts agents, ``host:port``.
+        grpc: the gRPC server's TCP address (``serve``), ``host:port``.
+        unix: the gRPC server's unix socket path, if any.
+        authz_http: the unix socket of the HTTP authorization service the fast
+            ``tools/call`` routes call (``serve`` listens there, ``render envoy`` points
+            Envoy at it); ``None``: those routes use the gRPC ``Check``. ``up`` always
+            uses one, on a private socket.
+        metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
+        grace_s: how long in-flight streams may finish on shutdown.
+        stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
+        log_level: Python logging level name.
+        envoy_log_level: Envoy's ``--log-level``.
+        front_door: how Envoy calls us: ``auto`` (ext_proc, except one ext_authz
+            ``Check`` for a ``tools/call`` no stage reads the response of),
+            ``ext_proc`` (full pipeline for everything) or ``ext_authz``
+            (request-side yes/no).
+        reload_interval_s: how often the resource file is checked for changes
+            (0 disables reloads).
+    """
+
+    resources: Path
+    pipeline: Path | None = None
+    listen: str = "127.0.0.1:10000"
+    grpc: str = "127.0.0.1:50051"
+    unix: str | None = None
+    authz_http: str | None = None
+    metrics: str | None = "127.0.0.1:9464"
+    grace_s: float = 5.0
+    stream_idle_timeout_s: int = 3600
+    log_level: str = "INFO"
+    envoy_log_level: str = "warning"
+    front_door: Literal["auto", "ext_proc", "ext_authz"] = "auto"
+    reload_interval_s: float = 1.0
+
+
+def split_hostport(value: str, flag: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too), naming the flag on error."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag}: expected host:port (e.g. 127.0.0.1:10000), got {value!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,1 @@
+"""mcp_extproc.stage: the external stage protocol, by version."""

@@ -1,0 +1,1 @@
+"""mcp_extproc.stage.v1: generated from protos/mcp_extproc/stage/v1/stage.proto; do not edit."""

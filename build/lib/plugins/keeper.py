@@ -1,0 +1,318 @@
+"""The session keeper: answer a stateful MCP server's pings while the agent cannot.
+
+Heartbeating servers (Playwright MCP: a ping about every 3 s, the session closed
+when one goes unanswered for 5 s) send their pings on the session's standalone GET
+stream. An agent that never opens that stream, or whose stream a proxy dropped,
+never answers, and the server reaps the session. The keeper holds the stream for it.
+
+Data flow, one asyncio task per kept session (none while the agent holds its own
+stream)::
+
+    start(session) ─▶ task: GET upstream url (Mcp-Session-Id, MCP-Protocol-Version,
+                            the upstream credential)
+                        200 ─▶ read SSE events (bounded) ─▶ {"method": "ping", "id": X}
+                                 ─▶ POST {"jsonrpc":"2.0","id":X,"result":{}} (same headers)
+                        404 / 405 ─▶ stop (session gone / server has no GET stream)
+                        409, errors, stream ended ─▶ reconnect after a jittered backoff
+    agent opens its own GET ─▶ step_aside: cancel the task (its GET is closed first, so
+                               the server sees one stream at a time)
+    agent's GET ends        ─▶ take_over: start a new task
+    DELETE, idle expiry     ─▶ stop
+
+The keeper never sends anything but GETs and ping answers: an agent's call is never
+replayed. Other server requests on the stream (sampling, elicitation) are left
+unanswered; they are the agent's to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from extproc.mcp.sse import SseDecoder, SseTooLarge
+
+log = logging.getLogger("mcp_extproc.keeper")
+
+CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
+
+MAX_EVENT_BYTES: Final = 64 * 1024
+"""Largest SSE event the keeper buffers; a bigger one drops the stream (and reconnects)."""
+
+
+@dataclass(frozen=True)
+class KeeperSettings:
+    """How the keeper behaves.
+
+    Attributes:
+        idle_timeout_s: stop keeping a session the agent has not used for this long.
+        backoff_initial_s / backoff_max_s: reconnect delays (full jitter, doubling).
+        request_timeout_s: connect/write timeout of the keeper's requests (reads on the
+            GET stream never time out: a quiet stream is fine).
+    """
+
+    idle_timeout_s: float = 3600.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 30.0
+    request_timeout_s: float = 10.0
+
+
+@dataclass(eq=False)
+class KeptSession:
+    """One session the keeper looks after."""
+
+    server: str
+    url: str
+    session_id: str
+    protocol_version: str | None = None
+    credential: CredentialProvider | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    agent_streams: int = 0
+    task: asyncio.Task[None] | None = None
+    stopped: bool = False
+
+
+class KeeperMetrics:
+    """The keeper's Prometheus metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.kept = Gauge(
+            "mcp_extproc_keeper_sessions", "Legacy MCP sessions the keeper looks after.", registry=registry
+        )
+        self.holding = Gauge(
+            "mcp_extproc_keeper_streams", "GET streams the keeper holds open right now.", registry=registry
+        )
+        self.pings = Counter(
+            "mcp_extproc_keeper_pings_answered", "Server pings the keeper answered.", ["server"], registry=registry
+        )
+        self.reconnects = Counter(
+            "mcp_extproc_keeper_reconnects", "GET streams the keeper had to reopen.", ["server"], registry=registry
+        )
+        self.lost = Counter(
+            "mcp_extproc_keeper_sessions_lost",
+            "Kept sessions the upstream no longer knows (404 on the keeper's GET).",
+            ["server"],
+            registry=registry,
+        )
+        self.stopped = Counter(
+            "mcp_extproc_keeper_sessions_stopped",
+            "Sessions the keeper stopped keeping, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+
+class SessionKeeper:
+    """Keeps legacy MCP sessions alive; one task per session at most.
+
+    Two HTTP clients: ``streams`` holds one long GET per kept session, ``answers``
+    sends the ping answers. Apart because httpcore looks for a free connection by
+    scanning its pool: with the answers in the pool of 1,000 held streams, every
+    answer scanned 1,000 connections.
+    """
+
+    def __init__(
+        self,
+        settings: KeeperSettings,
+        metrics: KeeperMetrics,
+        streams: httpx.AsyncClient,
+        answers: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.client = streams
+        self.answers = answers or streams
+        self.sessions: dict[tuple[str, str], KeptSession] = {}
+        self.no_get_servers: set[str] = set()
+        """Servers that answered the keeper's GET with 405 (they offer no standalone stream)."""
+
+    def get(self, server: str, session_id: str) -> KeptSession | None:
+        """The kept session, if any."""
+        return self.sessions.get((server, session_id))
+
+    def keep(
+        self,
+        server: str,
+        url: str,
+        session_id: str,
+        protocol_version: str | None,
+        credential: CredentialProvider | None,
+    ) -> KeptSession:
+        """Start keeping a session (or refresh what we know of it); returns it."""
+        key = (server, session_id)
+        kept = self.sessions.get(key)
+        if kept is None:
+            kept = KeptSession(server, url, session_id)
+            self.sessions[key] = kept
+            self.metrics.kept.inc()
+        kept.last_used = time.monotonic()
+        if protocol_version:
+            kept.protocol_version = protocol_version
+        if credential is not None:
+            kept.credential = credential
+        if kept.task is None and kept.agent_streams == 0:
+            self._start(kept)
+        return kept
+
+    def touch(self, server: str, session_id: str, protocol_version: str | None = None) -> None:
+        """The agent used the session: push back idle expiry."""
+        kept = self.get(server, session_id)
+        if kept is not None:
+            kept.last_used = time.monotonic()
+            if protocol_version:
+                kept.protocol_version = protocol_version
+
+    async def step_aside(self, server: str, session_id: str) -> None:
+        """The agent opens its own GET stream: close ours first and stay away until it ends."""
+        kept = self.get(server, session_id)
+        if kept is None:
+            return
+        kept.agent_streams += 1
+        kept.last_used = time.monotonic()
+        await self._cancel(kept)
+
+    def take_over(self, server: str, session_id: str) -> None:
+        """One of the agent's GET streams ended: hold the stream again when none is left."""
+        kept = self.get(server, session_id)
+        if kept is None:
+            return
+        kept.agent_streams = max(0, kept.agent_streams - 1)
+        kept.last_used = time.monotonic()
+        if kept.agent_streams == 0 and kept.task is None and not kept.stopped:
+            self._start(kept)
+
+    async def stop(self, server: str, session_id: str, reason: str) -> None:
+        """Stop keeping a session and forget it (DELETE, upstream 404, idle expiry)."""
+        kept = self.sessions.pop((server, session_id), None)
+        if kept is None:
+            return
+        kept.stopped = True
+        self.metrics.kept.dec()
+        self.metrics.stopped.labels(reason).inc()
+        await self._cancel(kept)
+        log.info("stopped keeping a session of %r (%s)", server, reason)
+
+    async def sweep(self) -> None:
+        """Forever: stop keeping sessions idle for longer than ``idle_timeout_s`` (one task for all)."""
+        period = max(0.5, min(60.0, self.settings.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for kept in list(self.sessions.values()):
+                if now - kept.last_used > self.settings.idle_timeout_s and kept.agent_streams == 0:
+                    await self.stop(kept.server, kept.session_id, "idle")
+
+    async def close(self) -> None:
+        """Stop every session (server shutdown)."""
+        for server, session_id in list(self.sessions):
+            await self.stop(server, session_id, "shutdown")
+
+    def _start(self, kept: KeptSession) -> None:
+        kept.task = asyncio.create_task(self._run(kept), name=f"keeper:{kept.server}")
+
+    async def _cancel(self, kept: KeptSession) -> None:
+        task, kept.task = kept.task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, kept: KeptSession) -> None:
+        """Hold the GET stream until told to stop; reconnect with jittered backoff."""
+        delay = self.settings.backoff_initial_s
+        first = True
+        try:
+            while not kept.stopped:
+                if time.monotonic() - kept.last_used > self.settings.idle_timeout_s:
+                    asyncio.get_running_loop().call_soon(self._stop_soon, kept, "idle")
+                    return
+                if not first:
+                    self.metrics.reconnects.labels(kept.server).inc()
+                    await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not crypto
+                    delay = min(delay * 2, self.settings.backoff_max_s)
+                first = False
+                outcome = await self._hold(kept)
+                if outcome in (404, 405):
+                    if outcome == 404:
+                        self.metrics.lost.labels(kept.server).inc()
+                    else:
+                        self.no_get_servers.add(kept.server)
+                    asyncio.get_running_loop().call_soon(self._stop_soon, kept, "lost" if outcome == 404 else "no_get")
+                    return
+                if outcome == 200:
+                    delay = self.settings.backoff_initial_s
+        finally:
+            if kept.task is asyncio.current_task():
+                kept.task = None
+
+    def _stop_soon(self, kept: KeptSession, reason: str) -> None:
+        if self.sessions.get((kept.server, kept.session_id)) is kept:
+            asyncio.get_running_loop().create_task(self.stop(kept.server, kept.session_id, reason))
+
+    async def _headers(self, kept: KeptSession) -> dict[str, str]:
+        headers = {MCP_SESSION_ID: kept.session_id}
+        if kept.protocol_version:
+            headers[MCP_PROTOCOL_VERSION] = kept.protocol_version
+        if kept.credential is not None:
+            headers.update(await kept.credential())
+        return headers
+
+    async def _hold(self, kept: KeptSession) -> int:
+        """One GET stream: the HTTP status it got (200 once it ran), 0 on a transport error."""
+        try:
+            headers = await self._headers(kept)
+        except Exception as exc:  # the credential could not be had (token endpoint down, ...)
+            log.warning("keeper: no upstream credential for %r: %s", kept.server, exc)
+            return 0
+        try:
+            async with self.client.stream("GET", kept.url, headers={**headers, "accept": "text/event-stream"}) as reply:
+                if reply.status_code != 200:
+                    return reply.status_code
+                self.metrics.holding.inc()
+                try:
+                    await self._read(kept, reply, headers)
+                finally:
+                    self.metrics.holding.dec()
+                return 200
+        except (httpx.HTTPError, SseTooLarge) as exc:
+            log.info("keeper: GET stream of %r ended: %s", kept.server, type(exc).__name__)
+            return 0
+
+    async def _read(self, kept: KeptSession, reply: httpx.Response, headers: dict[str, str]) -> None:
+        decoder = SseDecoder(max_event_bytes=MAX_EVENT_BYTES)
+        async for chunk in reply.aiter_raw():
+            for event in decoder.feed(chunk):
+                if not event.data:
+                    continue
+                try:
+                    message = json.loads(event.data)
+                except ValueError:
+                    continue
+                if isinstance(message, dict) and message.get("method") == "ping" and "id" in message:
+                    await self._pong(kept, message["id"], headers)
+
+    async def _pong(self, kept: KeptSession, ping_id: object, headers: dict[str, str]) -> None:
+        body = json.dumps({"jsonrpc": "2.0", "id": ping_id, "result": {}}, separators=(",", ":"))
+        try:
+            fresh = await self._headers(kept)  # a token may have been refreshed since the GET
+        except Exception:
+            fresh = headers
+        reply = await self.answers.post(
+            kept.url,
+            content=body,
+            headers={**fresh, "content-type": "application/json", "accept": "application/json, text/event-stream"},
+        )
+        if reply.status_code < 300:
+            self.metrics.pings.labels(kept.server).inc()
+        else:
+            log.warning("keeper: the ping answer to %r got HTTP %d", kept.server, reply.status_code)

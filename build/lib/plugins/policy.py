@@ -1,0 +1,260 @@
+"""The ``policy`` stage: ``MCPToolPolicy`` rules, trust, scopes, Rego and rate limits.
+
+Data flow for a ``tools/call`` (and, with ``listing`` set and no arguments, for
+each tool of a ``tools/list`` result, so a tool the caller may not call is not
+listed)::
+
+    policies = MCPToolPolicies targeting the server, plus the agent's policyRefs
+    cache[(catalog, principal, server, tool, sha256(arguments), listing)] hit? ──▶ decision
+    rules (policy_rules.check_rules): first matching rule per policy
+        Deny rule, trust too low (200, -32003), scopes missing (403 insufficient_scope)
+    Rego, per policy that has one: EmbeddedRego (compiled once per module) or RemoteOpa
+        false / undefined ──▶ deny (-32003); backend down ──▶ deny 503 (fail closed)
+    ──▶ decision cached for decisionCacheSeconds
+    allowed calls ──▶ rate limit (token bucket per principal, or per principal and tool)
+        empty ──▶ 429 + Retry-After
+
+Each decision is explained on the context (the audit line's ``rule``). The
+batch, JSON and SSE handling is :class:`plugins.toolgate.ToolGate`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+from pydantic import Field
+
+from extproc.api import POLICY_DENIED, Context, Deny, FailureMode, Principal, StageConfig
+from extproc.errors import ConfigError, PolicyBackendError
+from extproc.mcp.jsonrpc import Message
+from extproc.mcp.spec import INTERNAL_ERROR
+from extproc.models import MCPToolPolicy, Rego
+from extproc.resources import Catalog, MCPServer
+from plugins.authn import insufficient_scope
+from plugins.buckets import TokenBuckets, TtlCache
+from plugins.policy_rules import Decision, check_rules, read_rego_value, rego_input
+from plugins.rego import EmbeddedRego, RegoBackend, RemoteOpa, compile_problem
+from plugins.toolgate import ToolGate
+
+log = logging.getLogger("mcp_extproc.policy")
+
+RATE_LIMITED: Final = -32029
+"""JSON-RPC error code of a call refused by a rate limit (HTTP 429)."""
+_ANONYMOUS: Final = Principal(subject="anonymous")
+
+
+class PolicyConfig(StageConfig):
+    """Configuration of the ``policy`` stage."""
+
+    decision_cache_seconds: float = Field(default=5.0, ge=0, alias="decisionCacheSeconds")
+    decision_cache_size: int = Field(default=10_000, gt=0, alias="decisionCacheSize")
+    rate_limit_keys: int = Field(default=100_000, gt=0, alias="rateLimitKeys")
+
+
+def rego_module(catalog: Catalog, policy: MCPToolPolicy) -> str | None:
+    """The Rego source of ``policy`` (inline or from its ConfigMap), ``None`` for remote OPA.
+
+    Raises:
+        ConfigError: the ConfigMap or key is missing.
+    """
+    rego = policy.spec.rego
+    if rego is None or rego.remote is not None:
+        return None
+    if rego.module is not None:
+        return rego.module
+    assert rego.config_map_ref is not None
+    return catalog.config_value(rego.config_map_ref)
+
+
+class PolicyStage(ToolGate):
+    """Decide every tool call with rules, trust, scopes and Rego; hide what may not be called."""
+
+    name: ClassVar[str] = "policy"
+    Config: ClassVar[type[StageConfig]] = PolicyConfig
+
+    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+        super().__init__(config, failure_mode)
+        assert isinstance(config, PolicyConfig)
+        self._cache: TtlCache[Decision] = TtlCache(config.decision_cache_seconds, config.decision_cache_size)
+        self._buckets = TokenBuckets(config.rate_limit_keys)
+        self._backends: dict[str, RegoBackend] = {}  # by the Rego source, so reloads reuse compiled policies
+        self._annotations: TtlCache[Mapping[str, Any]] = TtlCache(3600.0, 10_000)
+
+    async def shutdown(self) -> None:
+        for backend in self._backends.values():
+            await backend.close()
+
+    def check(self, catalog: Catalog) -> list[str]:
+        problems = []
+        for name, policy in sorted(catalog.policies.items()):
+            try:
+                module = rego_module(catalog, policy)
+            except ConfigError as exc:
+                problems.append(f"MCPToolPolicy {name!r}: spec.rego.configMapRef: {exc}")
+                continue
+            if module is not None and policy.spec.rego is not None:
+                problem = compile_problem(f"{name}.rego", module, policy.spec.rego.query)
+                if problem is not None:
+                    problems.append(f"MCPToolPolicy {name!r}: spec.rego: {problem}")
+        return problems
+
+    # -- which policies ---------------------------------------------------------------------
+
+    def _policies(self, ctx: Context, server: MCPServer) -> list[MCPToolPolicy]:
+        catalog = ctx.catalog
+        if catalog is None or not catalog.policies:
+            return []
+        found = catalog.policies_for(server.name)
+        principal = ctx.principal
+        agent = catalog.agents.get(principal.agent) if principal is not None and principal.agent else None
+        if agent is not None:
+            for ref in agent.spec.policy_refs:
+                extra = catalog.policies.get(ref.name)
+                if extra is not None and extra not in found:
+                    found.append(extra)
+        return found
+
+    def applies(self, ctx: Context, server: MCPServer) -> bool:
+        return bool(self._policies(ctx, server))
+
+    # -- decisions --------------------------------------------------------------------------
+
+    async def refuse_call(self, ctx: Context, server: MCPServer, message: Message) -> Deny | None:
+        tool = message.tool_name or ""
+        policies = self._policies(ctx, server)
+        principal = ctx.principal or _ANONYMOUS
+        decision = await self._decide(ctx, policies, principal, server, tool, message.arguments, listing=False)
+        if decision.explanation:
+            ctx.explain(decision.explanation)
+        if not decision.allowed:
+            if decision.missing_scopes:
+                return insufficient_scope(ctx, list(decision.missing_scopes), decision.message)
+            status = 503 if decision.reason == "policy_backend" else 200
+            code = INTERNAL_ERROR if status == 503 else POLICY_DENIED
+            return Deny(status=status, code=code, message=decision.message, reason=decision.reason)
+        return self._rate_limit(ctx, policies, principal, tool)
+
+    async def hide_tool(self, ctx: Context, server: MCPServer, name: str, tool: Mapping[str, Any]) -> bool:
+        annotations = tool.get("annotations")
+        if isinstance(annotations, Mapping):
+            self._annotations.put((server.name, name), annotations)
+        principal = ctx.principal or _ANONYMOUS
+        policies = self._policies(ctx, server)
+        decision = await self._decide(ctx, policies, principal, server, name, None, listing=True)
+        return not decision.allowed
+
+    async def _decide(
+        self,
+        ctx: Context,
+        policies: list[MCPToolPolicy],
+        principal: Principal,
+        server: MCPServer,
+        tool: str,
+        arguments: Mapping[str, Any] | None,
+        *,
+        listing: bool,
+    ) -> Decision:
+        digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
+        generation = ctx.catalog.generation if ctx.catalog is not None else -1
+        key = (generation, principal.key, principal.agent, server.name, tool, digest, listing)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        decision = check_rules(policies, principal, tool)
+        if decision.allowed:
+            decision = await self._rego(ctx, policies, principal, server, tool, arguments, decision, listing=listing)
+        if decision.reason != "policy_backend":
+            self._cache.put(key, decision)
+        return decision
+
+    async def _rego(
+        self,
+        ctx: Context,
+        policies: list[MCPToolPolicy],
+        principal: Principal,
+        server: MCPServer,
+        tool: str,
+        arguments: Mapping[str, Any] | None,
+        ruled: Decision,
+        *,
+        listing: bool,
+    ) -> Decision:
+        explanations = list(ruled.checks)
+        for policy in policies:
+            rego = policy.spec.rego
+            if rego is None:
+                continue
+            document = rego_input(
+                principal=principal,
+                server=server.name,
+                tool=tool,
+                arguments=arguments,
+                annotations=self._annotations.get((server.name, tool)),
+                required=ruled.required,
+                policy=policy.name,
+                listing=listing,
+            )
+            try:
+                backend = self._backend(ctx, policy, rego)
+                value = await backend.evaluate(document)
+            except (PolicyBackendError, ConfigError) as exc:
+                log.warning("MCPToolPolicy %r: %s", policy.name, exc)
+                return Decision(
+                    False,
+                    "policy_backend",
+                    f"MCPToolPolicy {policy.name!r}: {exc}",
+                    message="the policy backend cannot decide; the call was not forwarded",
+                )
+            allowed, why = read_rego_value(value)
+            shown = json.dumps(value, default=str)[:200]
+            where = f"MCPToolPolicy {policy.name!r} rego {rego.query} = {shown}"
+            if not allowed:
+                return Decision(
+                    False,
+                    "rego",
+                    where,
+                    message=f"tool {tool!r} is denied by policy {policy.name!r}" + (f": {why}" if why else ""),
+                )
+            explanations.append(where)
+        return Decision(True, "", "; ".join(explanations), required=ruled.required)
+
+    def _backend(self, ctx: Context, policy: MCPToolPolicy, rego: Rego) -> RegoBackend:
+        if rego.remote is not None:
+            key = f"remote:{rego.remote.url}:{rego.query}:{rego.remote.timeout_seconds}"
+            if key not in self._backends:
+                self._backends[key] = RemoteOpa(rego.remote.url, rego.query, rego.remote.timeout_seconds)
+            return self._backends[key]
+        assert ctx.catalog is not None
+        module = rego_module(ctx.catalog, policy) or ""
+        key = f"embedded:{rego.query}:{hashlib.sha256(module.encode()).hexdigest()}"
+        if key not in self._backends:
+            self._backends[key] = EmbeddedRego(f"{policy.name}.rego", module, rego.query)
+        return self._backends[key]
+
+    def _rate_limit(self, ctx: Context, policies: list[MCPToolPolicy], principal: Principal, tool: str) -> Deny | None:
+        for policy in policies:
+            limit = policy.spec.rate_limit
+            if limit is None:
+                continue
+            key = (policy.name, principal.key) if limit.key == "principal" else (policy.name, principal.key, tool)
+            wait = self._buckets.take(key, limit.requests, limit.per_seconds)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                per = "caller" if limit.key == "principal" else "caller and tool"
+                ctx.explain(
+                    f"MCPToolPolicy {policy.name!r} rateLimit: {limit.requests}/{limit.per_seconds:g}s per {per}"
+                )
+                return Deny(
+                    status=429,
+                    code=RATE_LIMITED,
+                    message=f"rate limit of policy {policy.name!r} exceeded; retry in {retry} s",
+                    reason="rate_limited",
+                    data={"retryAfterSeconds": retry},
+                    headers={"retry-after": str(retry)},
+                )
+        return None
