@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"throughput: wrk -t {THROUGHPUT_LOAD[0]} -c {THROUGHPUT_LOAD[1]}; upstream: canned Envoy direct_response\n"
         f"+ms: latency added to {PLAIN}; % of plain: throughput relative to {PLAIN}; "
         "errors: socket errors + non-2xx over both runs;\n"
-        "gRPC calls/req: ext_proc messages plus ext_authz Checks Envoy sent our server per request "
+        "calls/req: ext_proc messages plus ext_authz Checks (gRPC or HTTP) Envoy sent our server per request "
         "(each one a round trip)\n"
     )
     print(table(rows, PLAIN))

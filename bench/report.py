@@ -79,7 +79,7 @@ def table(rows: Sequence[Row], baseline: str) -> str:
         "+p99 ms",
         "req/s @16",
         "% of plain",
-        "gRPC calls/req",
+        "calls/req",
         "errors",
     )
     base = {r.shape: r for r in rows if r.config == baseline}
