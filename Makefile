@@ -53,6 +53,7 @@ $(RUNTIME_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/pip install --quiet --upgrade pip
 	$(RUNTIME_VENV)/bin/pip install --quiet .
+	rm -rf build
 	touch $@
 
 bench: venv $(RUNTIME_VENV)/.installed

@@ -1,1 +1,0 @@
-"""mcp_extproc.stage: the external stage protocol, by version."""
