@@ -41,7 +41,7 @@ def render_namespace(
     """Render every object for one namespace."""
     problems: dict[Key, list[str]] = {k: list(v) for k, v in view.unresolved.items()}
     objects: list[dict[str, Any]] = []
-    needs, _ = sidecar.pipeline_needs(pipeline)
+    needs, _, _ = sidecar.pipeline_needs(pipeline)
     catalog = view.catalog
     shared: dict[str, MCPServer] = {}
     for name, agent in sorted(catalog.agents.items()):

@@ -77,15 +77,12 @@ def agent_catalog(view: NamespaceView, agent: MCPAgent) -> Catalog:
     )
 
 
-def pipeline_needs(config: PipelineConfig = DEFAULT_PIPELINE) -> tuple[Any, int]:
-    """The phases the pipeline's stages need, and the request size limit Envoy buffers up to."""
+def pipeline_needs(config: PipelineConfig = DEFAULT_PIPELINE) -> tuple[Any, int, frozenset[str]]:
+    """From one build of the pipeline: the phases its stages need, the request size limit
+    Envoy buffers up to, and the eras whose ``tools/call`` the sidecar sends as one ext_authz
+    ``Check`` (front door ``auto``)."""
     pipeline = Registry().build_pipeline(config)
-    return pipeline.needs, max_request_bytes(pipeline)
-
-
-def fast_call_eras(config: PipelineConfig = DEFAULT_PIPELINE) -> frozenset[str]:
-    """The eras whose ``tools/call`` the sidecar sends as one ext_authz ``Check`` (front door ``auto``)."""
-    return Registry().build_pipeline(config).fast_call_eras
+    return pipeline.needs, max_request_bytes(pipeline), pipeline.fast_call_eras
 
 
 def sidecar_options(
@@ -130,15 +127,13 @@ def agent_config(
     catalog = agent_catalog(view, agent)
     if not catalog.servers:
         return []
-    needs, max_bytes = pipeline_needs(pipeline)
+    needs, max_bytes, fast_calls = pipeline_needs(pipeline)
     raw = view.raw[("MCPAgent", agent.name)]
     name = agent_object_name(agent.name)
     meta = object_meta(name, view.namespace, [owner_ref(raw)], f"MCPAgent.{agent.name}")
     resources = dump_documents(documents(catalog))
     data = {
-        "envoy.yaml": render_bootstrap_yaml(
-            catalog, needs, sidecar_options(settings, max_bytes, fast_call_eras(pipeline))
-        ),
+        "envoy.yaml": render_bootstrap_yaml(catalog, needs, sidecar_options(settings, max_bytes, fast_calls)),
         "pipeline.yaml": yaml.safe_dump(pipeline.model_dump(mode="json", by_alias=True), sort_keys=False),
     }
     objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}]

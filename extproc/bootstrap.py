@@ -263,15 +263,16 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 ext_authz_http_filter(options) if options.authz_http_unix else ext_authz_filter(options)
             )
         http_filters.append(ext_proc_filter(needs, options))
+    # With fast routes, ext_authz is on there only and switched off on every other route.
+    not_fast = without_authz if fast_calls else (lambda route: route)
     routes = []
     for server in catalog.servers.values():
         route = _route(server, options)
         if "legacy" in fast_calls:
-            routes.append(without_authz(oversized_route(route, server.name, options.max_request_bytes)))
+            routes.append(not_fast(oversized_route(route, server.name, options.max_request_bytes)))
         routes.extend(call_routes(route, server.name, fast_calls))
-        routes.append(without_authz(route) if fast_calls else route)
-    for other in (_well_known_route(), _not_found_route(catalog, options)):
-        routes.append(without_authz(other) if fast_calls else other)
+        routes.append(not_fast(route))
+    routes += [not_fast(_well_known_route()), not_fast(_not_found_route(catalog, options))]
     http_filters.append(
         {
             "name": "envoy.filters.http.router",

@@ -114,12 +114,19 @@ def ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
             "transport_api_version": "V3",
             # Every header line, so a routing header sent twice is still seen twice.
             "encode_raw_headers": True,
-            "failure_mode_allow": False,
-            # The body goes along so the stages can parse the JSON-RPC request.
-            "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
-            "status_on_error": {"code": "ServiceUnavailable"},
-            "clear_route_cache": True,
+            **_authz_common(options),
         },
+    }
+
+
+def _authz_common(options: BootstrapOptions) -> dict[str, Any]:
+    """What both ext_authz transports share: fail closed, with the body."""
+    return {
+        "failure_mode_allow": False,
+        # The body goes along so the stages can parse the JSON-RPC request.
+        "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "clear_route_cache": True,
     }
 
 
@@ -179,10 +186,7 @@ def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
                     "dynamic_metadata_from_headers": {"patterns": [{"exact": name} for name in METADATA_HEADERS]},
                 },
             },
-            "failure_mode_allow": False,
-            "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
-            "status_on_error": {"code": "ServiceUnavailable"},
-            "clear_route_cache": True,
+            **_authz_common(options),
         },
     }
 

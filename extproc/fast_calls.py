@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 from extproc.envoy_adapter import SERVER_METADATA_KEY
@@ -47,6 +48,17 @@ _MODERN_VERSION = {
     "name": MCP_PROTOCOL_VERSION,
     "string_match": {"safe_regex": {"regex": "|".join(re.escape(v) for v in sorted(MODERN_PROTOCOL_VERSIONS))}},
 }
+
+
+def promised_era(headers: Mapping[str, str]) -> str:
+    """The era a fast route promised, from the request headers the routes match on.
+
+    The Python twin of :func:`_match` for a caller that gets no context extensions
+    (the HTTP authorization service): only the modern route requires a modern
+    version header together with ``Mcp-Method: tools/call``.
+    """
+    modern = headers.get(MCP_PROTOCOL_VERSION) in MODERN_PROTOCOL_VERSIONS and headers.get(MCP_METHOD) == "tools/call"
+    return "modern" if modern else "legacy"
 
 
 def native_mcp_filter(max_request_bytes: int) -> dict[str, Any]:
@@ -135,4 +147,13 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
     return routes
 
 
-__all__ = ["CALL_ERA_KEY", "ERAS", "MCP_FILTER", "call_routes", "native_mcp_filter", "oversized_route", "without_authz"]
+__all__ = [
+    "CALL_ERA_KEY",
+    "ERAS",
+    "MCP_FILTER",
+    "call_routes",
+    "native_mcp_filter",
+    "oversized_route",
+    "promised_era",
+    "without_authz",
+]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import shutil
 import signal
@@ -89,7 +88,12 @@ def max_request_bytes(pipeline: Pipeline) -> int:
 
 
 def bootstrap_options(
-    settings: Settings, pipeline: Pipeline, *, extproc_tcp: str | None, extproc_unix: str | None
+    settings: Settings,
+    pipeline: Pipeline,
+    *,
+    extproc_tcp: str | None,
+    extproc_unix: str | None,
+    authz_http: str | None,
 ) -> BootstrapOptions:
     """What ``up`` and ``render envoy`` both render: the listener, limits and where the server is."""
     host, port = split_hostport(settings.listen, "--listen")
@@ -102,6 +106,7 @@ def bootstrap_options(
         max_request_bytes=max_request_bytes(pipeline),
         front_door="ext_authz" if settings.front_door == "ext_authz" else "ext_proc",
         fast_calls=pipeline.fast_call_eras if settings.front_door == "auto" else frozenset(),
+        authz_http_unix=authz_http,
     )
 
 
@@ -182,11 +187,11 @@ async def up(settings: Settings) -> int:
     socket_path = settings.unix or str(workdir / "extproc.sock")
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
-    options = bootstrap_options(settings, pipeline, extproc_tcp=None, extproc_unix=socket_path)
     # The fast tools/call routes call our HTTP authorization service: grpc-python is the
     # slow part of a Check, not the hop (extproc.authz_http).
-    authz_http = str(workdir / "authz.sock") if options.fast_calls else None
-    options = dataclasses.replace(options, authz_http_unix=authz_http)
+    authz_socket = str(workdir / "authz.sock")
+    options = bootstrap_options(settings, pipeline, extproc_tcp=None, extproc_unix=socket_path, authz_http=authz_socket)
+    authz_http = authz_socket if options.fast_calls else None
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
     admin_file = workdir / "admin-address"
@@ -267,7 +272,10 @@ def render_envoy(settings: Settings) -> str:
     """``mcp-extproc render envoy``: the bootstrap ``up`` would run."""
     catalog, pipeline = build(settings)
     options = bootstrap_options(
-        settings, pipeline, extproc_tcp=settings.grpc if not settings.unix else None, extproc_unix=settings.unix
+        settings,
+        pipeline,
+        extproc_tcp=settings.grpc if not settings.unix else None,
+        extproc_unix=settings.unix,
+        authz_http=settings.authz_http,
     )
-    options = dataclasses.replace(options, authz_http_unix=settings.authz_http)
     return render_bootstrap_yaml(catalog, pipeline.needs, options)

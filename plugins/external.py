@@ -89,21 +89,17 @@ class ExternalStage(Stage):
         for service in self.services:
             try:
                 await service.open()
-            except BaseException:
-                for done in opened:
-                    await done.close()
-                raise
-            opened.append(service)
-        if not self.calls_need_ext_proc:
-            for service in self.services:
-                if service.wants(pb.PHASE_RESPONSE, "tools/call"):
-                    for done in opened:
-                        await done.close()
+                opened.append(service)
+                if not self.calls_need_ext_proc and service.wants(pb.PHASE_RESPONSE, "tools/call"):
                     raise PluginError(
                         f"{service.where} asks for tools/call responses, but the external stage is configured "
                         "with fastCalls: true (tools/call takes the fast route, which has no response phase); "
                         "remove fastCalls, or drop tools/call from the service's response methods"
                     )
+            except BaseException:
+                for done in opened:
+                    await done.close()
+                raise
 
     async def shutdown(self) -> None:
         for service in self.services:
