@@ -39,8 +39,7 @@ import h11
 from extproc.api import Continue, Deny
 from extproc.authz_core import decide, denial_facts
 from extproc.envoy_adapter import denial_answer
-from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION
-from extproc.mcp.spec import MODERN_PROTOCOL_VERSIONS
+from extproc.fast_calls import promised_era
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
 
@@ -95,10 +94,6 @@ class AuthzHttpServer:
     async def answer(self, request: h11.Request, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         """Status, headers and body of the answer to one authorization request."""
         pairs = tuple((k.decode("latin-1").lower(), v.decode("utf-8", "replace")) for k, v in request.headers)
-        headers = dict(pairs)
-        version = headers.get(MCP_PROTOCOL_VERSION, "")
-        # Only the fast routes call us, and they differ in exactly this (extproc.fast_calls).
-        modern = version in MODERN_PROTOCOL_VERSIONS and headers.get(MCP_METHOD) == "tools/call"
         path = request.target.decode("latin-1")
         ctx, outcome = await decide(
             self.pipeline,
@@ -108,7 +103,8 @@ class AuthzHttpServer:
             path=path,
             body=body,
             server_hint=None,
-            promised_era="modern" if modern else "legacy",
+            # Only the fast routes call us; their headers say which one it was.
+            promised_era=promised_era(dict(pairs)),
         )
         if isinstance(outcome, Continue):
             foreign = sorted(name for name in outcome.set_headers if not _UPSTREAM.fullmatch(name))
@@ -171,7 +167,8 @@ class _Connection(asyncio.Protocol):
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                log.warning("HTTP authorization request refused: %s", exc)
+                # The type only: h11's messages can quote a header line, and headers carry tokens.
+                log.warning("HTTP authorization request refused: malformed HTTP (%s)", type(exc).__name__)
                 self._close()
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
@@ -209,7 +206,8 @@ class _Connection(asyncio.Protocol):
             transport.write(data or b"")
             self.conn.start_next_cycle()
         except h11.LocalProtocolError as exc:
-            log.warning("HTTP authorization answer not sent: %s", exc)
+            # The type only: the message can quote a header we set (an upstream credential).
+            log.warning("HTTP authorization answer not sent (%s)", type(exc).__name__)
             self._close()
             return
         self.busy = False
