@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -60,17 +61,41 @@ net.Server.prototype.listen = function (...args) {
 _live: set[Proc] = set()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL: Final = _ephemeral_range()
+_FIXED_PORTS: Final = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+    """Return a TCP port on 127.0.0.1 that was free a moment ago and that port 0 never hands out.
 
     Prefer letting a server bind port 0 and report its port; use this only for servers
-    that cannot (server-everything reads a fixed `PORT`). Another process may take the
-    port before the server binds it, so callers retry on "address in use".
+    that cannot (server-everything reads a fixed `PORT`, Envoy's listener is rendered
+    before it starts). The port lies outside the kernel's ephemeral range, so a later
+    bind to port 0 (our metrics server, Envoy's admin) cannot be given the same port
+    while the server that was promised it is still starting. Another process may
+    still take it; callers retry on "address in use".
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    low, high = _EPHEMERAL
+    candidates = [port for port in _FIXED_PORTS if not low <= port <= high and port not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {_FIXED_PORTS.start}-{_FIXED_PORTS.stop - 1} outside {low}-{high}")
 
 
 def wait_for_tcp(host: str, port: int, deadline_s: float) -> None:
