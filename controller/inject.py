@@ -122,6 +122,8 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             "",
             "--unix",
             settings.socket_path,
+            "--authz-http",
+            settings.authz_socket_path,
             "--metrics",
             "127.0.0.1:9464",
         ],

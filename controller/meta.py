@@ -60,6 +60,11 @@ class ControllerSettings:
         """The extension server's unix socket inside the shared ``emptyDir``."""
         return f"{self.socket_dir}/extproc.sock"
 
+    @property
+    def authz_socket_path(self) -> str:
+        """The HTTP authorization service's unix socket (the fast ``tools/call`` routes), beside it."""
+        return f"{self.socket_dir}/authz.sock"
+
 
 def owner_ref(resource: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
     """An owner reference to a custom resource read from the cluster (or a file)."""

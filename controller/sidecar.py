@@ -90,7 +90,9 @@ def sidecar_options(
 ) -> BootstrapOptions:
     """The injected Envoy: agents on 127.0.0.1:<sidecar_port>, admin on 127.0.0.1, ext_proc over the unix socket.
 
-    ``fast_calls``: as ``up``'s default front door ``auto`` (see :mod:`extproc.fast_calls`).
+    ``fast_calls``: as ``up``'s default front door ``auto`` (see :mod:`extproc.fast_calls`);
+    their ``Check`` goes over HTTP to the extension server's second socket in the same
+    ``emptyDir``, as in ``up``.
     """
     return BootstrapOptions(
         fast_calls=fast_calls,
@@ -100,6 +102,7 @@ def sidecar_options(
         extproc_tcp=None,
         extproc_unix=settings.socket_path,
         max_request_bytes=max_bytes,
+        authz_http_unix=settings.authz_socket_path if fast_calls else None,
     )
 
 

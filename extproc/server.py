@@ -118,9 +118,11 @@ class ExtProcServer:
             if path.exists() and path.is_socket():
                 path.unlink()
             self._server.add_insecure_port(f"unix:{path}")
-        await self._server.start()
+        # The HTTP service first: whoever sees the gRPC socket (a sidecar's startup probe)
+        # may start Envoy, whose fast routes call this one.
         if self._authz_http is not None:
             await self._authz_http.start()
+        await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gRPC server listening (tcp=%s unix=%s) with stages %s",

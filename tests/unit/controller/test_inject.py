@@ -57,7 +57,9 @@ def test_matching_pod_gets_sidecars_env_and_volumes() -> None:
     envoy = init[1]
     assert envoy["args"][:2] == ["-c", "/etc/mcp-extproc/envoy.yaml"]
     assert envoy["securityContext"]["runAsNonRoot"] is True
-    assert "--unix" in init[0]["args"] and "/var/run/mcp-extproc/extproc.sock" in init[0]["args"]
+    args = init[0]["args"]
+    assert args[args.index("--unix") + 1] == "/var/run/mcp-extproc/extproc.sock"
+    assert args[args.index("--authz-http") + 1] == "/var/run/mcp-extproc/authz.sock"  # the same emptyDir
     for container in patched["spec"]["containers"]:
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["MCP_SERVER_TOOLS_URL"] == "http://127.0.0.1:15001/tools/mcp"

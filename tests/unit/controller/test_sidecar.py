@@ -65,6 +65,9 @@ def test_sidecar_bootstrap_passes_envoy_validate_and_is_stream_safe(tmp_path: Pa
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
     pipe = clusters["mcp_extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert pipe == {"pipe": {"path": "/var/run/mcp-extproc/extproc.sock"}}
+    # The fast routes' check goes over HTTP to the second socket in the same emptyDir.
+    authz = clusters["mcp_extproc_authz_http"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert authz["endpoint"]["address"] == {"pipe": {"path": "/var/run/mcp-extproc/authz.sock"}}
     assert "mcp_server_unused" not in clusters
 
 
