@@ -122,6 +122,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def quiet_http_clients(level: str) -> None:
+    """httpx logs every request at INFO, its whole URL included: the keeper's GETs and ping
+    answers (hundreds a second with many kept sessions), JWKS and token fetches. A URL may
+    carry a key in its query, so below DEBUG those lines are not written."""
+    if logging.getLevelName(level) != logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mcp-extproc`` console script."""
     args = _parser().parse_args(argv)
@@ -137,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # render's stdout is a document: its logs go to stderr.
             stream=sys.stdout if args.command in ("up", "serve") else sys.stderr,
         )
+        quiet_http_clients(settings.log_level)
         from extproc import up as commands
 
         if args.command == "check":
