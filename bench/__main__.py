@@ -30,13 +30,25 @@ QUICK_WARMUP_S: Final = 1.0
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_DURATION_S:.0f} s per measurement (smoke run)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every cell this many times, interleaved, and report the median (default 3)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"one round of {QUICK_DURATION_S:.0f} s per measurement (smoke run)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
     parser.add_argument(
         "--no-external", action="store_true", help="skip the configurations with an external stage (TCP, unix)"
     )
     return parser
+
+
+def _rounds(rounds: int, duration: float) -> str:
+    return f"one run of {duration:g} s" if rounds == 1 else f"the median of {rounds} interleaved runs of {duration:g} s"
 
 
 def _progress(message: str) -> None:
@@ -53,8 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     duration = QUICK_DURATION_S if args.quick else args.duration
     warmup = QUICK_WARMUP_S if args.quick else WARMUP_S
+    rounds = 1 if args.quick else args.rounds
     if duration < 1:
         print("bench: --duration must be at least 1 second (wrk's shortest run)", file=sys.stderr)
+        return 2
+    if rounds < 1:
+        print("bench: --rounds must be at least 1", file=sys.stderr)
         return 2
     if wrk_binary() is None:
         print(f"bench: {INSTALL_HINT}", file=sys.stderr)
@@ -68,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Stack(workdir, extproc_argv()) as stack:
             _progress(f"starting the stack in {workdir}")
             upstream, targets = build_targets(stack, external=not args.no_external)
-            rows = measure(upstream, targets, workdir, duration_s=duration, warmup_s=warmup, progress=_progress)
+            rows = measure(
+                upstream, targets, workdir, duration_s=duration, warmup_s=warmup, progress=_progress, rounds=rounds
+            )
     except (BenchError, WrkError) as exc:
         keep_workdir = True
         print(f"bench: error: {exc}\nbench: configs and logs kept in {workdir}", file=sys.stderr)
@@ -84,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"mcp-extproc benchmark, {facts['date']}\n"
         f"machine: nproc {facts['nproc']}, {facts['cpu_model']}, Linux {facts['kernel']}, "
         f"Python {facts['python']}, Envoy {facts['envoy']}\n"
-        f"each cell: {duration:g} s after a {warmup:g} s warm-up; "
+        f"each cell: {_rounds(rounds, duration)}, each after a {warmup:g} s warm-up; "
         f"latency: wrk -t {LATENCY_LOAD[0]} -c {LATENCY_LOAD[1]}; "
         f"throughput: wrk -t {THROUGHPUT_LOAD[0]} -c {THROUGHPUT_LOAD[1]}; upstream: canned Envoy direct_response\n"
         f"+ms: latency added to {PLAIN}; % of plain: throughput relative to {PLAIN}; "
@@ -103,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         settings = {
             "duration_s": duration,
+            "rounds": rounds,
             "warmup_s": warmup,
             "latency_load": LATENCY_LOAD,
             "throughput_load": THROUGHPUT_LOAD,

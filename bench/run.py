@@ -17,7 +17,9 @@ stages`` gets the same ext_proc filter as the pipelines (rendered from the defau
 pipeline's needs), so it shows what the framework and gRPC cost before any stage
 runs. Cells run interleaved: for each request shape and load, every configuration
 in turn, the order rotated between cells so drift does not always favour the same
-configuration.
+configuration; with ``rounds`` > 1 the whole sequence repeats and each cell reports the
+median of its rounds (on a shared 2-core VM one 10 s run of the same cell moved by
+±0.3 ms at p50 between runs; the median of interleaved rounds moves less).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,7 +37,7 @@ from bench.checks import sanity_check
 from bench.report import Row
 from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
 from bench.stack import Envoy, Stack
-from bench.wrk import WrkResult, run_wrk
+from bench.wrk import WrkResult, median_of, run_wrk
 from extproc.pipeline import PhaseNeeds
 from extproc.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
 from extproc.resources import parse_documents
@@ -171,26 +173,28 @@ def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[T
 
 @dataclass
 class _Cell:
-    latency: WrkResult | None = None
-    throughput: WrkResult | None = None
-    msgs_per_request: float = 0.0
-    upstream_share: float = 0.0
+    latency: list[WrkResult] = field(default_factory=list)
+    throughput: list[WrkResult] = field(default_factory=list)
+    calls: int = 0
+    answered: int = 0
+    reached: int = 0
 
 
 def _measure(
     target: Target, upstream: Envoy, script: Path, load: tuple[int, int], duration_s: float, warmup_s: float
-) -> tuple[WrkResult, float, float]:
-    """Warm up, then measure; also returns gRPC calls per request (ext_proc messages plus ext_authz
-    Checks, each one round trip) and the upstream share."""
+) -> tuple[WrkResult, int, int, int]:
+    """Warm up, then measure; also returns the calls Envoy made to our server (ext_proc
+    messages plus ext_authz Checks, each one round trip), the requests Envoy answered and
+    those that reached the upstream."""
     threads, connections = load
     run_wrk(target.url, script, threads=threads, connections=connections, duration_s=warmup_s)
     before, up_before = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
     result = run_wrk(target.url, script, threads=threads, connections=connections, duration_s=duration_s)
     after, up_after = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
     answered = after.get(_FRONT_RQ, 0) - before.get(_FRONT_RQ, 0)
-    msgs = sum(after.get(name, 0) - before.get(name, 0) for name in (_EXTPROC_MSGS, *_AUTHZ_CALLS))
+    calls = sum(after.get(name, 0) - before.get(name, 0) for name in (_EXTPROC_MSGS, *_AUTHZ_CALLS))
     reached = up_after.get(_UPSTREAM_RQ, 0) - up_before.get(_UPSTREAM_RQ, 0)
-    return result, msgs / answered if answered else 0.0, reached / answered if answered else 0.0
+    return result, calls, answered, reached
 
 
 def measure(
@@ -202,8 +206,9 @@ def measure(
     warmup_s: float,
     progress: Callable[[str], None],
     shapes: Sequence[Shape] = SHAPES,
+    rounds: int = 1,
 ) -> list[Row]:
-    """Sanity-check every target, then measure every (shape, load, target) cell."""
+    """Sanity-check every target, then measure every (shape, load, target) cell ``rounds`` times."""
     for target in targets:
         sanity_check(
             target.label, target.url, shapes, enforces_allowlist=target.enforces_allowlist, external=target.external
@@ -214,30 +219,41 @@ def measure(
     )
     cells: dict[tuple[str, str], _Cell] = {(s.name, t.label): _Cell() for s in shapes for t in targets}
     rotation = 0
+    scripts = {}
     for shape in shapes:
-        script = workdir / f"wrk-{shape.name}.lua"
-        script.write_text(wrk_script(shape))
-        for kind, load in (("latency", LATENCY_LOAD), ("throughput", THROUGHPUT_LOAD)):
-            order = [*targets[rotation:], *targets[:rotation]]
-            rotation = (rotation + 1) % len(targets)
-            for target in order:
-                started = time.monotonic()
-                result, msgs, share = _measure(target, upstream, script, load, duration_s, warmup_s)
-                cell = cells[(shape.name, target.label)]
-                if kind == "latency":
-                    cell.latency = result
-                else:
-                    cell.throughput, cell.msgs_per_request, cell.upstream_share = result, msgs, share
-                progress(
-                    f"{shape.name} {kind:<10} {target.label:<20} p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms"
-                    f"  {result.rps:,.0f} req/s  errors {result.errors}  ({time.monotonic() - started:.0f} s)"
-                )
+        scripts[shape.name] = workdir / f"wrk-{shape.name}.lua"
+        scripts[shape.name].write_text(wrk_script(shape))
+    for round_no in range(1, rounds + 1):
+        for shape in shapes:
+            for kind, load in (("latency", LATENCY_LOAD), ("throughput", THROUGHPUT_LOAD)):
+                order = [*targets[rotation:], *targets[:rotation]]
+                rotation = (rotation + 1) % len(targets)
+                for target in order:
+                    started = time.monotonic()
+                    result, calls, answered, reached = _measure(
+                        target, upstream, scripts[shape.name], load, duration_s, warmup_s
+                    )
+                    cell = cells[(shape.name, target.label)]
+                    if kind == "latency":
+                        cell.latency.append(result)
+                    else:
+                        cell.throughput.append(result)
+                        cell.calls, cell.answered, cell.reached = (
+                            cell.calls + calls,
+                            cell.answered + answered,
+                            cell.reached + reached,
+                        )
+                    progress(
+                        f"round {round_no}/{rounds} {shape.name} {kind:<10} {target.label:<20} "
+                        f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  {result.rps:,.0f} req/s  "
+                        f"errors {result.errors}  ({time.monotonic() - started:.0f} s)"
+                    )
     rows = []
     for shape in shapes:
         for target in targets:
             cell = cells[(shape.name, target.label)]
-            assert cell.latency is not None and cell.throughput is not None
-            rows.append(
-                Row(shape.name, target.label, cell.latency, cell.throughput, cell.msgs_per_request, cell.upstream_share)
-            )
+            calls_per_request = cell.calls / cell.answered if cell.answered else 0.0
+            upstream_share = cell.reached / cell.answered if cell.answered else 0.0
+            latency, throughput = median_of(cell.latency), median_of(cell.throughput)
+            rows.append(Row(shape.name, target.label, latency, throughput, calls_per_request, upstream_share))
     return rows

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -57,6 +59,20 @@ class WrkResult:
     def errors(self) -> int:
         """Every request that did not end in a 2xx/3xx response."""
         return self.socket_errors + self.non_2xx
+
+
+def median_of(results: Sequence[WrkResult]) -> WrkResult:
+    """Several rounds of one cell as one result: the median rate and percentiles, the summed
+    counts (so an error in any round shows)."""
+    return WrkResult(
+        requests=sum(r.requests for r in results),
+        seconds=sum(r.seconds for r in results),
+        rps=statistics.median(r.rps for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+        non_2xx=sum(r.non_2xx for r in results),
+    )
 
 
 def wrk_binary() -> str | None:
