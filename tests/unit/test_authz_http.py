@@ -76,38 +76,29 @@ async def test_a_route_promise_follows_the_headers(service: AuthzHttpServer) -> 
     )
 
 
-class _SetsOddHeader(Stage):
-    name: ClassVar[str] = "odd-header"
+class _SetsHeader(Stage):
+    name: ClassVar[str] = "sets-header"
     calls_need_ext_proc: frozenset[str] = frozenset()
+    header: ClassVar[tuple[str, str]] = ("", "")
 
     async def on_request_body(self, ctx: Context) -> Verdict:
-        return Continue(set_headers={"odd-header": "1"})
+        return Continue(set_headers=dict([self.header]))
 
 
-async def test_a_header_envoy_would_drop_refuses_the_call(catalog: Catalog, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "header",
+    [("odd-header", "1"), ("x-smuggled", "1\r\nx-admin: yes")],
+    ids=["not-copied-by-envoy", "would-split-the-answer"],
+)
+async def test_a_header_that_cannot_reach_the_upstream_refuses_the_call(
+    catalog: Catalog, tmp_path: Path, header: tuple[str, str]
+) -> None:
+    stage = type("_Stage", (_SetsHeader,), {"header": header})(Stage.Config())
     base: Any = Registry().build_pipeline(PipelineConfig(stages=[StageSpec(name="mcp")]))
-    pipeline = Pipeline([*base.stages, _SetsOddHeader(Stage.Config())])
-    service = AuthzHttpServer(pipeline, catalog, str(tmp_path / "authz.sock"))
-    status, _headers, body = await service.answer(*_request(LEGACY), _call("echo"))
-    assert status == CARRIED_STATUS[500]
-    assert "odd-header" in json.loads(body)["error"]["message"]
-
-
-class _SetsHeaderValue(Stage):
-    name: ClassVar[str] = "header-value"
-    calls_need_ext_proc: frozenset[str] = frozenset()
-
-    async def on_request_body(self, ctx: Context) -> Verdict:
-        return Continue(set_headers={"x-smuggled": "1\r\nx-admin: yes"})
-
-
-async def test_a_header_value_that_would_split_the_answer_refuses_the_call(catalog: Catalog, tmp_path: Path) -> None:
-    base: Any = Registry().build_pipeline(PipelineConfig(stages=[StageSpec(name="mcp")]))
-    pipeline = Pipeline([*base.stages, _SetsHeaderValue(Stage.Config())])
-    service = AuthzHttpServer(pipeline, catalog, str(tmp_path / "authz.sock"))
+    service = AuthzHttpServer(Pipeline([*base.stages, stage]), catalog, str(tmp_path / "authz.sock"))
     status, headers, body = await service.answer(*_request(LEGACY), _call("echo"))
     assert status == CARRIED_STATUS[500]
-    assert "x-smuggled" in json.loads(body)["error"]["message"]
+    assert header[0] in json.loads(body)["error"]["message"]
     assert all("x-admin" not in value for _, value in headers)
 
 
