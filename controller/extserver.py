@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from controller.meta import EXTPROC_NAME, ControllerSettings, object_meta, owner_ref
-from controller.sidecar import CONFIG_DIR, documents, dump_documents
+from controller.sidecar import CONFIG_DIR, documents, dump_documents, serve_args
 from controller.view import NamespaceView
 from extproc.models import MCPServer
 from extproc.registry import DEFAULT_PIPELINE, PipelineConfig
@@ -95,17 +95,7 @@ def extension_server(
     container = {
         "name": "extproc",
         "image": settings.image,
-        "args": [
-            "serve",
-            "-f",
-            f"{CONFIG_DIR}/resources.yaml",
-            "--pipeline",
-            f"{CONFIG_DIR}/pipeline.yaml",
-            "--grpc",
-            f"0.0.0.0:{settings.grpc_port}",
-            "--metrics",
-            "0.0.0.0:9464",
-        ],
+        "args": serve_args("--grpc", f"0.0.0.0:{settings.grpc_port}", "--metrics", "0.0.0.0:9464"),
         "ports": [
             {"name": "grpc", "containerPort": settings.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},

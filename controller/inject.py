@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from controller.meta import INJECT_ANNOTATION, INJECTED_ANNOTATION, ControllerSettings, agent_object_name
-from controller.sidecar import CONFIG_DIR
+from controller.sidecar import CONFIG_DIR, serve_args
 from extproc.models import LabelSelector, MCPAgent
 
 ENVOY_CONTAINER: Final = "mcp-envoy"
@@ -112,12 +112,7 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
         "name": EXTPROC_CONTAINER,
         "image": settings.image,
         "restartPolicy": "Always",
-        "args": [
-            "serve",
-            "-f",
-            f"{CONFIG_DIR}/resources.yaml",
-            "--pipeline",
-            f"{CONFIG_DIR}/pipeline.yaml",
+        "args": serve_args(
             "--grpc",
             "",
             "--unix",
@@ -126,7 +121,7 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             settings.authz_socket_path,
             "--metrics",
             "127.0.0.1:9464",
-        ],
+        ),
         "startupProbe": _probe_exec(
             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({settings.socket_path!r})"
         ),

@@ -30,6 +30,12 @@ from extproc.up import max_request_bytes
 CONFIG_DIR: Final = "/etc/mcp-extproc"
 
 
+def serve_args(*listen: str) -> list[str]:
+    """``mcp-extproc serve`` on the files this module writes (mounted at :data:`CONFIG_DIR`),
+    listening where ``listen`` says (the injected sidecar and the shared server differ only there)."""
+    return ["serve", "-f", f"{CONFIG_DIR}/resources.yaml", "--pipeline", f"{CONFIG_DIR}/pipeline.yaml", *listen]
+
+
 def agent_catalog(view: NamespaceView, agent: MCPAgent) -> Catalog:
     """What ``agent`` may use, as a catalog that passes the local loader's reference checks."""
     catalog = view.catalog

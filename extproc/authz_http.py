@@ -46,7 +46,7 @@ import httptools
 
 from extproc.api import Continue, Deny
 from extproc.authz_core import decide, denial_facts
-from extproc.envoy_adapter import denial_answer
+from extproc.envoy_adapter import denial_answer, first_values
 from extproc.fast_calls import promised_era
 from extproc.pipeline import Pipeline
 from extproc.resources import Catalog
@@ -128,8 +128,8 @@ class AuthzHttpServer:
             path=path,
             body=body,
             server_hint=None,
-            # Only the fast routes call us; their headers say which one it was.
-            promised_era=promised_era(dict(pairs)),
+            # Only the fast routes call us; their headers (as the stages read them) say which one it was.
+            promised_era=promised_era(first_values(pairs)),
         )
         if isinstance(outcome, Continue):
             unsendable = _unsendable(outcome.set_headers)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from extproc.envoy_adapter import METADATA_NAMESPACE
 from extproc.errors import ConfigError
 from extproc.pipeline import PhaseNeeds
+from extproc.settings import split_hostport
 
 if TYPE_CHECKING:
     from extproc.bootstrap import BootstrapOptions
@@ -25,18 +26,6 @@ _T: Final = "type.googleapis.com/"
 def socket_address(host: str, port: int) -> dict[str, Any]:
     """An Envoy ``socket_address``."""
     return {"socket_address": {"address": host, "port_value": port}}
-
-
-def split_hostport(value: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) of the extension server.
-
-    Raises:
-        ConfigError: not ``host:port``.
-    """
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"expected host:port for the extension server, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 _UPSTREAM_FAILURE_FLAGS: Final = ["UF", "UH", "URX", "UC", "UT", "UO", "NC", "DPE"]
@@ -134,7 +123,7 @@ def extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
     if options.extproc_unix:
         address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
     elif options.extproc_tcp:
-        address = socket_address(*split_hostport(options.extproc_tcp))
+        address = socket_address(*split_hostport(options.extproc_tcp, "the extension server's address"))
     else:
         raise ConfigError("the bootstrap needs the extension server's TCP address or unix socket")
     return {

@@ -29,6 +29,7 @@ _AUTHZ_HTTP = (
     "unix socket of the HTTP authorization service that the fast tools/call routes (front door auto) call; "
     "without it they use the gRPC Check, which costs more (up always uses one)"
 )
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
 
 
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         logging.basicConfig(
             level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            format=_LOG_FORMAT,
             # render's stdout is a document: its logs go to stderr.
             stream=sys.stdout if args.command in ("up", "serve") else sys.stderr,
         )
@@ -177,9 +178,7 @@ def _controller_command(args: argparse.Namespace) -> int:
 
     The core never imports the controller: it finds these commands the way it finds stages.
     """
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT, stream=sys.stdout)
     try:
         if args.command == "controller":
             result: int = _extension_command("controller")(args)

@@ -19,8 +19,9 @@ remove headers (the upstream credential). The ``auto`` front door renders::
           ─▶ ext_proc, exactly as with the ``ext_proc`` front door; ext_authz is off
              on this and every other route
 
-The native filter only picks the route; our parser still decides. The ext_authz
-adapter refuses a request whose parse is not what the route promised (one
+The native filter only picks the route; our parser still decides. The check
+(:mod:`extproc.authz_core`, over gRPC or HTTP) refuses a request whose parse is not
+what the route promised (one
 ``tools/call`` of that era), so a body that fools Envoy's parser (a repeated
 key, say) is refused, never waved through on the fast route.
 """

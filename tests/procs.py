@@ -98,6 +98,21 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_FIXED_PORTS.start}-{_FIXED_PORTS.stop - 1} outside {low}-{high}")
 
 
+def assert_envoy_accepts(config: str, path: Path) -> None:
+    """Write ``config`` to ``path`` and assert the pinned Envoy's ``--mode validate`` accepts it."""
+    from extproc.up import envoy_binary
+
+    path.write_text(config)
+    checked = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "OK" in checked.stdout
+
+
 def wait_for_tcp(host: str, port: int, deadline_s: float) -> None:
     """Poll until `host:port` accepts a TCP connection.
 

@@ -20,7 +20,7 @@ from extproc.resources import load_resources
 from extproc.up import envoy_binary
 from tests.agents import raw_post
 from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
-from tests.procs import Proc, free_port, start_pyserver
+from tests.procs import Proc, assert_envoy_accepts, free_port, start_pyserver
 from tests.upstreams.pyserver import read_records
 
 pytestmark = pytest.mark.integration
@@ -122,16 +122,7 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tupl
             text=True,
             check=True,
         ).stdout
-        config = tmp_path / "rendered.yaml"
-        config.write_text(rendered)
-        checked = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        assert "OK" in checked.stdout
+        assert_envoy_accepts(rendered, tmp_path / "rendered.yaml")
         filters = yaml.safe_load(rendered)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
         http_filters = filters[0]["typed_config"]["http_filters"]
         deciding = [f for f in http_filters if f["name"] in _FRONT_FILTERS["auto"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from controller.meta import ControllerSettings
 from controller.render import render_documents
 from extproc.registry import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.resources import load_resources
-from extproc.up import envoy_binary
+from tests.procs import assert_envoy_accepts
 from tests.unit.controller.fixtures import agent, secret, server
 from tests.unit.controller.schemas import validate_any
 
@@ -26,19 +25,6 @@ def objects(*docs: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(o["kind"], o["metadata"]["name"]): o for o in rendered.objects}
 
 
-def envoy_validate(tmp_path: Path, config: str) -> None:
-    path = tmp_path / "envoy.yaml"
-    path.write_text(config)
-    checked = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "OK" in checked.stdout
-
-
 def test_sidecar_bootstrap_passes_envoy_validate_and_is_stream_safe(tmp_path: Path) -> None:
     out = objects(
         server("local", "http://tools.mcp.svc.cluster.local:8080/mcp"),
@@ -47,7 +33,7 @@ def test_sidecar_bootstrap_passes_envoy_validate_and_is_stream_safe(tmp_path: Pa
         agent("assistant", ["local", "remote"]),
     )
     config_map = out[("ConfigMap", "mcp-agent-assistant")]
-    envoy_validate(tmp_path, config_map["data"]["envoy.yaml"])
+    assert_envoy_accepts(config_map["data"]["envoy.yaml"], tmp_path / "envoy.yaml")
     bootstrap = yaml.safe_load(config_map["data"]["envoy.yaml"])
     assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
     listener = bootstrap["static_resources"]["listeners"][0]
