@@ -62,7 +62,7 @@ bench: venv $(RUNTIME_VENV)/.installed
 	$(BIN)/python -m bench.keeper --sessions 1000 --window 10 --server-python $(RUNTIME_VENV)/bin/python
 
 crds: venv
-	$(BIN)/python -m controller.crds deploy/crds
+	$(BIN)/python -m controller.render.crds deploy/crds
 
 clean:
 	rm -rf $(VENV) $(RUNTIME_VENV) node_modules examples/external-ts/node_modules examples/external-ts/dist .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -21,10 +21,10 @@ from typing import Any
 from regopy import Input, Interpreter
 
 from extproc.api import Context, Principal
+from extproc.config.resources import parse_documents
 from extproc.mcp.jsonrpc import parse_request
-from extproc.resources import parse_documents
+from plugins.lib.rego import EmbeddedRego
 from plugins.policy import PolicyConfig, PolicyStage
-from plugins.rego import EmbeddedRego
 
 MODULE = """package mcp
 import rego.v1

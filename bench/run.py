@@ -38,9 +38,9 @@ from bench.report import Row
 from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
 from bench.stack import Envoy, Stack
 from bench.wrk import WrkResult, median_of, run_wrk
-from extproc.pipeline import PhaseNeeds
-from extproc.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
-from extproc.resources import parse_documents
+from extproc.config.resources import parse_documents
+from extproc.core.pipeline import PhaseNeeds
+from extproc.core.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
 
 LATENCY_LOAD: Final = (1, 1)
 """wrk threads and connections for the latency cells."""

@@ -25,10 +25,10 @@ from typing import Any, Final, Self
 import yaml
 
 from bench.upstream import upstream_bootstrap
-from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
-from extproc.pipeline import PhaseNeeds
-from extproc.resources import Catalog
-from extproc.up import envoy_binary
+from extproc.commands.run import envoy_binary
+from extproc.config.resources import Catalog
+from extproc.core.pipeline import PhaseNeeds
+from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
 from tests.procs import Proc, ProcessExitedError
 
 START_DEADLINE_S: Final = 30.0
@@ -238,7 +238,7 @@ class Stack:
         extproc_socket: Path,
         fast_calls: frozenset[str] = frozenset(),
     ) -> Envoy:
-        """A front Envoy rendered by ``extproc.bootstrap`` (no ext_proc filter when ``needs`` is all False).
+        """A front Envoy rendered by ``extproc.render.bootstrap`` (no ext_proc filter when ``needs`` is all False).
 
         ``fast_calls``: the eras whose ``tools/call`` goes to one ext_authz ``Check``
         (the ``auto`` front door); empty: everything through ext_proc.

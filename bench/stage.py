@@ -1,6 +1,6 @@
 """The external stage the benchmark calls: one ``Process`` per ``tools/call``, nothing else.
 
-Written with :mod:`extproc.stagekit`, like an author's stage. It continues every call
+Written with :mod:`extproc.external.kit`, like an author's stage. It continues every call
 unchanged, except a call whose ``text`` argument is :data:`DENY_TEXT`, which it denies
 (the sanity check's proof that the stage is really in the path)::
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Final
 
-from extproc.stagekit import Deny, Request, main, stage
+from extproc.external.kit import Deny, Request, main, stage
 
 DENY_TEXT: Final = "deny-me-external"
 

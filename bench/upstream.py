@@ -1,7 +1,7 @@
 """The fast upstream: an Envoy answering every request with a canned JSON-RPC result.
 
 Not a product feature, so the bootstrap is a small dict here rather than in
-``extproc.bootstrap``. Pure: no I/O.
+``extproc.render.bootstrap``. Pure: no I/O.
 
 A ``buffer`` filter reads the whole request body before the ``direct_response``
 route answers: answering a request that has not finished arriving makes Envoy

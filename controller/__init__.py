@@ -1,8 +1,8 @@
 """The controller: custom resources → Envoy config, NetworkPolicies, mesh/Gateway attachment, injection.
 
 Pure renderers (no I/O; an import-linter contract keeps the Kubernetes client out):
-``crds`` (CRDs from :mod:`extproc.models`), ``view`` (validation into a Catalog),
-``sidecar`` (the bootstrap from :mod:`extproc.bootstrap`, shared with ``up``, and the
+``crds`` (CRDs from :mod:`extproc.config.models`), ``view`` (validation into a Catalog),
+``sidecar`` (the bootstrap from :mod:`extproc.render.bootstrap`, shared with ``up``, and the
 extension server's files), ``netpol``, ``gateway``, ``istio``, ``extserver``,
 ``inject``, ``webhook_config``, ``status`` and ``render`` (all of them per namespace).
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from controller.meta import ControllerSettings
-from controller.render import render_documents
+from controller.render.meta import ControllerSettings
+from controller.render.namespace import render_documents
 from extproc.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ def render_k8s(path: Path, settings: ControllerSettings | None = None) -> tuple[
 def run_controller(args: argparse.Namespace) -> int:
     """``mcp-extproc controller``: run the reconcile loop (and the webhook) until SIGTERM."""
     try:
-        from controller.loop import ControllerOptions, run
+        from controller.runtime.loop import ControllerOptions, run
     except ImportError as exc:
         raise ConfigError(
             f"the controller needs its extra dependencies: pip install 'mcp-extproc[controller]' ({exc})"

@@ -1,4 +1,4 @@
-"""An external stage written with :mod:`extproc.stagekit`: redact email addresses.
+"""An external stage written with :mod:`extproc.external.kit`: redact email addresses.
 
 It runs as its own process and mcp-extproc's ``external`` stage calls it over gRPC:
 
@@ -25,7 +25,7 @@ import re
 import sys
 from typing import Any, Final
 
-from extproc.stagekit import Continue, Request, main, stage
+from extproc.external.kit import Continue, Request, main, stage
 
 EMAIL: Final = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 MASK: Final = "[redacted email]"

@@ -71,8 +71,8 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from extproc.config.resources import Catalog, MCPServer
     from extproc.mcp.jsonrpc import HeaderHints, McpRequest
-    from extproc.resources import Catalog, MCPServer
 
 __all__ = [
     "HOOK_NAMES",
@@ -367,7 +367,7 @@ class Stage:
             Only consulted for stages that override ``on_request_body`` or a
             response hook. Where no stage needs it, a ``tools/call`` of that era
             is decided by one ext_authz ``Check`` (the fast path, see
-            :attr:`extproc.pipeline.Pipeline.fast_call_eras`) instead of two or
+            :attr:`extproc.core.pipeline.Pipeline.fast_call_eras`) instead of two or
             three ext_proc round trips. The default, both eras, is the safe
             choice for a stage that is unsure; a stage that decides calls from
             the request (and sets headers at most) declares ``frozenset()``.

@@ -4,7 +4,7 @@ A tool is callable when it matches a glob of ``allowedTools`` (empty: none;
 ``["*"]``: all) and no glob of ``deniedTools``. A call of any other tool is
 refused with HTTP 200 and a JSON-RPC error (-32003) carrying the call's id, and
 the tool is removed from ``tools/list`` results. The batch, JSON and SSE
-machinery is :class:`plugins.toolgate.ToolGate`'s.
+machinery is :class:`plugins.lib.toolgate.ToolGate`'s.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 from extproc.api import POLICY_DENIED, Context, Deny
+from extproc.config.resources import MCPServer
 from extproc.mcp.jsonrpc import Message
-from extproc.resources import MCPServer
-from plugins.toolgate import ToolGate
+from plugins.lib.toolgate import ToolGate
 
 
 def tool_allowed(server: MCPServer, tool: str) -> bool:

@@ -31,9 +31,9 @@ import httpx
 from pydantic import Field
 
 from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, Verdict
-from extproc.models import MCPAgent, Trust
-from extproc.resources import Catalog
-from plugins.jwks import JwksCache, JwksUnavailable, UnknownKey
+from extproc.config.models import MCPAgent, Trust
+from extproc.config.resources import Catalog
+from plugins.lib.jwks import JwksCache, JwksUnavailable, UnknownKey
 
 log = logging.getLogger("mcp_extproc.authn")
 

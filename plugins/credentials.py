@@ -34,11 +34,11 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
 from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.config.models import BearerAuth, ClientCredentials, TokenExchange
+from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError
 from extproc.mcp.spec import INTERNAL_ERROR
-from extproc.models import BearerAuth, ClientCredentials, TokenExchange
-from extproc.resources import Catalog, MCPServer
-from plugins.tokens import (
+from plugins.lib.tokens import (
     Token,
     TokenCache,
     TokenEndpoint,

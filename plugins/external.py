@@ -33,15 +33,15 @@ from typing import Any, ClassVar, Final
 
 from extproc.api import POLICY_DENIED, Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.errors import PluginError
+from extproc.external.wire import from_struct, from_value, to_struct, to_value
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, encode_event
-from extproc.stage_wire import from_struct, from_value, to_struct, to_value
 from mcp_extproc.stage.v1 import stage_pb2 as pb
-from plugins.external_client import ExternalConfig, Service, ServiceFault
+from plugins.lib.external_client import ExternalConfig, Service, ServiceFault
+from plugins.lib.toolgate import refuse_compressed
 from plugins.mcp_stage import derived_headers
-from plugins.toolgate import refuse_compressed
 
 # Headers a service may not touch: routing, framing and credentials are not theirs.
 _PROTECTED: Final = frozenset({"host", "content-length", "authorization", "transfer-encoding", "cookie"})

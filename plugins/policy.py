@@ -15,7 +15,7 @@ listed)::
         empty ──▶ 429 + Retry-After
 
 Each decision is explained on the context (the audit line's ``rule``). The
-batch, JSON and SSE handling is :class:`plugins.toolgate.ToolGate`'s.
+batch, JSON and SSE handling is :class:`plugins.lib.toolgate.ToolGate`'s.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from typing import Any, ClassVar, Final
 from pydantic import Field
 
 from extproc.api import POLICY_DENIED, Context, Deny, FailureMode, Principal, StageConfig
+from extproc.config.models import MCPToolPolicy, Rego
+from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
 from extproc.mcp.jsonrpc import Message
 from extproc.mcp.spec import INTERNAL_ERROR
-from extproc.models import MCPToolPolicy, Rego
-from extproc.resources import Catalog, MCPServer
 from plugins.authn import insufficient_scope
-from plugins.buckets import TokenBuckets, TtlCache
-from plugins.policy_rules import Decision, check_rules, read_rego_value, rego_input
-from plugins.rego import EmbeddedRego, RegoBackend, RemoteOpa, compile_problem
-from plugins.toolgate import ToolGate
+from plugins.lib.buckets import TokenBuckets, TtlCache
+from plugins.lib.policy_rules import Decision, check_rules, read_rego_value, rego_input
+from plugins.lib.rego import EmbeddedRego, RegoBackend, RemoteOpa, compile_problem
+from plugins.lib.toolgate import ToolGate
 
 log = logging.getLogger("mcp_extproc.policy")
 

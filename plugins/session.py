@@ -19,7 +19,7 @@ Data flow::
 
 Behind the ext_authz front door (no response phases) the stage does nothing: it
 never sees a session being issued. The principal is ``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no
-``authn`` stage runs. See :mod:`plugins.keeper` for the keeper itself.
+``authn`` stage runs. See :mod:`plugins.lib.keeper` for the keeper itself.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
 from extproc.api import Context, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.config.models import Keepalive
+from extproc.config.resources import MCPServer
 from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.jsonrpc import Era
 from extproc.mcp.spec import INVALID_REQUEST
-from extproc.models import Keepalive
-from extproc.resources import MCPServer
 from plugins.credentials import UPSTREAM_CREDENTIAL
-from plugins.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
+from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
 
 ANONYMOUS = "anonymous"
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.bootstrap import BootstrapOptions, render_bootstrap_yaml
-from extproc.registry import DEFAULT_PIPELINE, Registry
-from extproc.resources import load_resources
-from extproc.up import envoy_binary
+from extproc.commands.run import envoy_binary
+from extproc.config.resources import load_resources
+from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
 from tests.agents import raw_post
 from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
 from tests.procs import Proc, assert_envoy_accepts, free_port, start_pyserver

@@ -1,6 +1,6 @@
 """The injected sidecars, run as the controller renders them: real Envoy and ``serve``.
 
-    controller.render (ConfigMap / Secret files) + controller.inject (the two containers' args)
+    controller.render.namespace (ConfigMap / Secret files) + controller.render.inject (the two containers' args)
         ──▶ mcp-extproc serve  (its container's args: the gRPC and HTTP authorization sockets)
         ──▶ envoy -c envoy.yaml (its container's args)
         ──▶ an SDK agent with a signed JWT ──▶ tests.upstreams.pyserver
@@ -24,11 +24,11 @@ import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from controller.inject import sidecar_containers
-from controller.meta import ControllerSettings
-from controller.render import render_documents
-from controller.sidecar import CONFIG_DIR
-from extproc.up import envoy_binary
+from controller.render.inject import sidecar_containers
+from controller.render.meta import ControllerSettings
+from controller.render.namespace import render_documents
+from controller.render.sidecar import CONFIG_DIR
+from extproc.commands.run import envoy_binary
 from tests.agents import legacy_session, raw_post
 from tests.idp import Idp, agent_doc, rsa_key, running_idp
 from tests.procs import Proc, free_port, start_pyserver

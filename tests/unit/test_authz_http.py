@@ -13,10 +13,10 @@ import httptools
 import pytest
 
 from extproc.api import Context, Continue, Stage, Verdict
-from extproc.authz_http import CARRIED_STATUS, REMOVE_HEADER, UPSTREAM_HEADERS, AuthzHttpServer, _response
-from extproc.pipeline import Pipeline
-from extproc.registry import PipelineConfig, Registry, StageSpec
-from extproc.resources import Catalog
+from extproc.config.resources import Catalog
+from extproc.core.pipeline import Pipeline
+from extproc.core.registry import PipelineConfig, Registry, StageSpec
+from extproc.frontdoor.http_check import CARRIED_STATUS, REMOVE_HEADER, UPSTREAM_HEADERS, AuthzHttpServer, _response
 
 LEGACY = {"content-type": "application/json", "mcp-protocol-version": "2025-06-18"}
 

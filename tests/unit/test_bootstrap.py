@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.bootstrap import BootstrapOptions, render_bootstrap, render_bootstrap_yaml
+from extproc.config.resources import Catalog, load_resources, parse_documents
+from extproc.core.pipeline import PhaseNeeds
+from extproc.core.registry import DEFAULT_PIPELINE, Registry
 from extproc.errors import ConfigError
-from extproc.pipeline import PhaseNeeds
-from extproc.registry import DEFAULT_PIPELINE, Registry
-from extproc.resources import Catalog, load_resources, parse_documents
+from extproc.render.bootstrap import BootstrapOptions, render_bootstrap, render_bootstrap_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NEEDS = Registry().build_pipeline(DEFAULT_PIPELINE).needs

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.cli import main
+from extproc.commands.cli import main
 from tests.unit.conftest import SERVER_DOC
 
 

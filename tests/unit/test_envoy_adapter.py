@@ -10,9 +10,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mod
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.api import POLICY_DENIED
-from extproc.envoy_adapter import Processor
-from extproc.registry import DEFAULT_PIPELINE, Registry
-from extproc.resources import Catalog
+from extproc.config.resources import Catalog
+from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.frontdoor.ext_proc import Processor
 from tests.unit.conftest import body_msg, headers_msg, mutated, post_headers
 
 Mode = mode_pb.ProcessingMode

@@ -1,4 +1,4 @@
-"""The ``external`` stage against real gRPC stage servers (``extproc.stagekit``) on unix sockets.
+"""The ``external`` stage against real gRPC stage servers (``extproc.external.kit``) on unix sockets.
 
 Envoy is not involved here (tests/integration/test_external_stages.py covers the data path);
 these tests pin the protocol mapping: what a service receives, and what its answers do.
@@ -17,15 +17,15 @@ import grpc
 import pytest
 
 from extproc.api import Context, Continue, Deny, Principal
+from extproc.config.resources import Catalog
+from extproc.core.pipeline import Pipeline
+from extproc.core.registry import Registry, StageSpec
 from extproc.errors import ConfigError, PluginError
+from extproc.external.kit import Continue as KitContinue
+from extproc.external.kit import Deny as KitDeny
+from extproc.external.kit import Reply, Request, StageService, start
+from extproc.external.wire import from_struct, to_struct, validate_description
 from extproc.mcp.jsonrpc import McpRequest, parse_request
-from extproc.pipeline import Pipeline
-from extproc.registry import Registry, StageSpec
-from extproc.resources import Catalog
-from extproc.stage_wire import from_struct, to_struct, validate_description
-from extproc.stagekit import Continue as KitContinue
-from extproc.stagekit import Deny as KitDeny
-from extproc.stagekit import Reply, Request, StageService, start
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from plugins.external import ExternalStage
 

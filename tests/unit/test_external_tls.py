@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from extproc.core.registry import Registry, StageSpec
 from extproc.errors import PluginError
-from extproc.registry import Registry, StageSpec
-from extproc.stagekit import Reply, Request, ServerTls, StageService, start
+from extproc.external.kit import Reply, Request, ServerTls, StageService, start
 from plugins.external import ExternalStage
 
 

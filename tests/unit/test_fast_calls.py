@@ -11,12 +11,12 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attr_pb
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 
 from extproc.api import Context, Stage, Verdict
-from extproc.authz_adapter import AuthorizationService
-from extproc.bootstrap import BootstrapOptions, bootstrap_dict
-from extproc.fast_calls import CALL_ERA_KEY, MCP_FILTER
-from extproc.pipeline import Pipeline
-from extproc.registry import DEFAULT_PIPELINE, PipelineConfig, Registry, StageSpec
-from extproc.resources import Catalog
+from extproc.config.resources import Catalog
+from extproc.core.pipeline import Pipeline
+from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig, Registry, StageSpec
+from extproc.frontdoor.grpc_check import AuthorizationService
+from extproc.render.bootstrap import BootstrapOptions, bootstrap_dict
+from extproc.render.fast_routes import CALL_ERA_KEY, MCP_FILTER
 
 AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from extproc.api import Context, Continue, Deny, FailureMode, Phase, Stage, StageConfig, Verdict
-from extproc.metrics import Metrics
-from extproc.pipeline import Pipeline
+from extproc.core.metrics import Metrics
+from extproc.core.pipeline import Pipeline
 
 
 class Boom(Stage):

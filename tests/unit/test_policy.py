@@ -16,12 +16,12 @@ import pytest
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.envoy_adapter import Processor
-from extproc.metrics import Metrics
-from extproc.pipeline import Pipeline
-from extproc.registry import DEFAULT_PIPELINE, Registry
-from extproc.reload import try_reload
-from extproc.resources import Catalog, parse_documents
+from extproc.config.resources import Catalog, parse_documents
+from extproc.core.metrics import Metrics
+from extproc.core.pipeline import Pipeline
+from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.reload import try_reload
+from extproc.frontdoor.ext_proc import Processor
 from tests.idp import Idp, agent_doc, running_idp
 from tests.procs import free_port, start_opa_standin
 from tests.unit.conftest import SERVER_DOC, body_msg, headers_msg, post_headers

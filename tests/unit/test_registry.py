@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from extproc.api import Context, Stage, StageConfig, Verdict
+from extproc.core.registry import PipelineConfig, Registry, StageSpec, load_pipeline_config
 from extproc.errors import ConfigError, PluginError
-from extproc.registry import PipelineConfig, Registry, StageSpec, load_pipeline_config
 
 
 def install_fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str) -> None:

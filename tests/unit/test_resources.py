@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from extproc.config.resources import load_resources
 from extproc.errors import ConfigError
-from extproc.resources import load_resources
 
 GOOD = """\
 apiVersion: mcp.extproc.io/v1alpha1

@@ -6,8 +6,8 @@ import asyncio
 import time
 
 from extproc.api import Context, Stage
-from extproc.pipeline import Pipeline
-from plugins.tokens import Token, TokenCache, TokenError, TokenKey, client_credentials_form, token_exchange_form
+from extproc.core.pipeline import Pipeline
+from plugins.lib.tokens import Token, TokenCache, TokenError, TokenKey, client_credentials_form, token_exchange_form
 
 KEY = TokenKey("srv", "client_credentials", "", ("a",))
 

@@ -1,4 +1,4 @@
-"""External stage servers for the tests, built with :mod:`extproc.stagekit` (or raw gRPC where a
+"""External stage servers for the tests, built with :mod:`extproc.external.kit` (or raw gRPC where a
 server must break the protocol on purpose).
 
 Run as a process; prints ``READY <address>`` once it accepts calls::
@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from extproc.stagekit import Continue, Deny, Request, StageService, serve, stage
+from extproc.external.kit import Continue, Deny, Request, StageService, serve, stage
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from mcp_extproc.stage.v1 import stage_pb2_grpc as pb_grpc
 

@@ -11,8 +11,8 @@ import json
 from mcp_stage_example.stage import CHECKED_HEADER, ForbidArgumentKeys
 
 from extproc.api import Context, Continue, Deny, Phase
+from extproc.core.registry import PipelineConfig, Registry, StageSpec
 from extproc.mcp.jsonrpc import McpRequest, parse_request
-from extproc.registry import PipelineConfig, Registry, StageSpec
 
 
 def _ctx(arguments: dict[str, object]) -> Context:

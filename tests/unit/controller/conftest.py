@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client
 
-from controller.kube import Kube
+from controller.runtime.kube import Kube
 from tests.fakekube import FakeApiServer, fake_api_server
 
 

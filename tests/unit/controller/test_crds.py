@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from controller import crds
-from extproc.models import MCPAgent, MCPServer
+from controller.render import crds
+from extproc.config.models import MCPAgent, MCPServer
 from tests.unit.controller.schemas import (
     OUR_CRDS,
     ROOT,

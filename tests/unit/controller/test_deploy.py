@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.meta import ControllerSettings
-from controller.webhook_config import mutating_webhook
+from controller.render.meta import ControllerSettings
+from controller.render.webhook_config import mutating_webhook
 from tests.unit.controller.schemas import ROOT, validate_any
 
 DEPLOY = ROOT / "deploy"

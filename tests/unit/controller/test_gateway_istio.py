@@ -10,8 +10,8 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 from google.protobuf import json_format
 
-from controller.meta import ControllerSettings
-from controller.render import render_documents
+from controller.render.meta import ControllerSettings
+from controller.render.namespace import render_documents
 from tests.unit.controller.fixtures import agent, server
 from tests.unit.controller.schemas import validate_any
 

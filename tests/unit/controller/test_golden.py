@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.inject import injection_patch
-from controller.meta import ControllerSettings
-from controller.view import build_view
-from controller.webhook_config import mutating_webhook
+from controller.render.inject import injection_patch
+from controller.render.meta import ControllerSettings
+from controller.render.view import build_view
+from controller.render.webhook_config import mutating_webhook
 from tests.unit.controller.schemas import ROOT, validate_any, validate_core
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -9,9 +9,9 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from controller.inject import egress_script, injection_patch, server_env_name
-from controller.meta import ControllerSettings
-from controller.view import build_view
+from controller.render.inject import egress_script, injection_patch, server_env_name
+from controller.render.meta import ControllerSettings
+from controller.render.view import build_view
 from tests.unit.controller.fixtures import NS, agent, server
 from tests.unit.controller.schemas import validate_core
 

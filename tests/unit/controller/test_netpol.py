@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.meta import ControllerSettings
-from controller.netpol import DNS_RULE
-from controller.render import render_documents
+from controller.render.meta import ControllerSettings
+from controller.render.namespace import render_documents
+from controller.render.netpol import DNS_RULE
 from tests.unit.controller.fixtures import NS, agent, server
 from tests.unit.controller.schemas import validate_any
 

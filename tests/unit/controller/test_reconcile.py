@@ -10,11 +10,19 @@ from typing import Any
 
 import pytest
 
-from controller.kube import Kube, KubeError
-from controller.lease import LeaseElector
-from controller.loop import Controller, ControllerOptions, Metrics, ProbeServer, backoff, run_until, serve_in_thread
-from controller.meta import MANAGER, ControllerSettings
-from controller.reconcile import Reconciler
+from controller.render.meta import MANAGER, ControllerSettings
+from controller.runtime.kube import Kube, KubeError
+from controller.runtime.lease import LeaseElector
+from controller.runtime.loop import (
+    Controller,
+    ControllerOptions,
+    Metrics,
+    ProbeServer,
+    backoff,
+    run_until,
+    serve_in_thread,
+)
+from controller.runtime.reconcile import Reconciler
 from tests.fakekube import FakeApiServer
 from tests.unit.controller.fixtures import NS, agent, secret, server
 

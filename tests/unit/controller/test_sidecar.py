@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
-from controller.meta import ControllerSettings
-from controller.render import render_documents
-from extproc.registry import DEFAULT_PIPELINE, load_pipeline_config
-from extproc.resources import load_resources
+from controller.render.meta import ControllerSettings
+from controller.render.namespace import render_documents
+from extproc.config.resources import load_resources
+from extproc.core.registry import DEFAULT_PIPELINE, load_pipeline_config
 from tests.procs import assert_envoy_accepts
 from tests.unit.controller.fixtures import agent, secret, server
 from tests.unit.controller.schemas import validate_any

@@ -14,10 +14,10 @@ import httpx
 import jsonpatch
 import pytest
 
-from controller.kube import Kube
-from controller.meta import ControllerSettings
-from controller.webhook import WebhookServer, cluster_agents, ensure_tls
-from controller.webhook_config import TLS_SECRET, WEBHOOK_NAME, TlsMaterial, mutating_webhook
+from controller.render.meta import ControllerSettings
+from controller.render.webhook_config import TLS_SECRET, WEBHOOK_NAME, TlsMaterial, mutating_webhook
+from controller.runtime.kube import Kube
+from controller.runtime.webhook import WebhookServer, cluster_agents, ensure_tls
 from tests.fakekube import FakeApiServer
 from tests.unit.controller.fixtures import NS, agent
 from tests.unit.controller.schemas import validate_core
@@ -135,7 +135,7 @@ def test_cert_manager_annotation_leaves_the_ca_bundle_alone(api: FakeApiServer, 
     with pytest.raises(Exception, match="waiting for cert-manager"):
         ensure_tls(kube, SETTINGS)
     assert api.get("v1/secrets", "mcp-system", TLS_SECRET) is None  # never creates cert-manager's Secret
-    from controller.webhook_config import new_tls, service_dns_names
+    from controller.render.webhook_config import new_tls, service_dns_names
 
     issued = new_tls(service_dns_names(SETTINGS))
     api.put("v1/secrets", issued.as_secret(SETTINGS))

@@ -26,7 +26,7 @@ def test_the_server_loads_neither_the_sdk_models_nor_unused_engines() -> None:
     import sys
 
     code = (
-        "import sys, extproc.up, extproc.registry, plugins.session, plugins.policy, plugins.rego; "
+        "import sys, extproc.commands.run, extproc.core.registry, plugins.session, plugins.policy, plugins.lib.rego; "
         "print(sorted(m for m in ('mcp_types', 'regopy', 'opa_client', 'aiohttp', 'jwt') if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

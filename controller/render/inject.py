@@ -1,0 +1,223 @@
+"""Sidecar injection: the JSON patch that adds Envoy and the extension server to an agent pod. Pure.
+
+Data flow::
+
+    pod (from an AdmissionReview) + the namespace's MCPAgents
+        ──opted out (mcp.extproc.io/inject: "false") or already injected──▶ no patch
+        ──first agent (by name) whose selector matches the pod's labels──▶
+            volumes:         mcp-extproc-socket (emptyDir, the unix socket),
+                             mcp-extproc-config (projected: ConfigMap + optional Secret mcp-agent-<agent>)
+            initContainers:  [mcp-egress-init (iptables, only with egress.sidecarOnly)],
+                             mcp-extproc, mcp-envoy (native sidecars: restartPolicy Always,
+                             started before the app containers)
+            env (every app container): MCP_EXTPROC_URL, MCP_SERVER_<NAME>_URL
+            annotation:      mcp.extproc.io/injected: <agent>
+        ──▶ RFC 6902 JSON patch
+
+Both sidecars run as one UID (``ControllerSettings.envoy_uid``): with
+``egress.sidecarOnly`` it is the only UID whose packets may leave the pod.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from controller.render.meta import INJECT_ANNOTATION, INJECTED_ANNOTATION, ControllerSettings, agent_object_name
+from controller.render.sidecar import CONFIG_DIR, serve_args
+from extproc.config.models import LabelSelector, MCPAgent
+
+ENVOY_CONTAINER: Final = "mcp-envoy"
+EXTPROC_CONTAINER: Final = "mcp-extproc"
+EGRESS_INIT_CONTAINER: Final = "mcp-egress-init"
+SOCKET_VOLUME: Final = "mcp-extproc-socket"
+CONFIG_VOLUME: Final = "mcp-extproc-config"
+
+
+def selector_matches(selector: LabelSelector, labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics (an empty selector matches everything)."""
+    if any(labels.get(k) != v for k, v in selector.match_labels.items()):
+        return False
+    for expr in selector.match_expressions:
+        present = expr.key in labels
+        value = labels.get(expr.key)
+        if expr.operator == "In" and value not in expr.values:
+            return False
+        if expr.operator == "NotIn" and present and value in expr.values:
+            return False
+        if expr.operator == "Exists" and not present:
+            return False
+        if expr.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def matching_agent(pod: Mapping[str, Any], agents: Sequence[MCPAgent]) -> MCPAgent | None:
+    """The first Sidecar-mode agent (by name) whose selector matches ``pod``."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    for agent in sorted(agents, key=lambda a: a.name):
+        selector = agent.spec.selector
+        if agent.spec.attachment == "Sidecar" and selector is not None and selector_matches(selector, labels):
+            return agent
+    return None
+
+
+def server_env_name(server: str) -> str:
+    """``MCP_SERVER_<NAME>_URL`` for a server name (``-`` and ``.`` become ``_``)."""
+    return "MCP_SERVER_" + re.sub(r"[^A-Za-z0-9]", "_", server).upper() + "_URL"
+
+
+def egress_script(settings: ControllerSettings) -> str:
+    """iptables rules letting only the sidecars' UID leave the pod (plus loopback, DNS, replies)."""
+    rules = [
+        "-A OUTPUT -o lo -j ACCEPT",
+        f"-A OUTPUT -m owner --uid-owner {settings.envoy_uid} -j ACCEPT",
+        "-A OUTPUT -p udp --dport 53 -j ACCEPT",
+        "-A OUTPUT -p tcp --dport 53 -j ACCEPT",
+        "-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A OUTPUT -j REJECT",
+    ]
+    lines = ["set -eu"]
+    lines += [f"iptables -w {r}" for r in rules]
+    lines += [f"ip6tables -w {r}" for r in rules]
+    return "\n".join(lines) + "\n"
+
+
+def _sidecar_security(settings: ControllerSettings) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.envoy_uid,
+        "runAsGroup": settings.envoy_uid,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probe_exec(code: str) -> dict[str, Any]:
+    # Both sidecars listen on 127.0.0.1 or a unix socket only, so kubelet's httpGet
+    # (which dials the pod IP) cannot reach them; the image's Python can.
+    return {"exec": {"command": ["python", "-c", code]}, "periodSeconds": 2, "failureThreshold": 30}
+
+
+def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[dict[str, Any]]:
+    """The init containers to add, in start order."""
+    mounts = [
+        {"name": SOCKET_VOLUME, "mountPath": settings.socket_dir},
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+    ]
+    resources = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    extproc = {
+        "name": EXTPROC_CONTAINER,
+        "image": settings.image,
+        "restartPolicy": "Always",
+        "args": serve_args(
+            "--grpc",
+            "",
+            "--unix",
+            settings.socket_path,
+            "--authz-http",
+            settings.authz_socket_path,
+            "--metrics",
+            "127.0.0.1:9464",
+        ),
+        "startupProbe": _probe_exec(
+            f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({settings.socket_path!r})"
+        ),
+        "resources": resources,
+        "securityContext": _sidecar_security(settings),
+        "volumeMounts": mounts,
+    }
+    envoy = {
+        "name": ENVOY_CONTAINER,
+        "image": settings.image,
+        "restartPolicy": "Always",
+        "command": ["envoy"],
+        "args": ["-c", f"{CONFIG_DIR}/envoy.yaml", "--log-level", "warning"],
+        "startupProbe": _probe_exec(
+            f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{settings.admin_port}/ready', timeout=1)"
+        ),
+        "resources": resources,
+        "securityContext": _sidecar_security(settings),
+        "volumeMounts": mounts,
+    }
+    containers: list[dict[str, Any]] = [extproc, envoy]
+    if agent.spec.egress.sidecar_only:
+        init: dict[str, Any] = {
+            "name": EGRESS_INIT_CONTAINER,
+            "image": settings.image,
+            "command": ["sh", "-c", egress_script(settings)],
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": False,
+                "readOnlyRootFilesystem": True,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            },
+        }
+        containers.insert(0, init)
+    return containers
+
+
+def agent_env(agent: MCPAgent, settings: ControllerSettings) -> list[dict[str, str]]:
+    """Environment variables pointing the agent's MCP clients at the sidecar."""
+    base = f"http://127.0.0.1:{settings.sidecar_port}"
+    env = [{"name": "MCP_EXTPROC_URL", "value": base}]
+    env += [{"name": server_env_name(r.name), "value": f"{base}/{r.name}/mcp"} for r in agent.spec.mcp_server_refs]
+    return env
+
+
+def injection_patch(
+    pod: Mapping[str, Any], agents: Sequence[MCPAgent], settings: ControllerSettings
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The JSON patch for ``pod`` and the agent it was injected for; ``([], None)`` when left alone."""
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    spec = pod.get("spec") or {}
+    if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false" or INJECTED_ANNOTATION in annotations:
+        return [], None
+    names = {c.get("name") for c in [*spec.get("containers", []), *spec.get("initContainers", [])]}
+    if ENVOY_CONTAINER in names:
+        return [], None
+    agent = matching_agent(pod, agents)
+    if agent is None:
+        return [], None
+    ops: list[dict[str, Any]] = []
+    if not annotations:
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+    ops.append({"op": "add", "path": "/metadata/annotations/" + _escape(INJECTED_ANNOTATION), "value": agent.name})
+    name = agent_object_name(agent.name)
+    volumes = [
+        {"name": SOCKET_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {
+            "name": CONFIG_VOLUME,
+            "projected": {
+                "sources": [
+                    {"configMap": {"name": name}},
+                    {"secret": {"name": name, "optional": True}},
+                ]
+            },
+        },
+    ]
+    if "volumes" not in spec:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    else:
+        ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]
+    sidecars = sidecar_containers(agent, settings)
+    if "initContainers" not in spec:
+        ops.append({"op": "add", "path": "/spec/initContainers", "value": sidecars})
+    else:
+        ops += [{"op": "add", "path": f"/spec/initContainers/{i}", "value": c} for i, c in enumerate(sidecars)]
+    env = agent_env(agent, settings)
+    for i, container in enumerate(spec.get("containers", [])):
+        if "env" not in container:
+            ops.append({"op": "add", "path": f"/spec/containers/{i}/env", "value": env})
+        else:
+            ops += [{"op": "add", "path": f"/spec/containers/{i}/env/-", "value": e} for e in env]
+    return ops, agent.name
+
+
+def _escape(key: str) -> str:
+    """RFC 6901 escaping of one JSON pointer token."""
+    return key.replace("~", "~0").replace("/", "~1")

@@ -1,0 +1,92 @@
+"""Everything the controller applies for one namespace, from its resources. Pure.
+
+Data flow::
+
+    NamespaceView
+      MCPAgent (Sidecar) ──▶ ConfigMap/Secret mcp-agent-<a> (sidecar.py) + NetworkPolicies (netpol.py)
+      MCPAgent (Istio)   ──▶ EnvoyFilter mcp-agent-<a> (istio.py)       + NetworkPolicies
+      MCPServer.gateway  ──▶ HTTPRoute mcp-<s> (gateway.py)
+      any Gateway route or Istio agent ──▶ shared extension server (extserver.py)
+                                           + EnvoyExtensionPolicy when routes exist
+    ──▶ Rendered(objects, problems by (kind, name))
+
+``mcp-extproc render k8s`` prints ``objects``; the reconcile loop applies them,
+prunes what it no longer renders and writes ``problems`` into status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.render import extserver, gateway, istio, netpol, sidecar
+from controller.render.meta import ControllerSettings
+from controller.render.view import Key, NamespaceView, build_view, group_by_namespace
+from extproc.config.models import MCPServer
+from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Objects to apply and, per custom resource, what could not be resolved or rendered."""
+
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    problems: dict[Key, list[str]] = field(default_factory=dict)
+
+
+def render_namespace(
+    view: NamespaceView, settings: ControllerSettings, pipeline: PipelineConfig = DEFAULT_PIPELINE
+) -> Rendered:
+    """Render every object for one namespace."""
+    problems: dict[Key, list[str]] = {k: list(v) for k, v in view.unresolved.items()}
+    objects: list[dict[str, Any]] = []
+    needs, _, _ = sidecar.pipeline_needs(pipeline)
+    catalog = view.catalog
+    shared: dict[str, MCPServer] = {}
+    for name, agent in sorted(catalog.agents.items()):
+        key = ("MCPAgent", name)
+        servers = [catalog.servers[r.name] for r in agent.spec.mcp_server_refs if r.name in catalog.servers]
+        selector = agent.spec.selector
+        if selector is None:
+            problems.setdefault(key, []).append("spec.selector: required in a cluster (which pods are the agent?)")
+            continue
+        if agent.spec.attachment == "Sidecar":
+            objects += sidecar.agent_config(view, agent, settings, pipeline)
+        else:
+            envoy_filter, problem = istio.envoy_filter(view, agent, servers, needs, settings)
+            if problem:
+                problems.setdefault(key, []).append(problem)
+            if envoy_filter is not None:
+                objects.append(envoy_filter)
+                shared.update({s.name: s for s in servers})
+        policies, np_problems = netpol.network_policies(view.raw[key], selector, servers, view.services)
+        objects += policies
+        problems.setdefault(key, []).extend(np_problems)
+    routed: list[MCPServer] = []
+    for name, server in sorted(catalog.servers.items()):
+        route, problem = gateway.http_route(view, server)
+        if problem:
+            problems.setdefault(("MCPServer", name), []).append(problem)
+        if route is not None:
+            objects.append(route)
+            routed.append(server)
+            shared[name] = server
+    servers_used = [shared[n] for n in sorted(shared)]
+    objects += extserver.extension_server(view, servers_used, settings, pipeline)
+    if routed:
+        objects.append(gateway.extension_policy(view, routed, settings))
+    return Rendered(objects, {k: v for k, v in problems.items() if v})
+
+
+def render_documents(
+    documents: Iterable[Mapping[str, Any]],
+    settings: ControllerSettings,
+    services: Mapping[tuple[str, str], dict[str, Any]] | None = None,
+) -> dict[str, tuple[NamespaceView, Rendered]]:
+    """Render resource documents (``render k8s -f FILE``), namespace by namespace."""
+    out: dict[str, tuple[NamespaceView, Rendered]] = {}
+    for namespace, docs in sorted(group_by_namespace(documents).items()):
+        view = build_view(namespace, docs, services)
+        out[namespace] = (view, render_namespace(view, settings))
+    return out

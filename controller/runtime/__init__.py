@@ -1,0 +1,1 @@
+"""The controller's I/O: the API client, the reconcile loop, leader election, the webhook server."""

@@ -1,0 +1,140 @@
+"""Reconcile one namespace: read, render, apply, prune, write status. The I/O edge of the renderers.
+
+Data flow::
+
+    Kube.list(MCPServer, MCPToolPolicy, MCPAgent in ns) + the Secrets, ConfigMaps and
+    Services they name ──build_view──▶ NamespaceView ──render_namespace──▶ objects, problems
+        ──Kube.apply (server-side apply, field manager mcp-extproc-controller)──▶ cluster
+        ──Kube.list(label managed-by) minus rendered──▶ Kube.delete  (prune)
+        ──compute_status──▶ Kube.patch_status (only when it changed)
+
+A transient API error (no answer, 429, 5xx) is raised for the loop to retry with
+backoff; any other error applying an object is written into its owner's status
+(``Ready=False, reason ApplyFailed``) and the rest carries on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from controller.render.meta import MANAGED_BY, MANAGER, ControllerSettings
+from controller.render.namespace import render_namespace
+from controller.render.netpol import service_host
+from controller.render.status import compute_status, same_status
+from controller.render.view import CUSTOM_KINDS, Key, build_view
+from controller.runtime.kube import RENDERED_KINDS, Kube, KubeError
+
+log = logging.getLogger("mcp_extproc.controller")
+
+
+def transient(exc: KubeError) -> bool:
+    """Worth retrying: no answer, throttled, or a server-side failure."""
+    return exc.status == 0 or exc.status == 429 or exc.status >= 500
+
+
+def _walk_refs(node: Any, key: str) -> Iterator[str]:
+    """Names of every ``key: {name: ...}`` reference anywhere under ``node``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, dict) and isinstance(v.get("name"), str):
+                yield v["name"]
+            else:
+                yield from _walk_refs(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk_refs(item, key)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    """Brings one namespace in line with its custom resources."""
+
+    def __init__(self, kube: Kube, settings: ControllerSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+
+    def namespaces(self) -> set[str]:
+        """Every namespace holding a custom resource or something the controller rendered."""
+        found = {str(o["metadata"]["namespace"]) for kind in CUSTOM_KINDS for o in self.kube.list(kind)}
+        for obj in self.kube.list("ConfigMap", label_selector=f"{MANAGED_BY}={MANAGER}"):
+            found.add(str(obj["metadata"]["namespace"]))
+        return found
+
+    def _read(self, namespace: str) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+        custom = [o for kind in CUSTOM_KINDS for o in self.kube.list(kind, namespace)]
+        extra: list[dict[str, Any]] = []
+        for kind, ref_keys in (("Secret", ("secretRef", "clientSecretRef")), ("ConfigMap", ("configMapRef",))):
+            names = sorted({n for o in custom for k in ref_keys for n in _walk_refs(o.get("spec"), k)})
+            for name in names:
+                found = self.kube.get(kind, name, namespace)
+                if found is not None:
+                    extra.append({**found, "apiVersion": "v1", "kind": kind})
+        services: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj in custom:
+            url = str((obj.get("spec") or {}).get("url", "")) if obj["kind"] == "MCPServer" else ""
+            host = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].split(":", 1)[0]
+            svc = service_host(host) if url else None
+            if svc is not None and (svc.namespace, svc.name) not in services:
+                found = self.kube.get("Service", svc.name, svc.namespace)
+                if found is not None:
+                    services[(svc.namespace, svc.name)] = found
+        return custom + extra, services
+
+    def reconcile(self, namespace: str) -> None:
+        """One pass over ``namespace``.
+
+        Raises:
+            KubeError: a transient API error; nothing is assumed about what was written.
+        """
+        objects, services = self._read(namespace)
+        view = build_view(namespace, objects, services)
+        rendered = render_namespace(view, self.settings)
+        apply_errors: dict[Key, str] = {}
+        wanted: set[tuple[str, str]] = set()
+        for obj in rendered.objects:
+            wanted.add((obj["kind"], obj["metadata"]["name"]))
+            try:
+                self.kube.apply(obj)
+            except KubeError as exc:
+                if transient(exc):
+                    raise
+                for owner in obj["metadata"].get("ownerReferences", []):
+                    apply_errors.setdefault((owner["kind"], owner["name"]), str(exc))
+                log.warning("apply %s %s/%s failed: %s", obj["kind"], namespace, obj["metadata"]["name"], exc)
+        self._prune(namespace, wanted)
+        now = _now()
+        for key, raw in sorted(view.raw.items()):
+            status = compute_status(
+                raw,
+                invalid=view.invalid.get(key),
+                problems=rendered.problems.get(key, []),
+                apply_error=apply_errors.get(key),
+                previous=raw.get("status"),
+                now=now,
+            )
+            if not same_status(raw.get("status"), status):
+                try:
+                    self.kube.patch_status(raw, status)
+                except KubeError as exc:
+                    if transient(exc) or exc.status != 404:  # 404: deleted meanwhile
+                        raise
+
+    def _prune(self, namespace: str, wanted: set[tuple[str, str]]) -> None:
+        for kind in RENDERED_KINDS:
+            try:
+                existing = self.kube.list(kind, namespace, label_selector=f"{MANAGED_BY}={MANAGER}")
+            except KubeError as exc:
+                if exc.status == 404:  # that API (e.g. Gateway API, Istio) is not installed
+                    continue
+                raise
+            for obj in existing:
+                name = obj["metadata"]["name"]
+                if (kind, name) not in wanted:
+                    log.info("prune %s %s/%s", kind, namespace, name)
+                    self.kube.delete(kind, name, namespace)

@@ -1,0 +1,199 @@
+"""The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
+
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``; ``render k8s`` and
+``controller`` come from the controller package through entry points (the core never imports it). A user error
+(:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
+nothing prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from extproc.config.settings import Settings
+from extproc.errors import ConfigError, ExtProcError
+
+_FRONT_DOOR = (
+    "how Envoy calls the server: auto (default: ext_proc, but one ext_authz Check for a tools/call no stage "
+    "reads the response of), ext_proc (every request through ext_proc) or ext_authz (request-side yes/no)"
+)
+_DOORS = ["auto", "ext_proc", "ext_authz"]
+_AUTHZ_HTTP = (
+    "unix socket of the HTTP authorization service that the fast tools/call routes (front door auto) call; "
+    "without it they use the gRPC Check, which costs more (up always uses one)"
+)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-extproc", description="Envoy ext_proc extension server for MCP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-f", "--file", required=True, type=Path, help="resource documents (multi-document YAML)")
+        sub.add_argument(
+            "--pipeline",
+            type=Path,
+            help="pipeline configuration (default: authn, mcp, allowlist, policy, credentials, session)",
+        )
+        sub.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+
+    up = commands.add_parser("up", help="run Envoy and the extension server: the whole data path")
+    common(up)
+    up.add_argument("--listen", default="127.0.0.1:10000", help="where agents connect (default 127.0.0.1:10000)")
+    up.add_argument("--unix", help="the gRPC server's unix socket (default: a private temporary path)")
+    up.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
+    up.add_argument("--stream-idle-timeout", type=int, default=3600, help="seconds a stream may stay silent")
+    up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
+    up.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
+    up.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
+
+    serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
+    common(serve)
+    serve.add_argument("--grpc", default="127.0.0.1:50051", help="TCP host:port to listen on; '' disables TCP")
+    serve.add_argument("--unix", help="also listen on this unix socket")
+    serve.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
+    serve.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
+    serve.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
+
+    render = commands.add_parser("render", help="print generated configuration")
+    render.add_argument(
+        "what",
+        choices=["envoy", "k8s"],
+        help="envoy: the bootstrap `up` would run; k8s: every object the controller would apply",
+    )
+    common(render)
+    render.add_argument("--listen", default="127.0.0.1:10000")
+    render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
+    render.add_argument("--unix", help="reach the extension server over this unix socket instead")
+    render.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
+    render.add_argument("--stream-idle-timeout", type=int, default=3600)
+    render.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
+
+    check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
+    common(check)
+
+    stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
+    stages.add_argument("--json", action="store_true", help="print JSON instead of text")
+    controller = commands.add_parser("controller", help="run the Kubernetes controller (reconcile loop + webhook)")
+    controller.add_argument("--kubeconfig", help="a kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    controller.add_argument("--namespace", default="mcp-extproc-system", help="the controller's own namespace")
+    controller.add_argument("--image", help="the mcp-extproc image injected into agent pods")
+    controller.add_argument("--probe", default="0.0.0.0:8080", help="host:port for /healthz and /metrics")
+    controller.add_argument("--webhook", default="0.0.0.0:9443", help="host:port of the injection webhook; '' off")
+    controller.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs")
+    controller.add_argument("--no-leader-election", action="store_true", help="run without a Lease")
+    controller.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    return parser
+
+
+def _stages(args: argparse.Namespace) -> int:
+    """``mcp-extproc stages``: exit 1 when an installed stage fails to load."""
+    import json
+
+    from extproc.commands.stages import format_stages, installed_stages
+
+    found = installed_stages()
+    sys.stdout.write(json.dumps(found, indent=2) + "\n" if args.json else format_stages(found))
+    return 1 if any("error" in item for item in found) else 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        resources=args.file,
+        pipeline=args.pipeline,
+        listen=getattr(args, "listen", "127.0.0.1:10000"),
+        grpc=getattr(args, "grpc", "127.0.0.1:50051"),
+        unix=getattr(args, "unix", None),
+        authz_http=getattr(args, "authz_http", None),
+        metrics=getattr(args, "metrics", None) or None,
+        stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
+        log_level=args.log_level.upper(),
+        envoy_log_level=getattr(args, "envoy_log_level", "warning"),
+        front_door=getattr(args, "front_door", "auto"),
+        reload_interval_s=getattr(args, "reload_interval", 1.0),
+    )
+
+
+def quiet_http_clients(level: str) -> None:
+    """httpx logs every request at INFO, its whole URL included: the keeper's GETs and ping
+    answers (hundreds a second with many kept sessions), JWKS and token fetches. A URL may
+    carry a key in its query, so below DEBUG those lines are not written."""
+    if logging.getLevelName(level) != logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mcp-extproc`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "stages":
+        return _stages(args)
+    if args.command == "controller" or getattr(args, "what", None) == "k8s":
+        return _controller_command(args)
+    try:
+        settings = _settings(args)
+        logging.basicConfig(
+            level=settings.log_level,
+            format=_LOG_FORMAT,
+            # render's stdout is a document: its logs go to stderr.
+            stream=sys.stdout if args.command in ("up", "serve") else sys.stderr,
+        )
+        quiet_http_clients(settings.log_level)
+        from extproc.commands import run as commands
+
+        if args.command == "check":
+            print(commands.check(settings))
+            return 0
+        if args.command == "render":
+            sys.stdout.write(commands.render_envoy(settings))
+            return 0
+        if args.command == "serve":
+            return asyncio.run(commands.serve(settings))
+        return asyncio.run(commands.up(settings))
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _extension_command(name: str) -> Any:
+    """A command another package provides (entry point group ``mcp_extproc.commands``)."""
+    found = entry_points(group="mcp_extproc.commands", name=name)
+    if not found:
+        raise ConfigError(f"command {name!r} is not installed (the controller package provides it)")
+    return next(iter(found)).load()
+
+
+def _controller_command(args: argparse.Namespace) -> int:
+    """``render k8s`` and ``controller``, provided by the controller package through entry points.
+
+    The core never imports the controller: it finds these commands the way it finds stages.
+    """
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT, stream=sys.stdout)
+    try:
+        if args.command == "controller":
+            result: int = _extension_command("controller")(args)
+            return result
+        text, warnings = _extension_command("render-k8s")(args.file)
+        for warning in warnings:
+            print(f"mcp-extproc: warning: {warning}", file=sys.stderr)
+        sys.stdout.write(text)
+        return 0
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

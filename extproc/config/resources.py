@@ -1,0 +1,253 @@
+"""Resource documents: the YAML loader and the :class:`Catalog` (models in :mod:`extproc.config.models`).
+
+The same documents drive ``mcp-extproc up`` on a laptop and the controller in a
+cluster. Locally they sit in one multi-document YAML file::
+
+    file ──yaml.safe_load_all──▶ documents ──validate(kind)──▶ Catalog{servers, policies, agents, secrets, config maps}
+                                                       ──▶ reference_problems (refused locally)
+
+Every error names the file, the document's position, its kind and name, and the
+field that was wrong, e.g. ``resources.yaml: document 2 (MCPServer "demo"):
+spec.url: must be an http:// or https:// URL``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from extproc.config.models import (
+    API_VERSION,
+    KINDS,
+    ConfigMap,
+    KeyRef,
+    MCPAgent,
+    MCPServer,
+    MCPServerSpec,
+    MCPToolPolicy,
+    Model,
+    ObjectMeta,
+    Resource,
+    Secret,
+)
+from extproc.errors import ConfigError
+
+__all__ = [
+    "API_VERSION",
+    "Catalog",
+    "ConfigMap",
+    "MCPAgent",
+    "MCPServer",
+    "MCPServerSpec",
+    "MCPToolPolicy",
+    "ObjectMeta",
+    "Secret",
+    "load_resources",
+    "parse_documents",
+    "reference_problems",
+]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every resource loaded, by kind and name."""
+
+    servers: Mapping[str, MCPServer] = field(default_factory=dict)
+    policies: Mapping[str, MCPToolPolicy] = field(default_factory=dict)
+    agents: Mapping[str, MCPAgent] = field(default_factory=dict)
+    secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
+    config_maps: Mapping[str, ConfigMap] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+    generation: int = 0
+    """Bumped on every successful reload, so caches keyed by it never outlive a change."""
+
+    def server_for_path(self, path: str) -> MCPServer | None:
+        """The server whose agent-facing prefix ``/<name>/`` starts ``path``."""
+        parts = path.split("/", 2)
+        if len(parts) < 2:
+            return None
+        return self.servers.get(parts[1])
+
+    def policies_for(self, server: str) -> list[MCPToolPolicy]:
+        """The policies targeting ``server``, in name order."""
+        return [p for _, p in sorted(self.policies.items()) if any(t.name == server for t in p.spec.target_refs)]
+
+    def agents_for(self, server: str) -> list[MCPAgent]:
+        """The agents that reference ``server``, in name order."""
+        return [a for _, a in sorted(self.agents.items()) if any(r.name == server for r in a.spec.mcp_server_refs)]
+
+    def secret_value(self, ref: KeyRef) -> str:
+        """The decoded value of a Secret key.
+
+        Raises:
+            ConfigError: the Secret or key is missing, or its data is not base64 (the
+                message names the Secret and key, never the value).
+        """
+        secret = self.secrets.get(ref.name)
+        if secret is None:
+            raise ConfigError(f"Secret {ref.name!r} not found; add a v1 Secret document named {ref.name!r}")
+        if ref.key in secret.string_data:
+            return secret.string_data[ref.key]
+        if ref.key in secret.data:
+            try:
+                return base64.b64decode(secret.data[ref.key], validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise ConfigError(f"Secret {ref.name!r}: data.{ref.key}: not base64-encoded UTF-8") from None
+        keys = sorted({*secret.data, *secret.string_data})
+        raise ConfigError(f"Secret {ref.name!r} has no key {ref.key!r}; it has {keys}")
+
+    def config_value(self, ref: KeyRef) -> str:
+        """The value of a ConfigMap key.
+
+        Raises:
+            ConfigError: the ConfigMap or key is missing.
+        """
+        found = self.config_maps.get(ref.name)
+        if found is None:
+            raise ConfigError(f"ConfigMap {ref.name!r} not found; add a v1 ConfigMap document named {ref.name!r}")
+        if ref.key not in found.data:
+            raise ConfigError(f"ConfigMap {ref.name!r} has no key {ref.key!r}; it has {sorted(found.data)}")
+        return found.data[ref.key]
+
+
+def reference_problems(catalog: Catalog) -> list[str]:
+    """Every reference that does not resolve, as ``<Kind> "<name>": <field>: <problem>``.
+
+    The local loader refuses a file with any; the controller reports them in status.
+    """
+    problems: list[str] = []
+    for name, policy in sorted(catalog.policies.items()):
+        for i, target in enumerate(policy.spec.target_refs):
+            if target.name not in catalog.servers:
+                problems.append(f"MCPToolPolicy {name!r}: spec.targetRefs[{i}]: no MCPServer named {target.name!r}")
+        rego = policy.spec.rego
+        if rego is not None and rego.config_map_ref is not None:
+            try:
+                catalog.config_value(rego.config_map_ref)
+            except ConfigError as exc:
+                problems.append(f"MCPToolPolicy {name!r}: spec.rego.configMapRef: {exc}")
+    for name, agent in sorted(catalog.agents.items()):
+        for i, ref in enumerate(agent.spec.mcp_server_refs):
+            if ref.name not in catalog.servers:
+                problems.append(f"MCPAgent {name!r}: spec.mcpServerRefs[{i}]: no MCPServer named {ref.name!r}")
+        for i, ref in enumerate(agent.spec.policy_refs):
+            if ref.name not in catalog.policies:
+                problems.append(f"MCPAgent {name!r}: spec.policyRefs[{i}]: no MCPToolPolicy named {ref.name!r}")
+    for name, server in sorted(catalog.servers.items()):
+        auth = server.spec.upstream_auth
+        if auth is None:
+            continue
+        refs: list[tuple[str, KeyRef]] = []
+        if auth.bearer is not None and auth.bearer.secret_ref is not None:
+            refs.append(("spec.upstreamAuth.bearer.secretRef", auth.bearer.secret_ref))
+        if auth.client_credentials is not None:
+            refs.append(
+                ("spec.upstreamAuth.clientCredentials.clientSecretRef", auth.client_credentials.client_secret_ref)
+            )
+        if auth.token_exchange is not None:
+            refs.append(("spec.upstreamAuth.tokenExchange.clientSecretRef", auth.token_exchange.client_secret_ref))
+        for where, key_ref in refs:
+            try:
+                catalog.secret_value(key_ref)
+            except ConfigError as exc:
+                problems.append(f"MCPServer {name!r}: {where}: {exc}")
+    return problems
+
+
+def _field_path(loc: Iterable[int | str], model: type[Model]) -> str:
+    """Pydantic's error location with aliases, e.g. ``spec.allowedTools[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + _camel(part)
+    return out or "(document)"
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def parse_documents(docs: Iterable[Any], source: str) -> Catalog:
+    """Validate decoded YAML documents into a :class:`Catalog`.
+
+    Raises:
+        ConfigError: naming ``source``, the document, its kind and name, and the field.
+    """
+    found: dict[type[Resource], dict[str, Any]] = {model: {} for model in KINDS.values()}
+    for index, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        where = f"{source}: document {index}"
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{where}: expected a mapping with apiVersion, kind, metadata and spec")
+        kind = doc.get("kind")
+        name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+        label = f"{where} ({kind} {name!r})" if name else f"{where} ({kind})"
+        api_version = doc.get("apiVersion")
+        kinds_of_version = sorted(k for v, k in KINDS if v == api_version)
+        if not kinds_of_version:
+            raise ConfigError(
+                f"{label}: apiVersion: must be {API_VERSION!r} (or 'v1' for Secret and ConfigMap), got {api_version!r}"
+            )
+        model = KINDS.get((str(api_version), str(kind)))
+        if model is None:
+            raise ConfigError(
+                f"{label}: kind: must be one of {kinds_of_version} for apiVersion {api_version!r}, got {kind!r}"
+            )
+        try:
+            resource = model.model_validate(doc)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            fields = _field_path(first["loc"], model)
+            # Never echo a Secret's values back in an error.
+            detail = first["msg"] if model is not Secret else first["type"]
+            raise ConfigError(f"{label}: {fields}: {detail}") from None
+        same_kind = found[model]
+        if resource.name in same_kind:
+            raise ConfigError(f"{label}: metadata.name: duplicate {kind} {resource.name!r}")
+        same_kind[resource.name] = resource
+    return Catalog(
+        servers=found[MCPServer],
+        policies=found[MCPToolPolicy],
+        agents=found[MCPAgent],
+        secrets=found[Secret],
+        config_maps=found[ConfigMap],
+        sources=(source,),
+    )
+
+
+def load_resources(path: str | Path) -> Catalog:
+    """Load and validate a multi-document YAML file of resources.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or a document is invalid.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    catalog = parse_documents(docs, source)
+    problems = reference_problems(catalog)
+    if problems:
+        raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
+    if not catalog.servers:
+        raise ConfigError(f"{source}: no MCPServer documents; add at least one (see README, 'MCPServer')")
+    return catalog

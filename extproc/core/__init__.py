@@ -1,0 +1,1 @@
+"""The core: the pipeline, the stage registry, audit, metrics and reloads."""

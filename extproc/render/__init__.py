@@ -1,0 +1,1 @@
+"""The Envoy renderer: pure, no I/O; shared by ``up``, ``render envoy`` and the controller."""

@@ -1,0 +1,193 @@
+"""The filters and the extension server's cluster of the Envoy bootstrap. Pure: no I/O.
+
+Split from :mod:`extproc.render.bootstrap`, which assembles them: the ext_proc filter
+(its ``processing_mode`` from the stages' :class:`~extproc.core.pipeline.PhaseNeeds`),
+the ext_authz filter (one ``Check`` with the body), the cluster that reaches our
+gRPC server (TCP or unix socket, HTTP/2), and the local replies that turn Envoy's
+own upstream-failure answers into JSON-RPC errors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from extproc.config.settings import split_hostport
+from extproc.core.pipeline import PhaseNeeds
+from extproc.errors import ConfigError
+from extproc.frontdoor.ext_proc import METADATA_NAMESPACE
+
+if TYPE_CHECKING:
+    from extproc.render.bootstrap import BootstrapOptions
+
+EXTPROC_CLUSTER: Final = "mcp_extproc"
+_T: Final = "type.googleapis.com/"
+
+
+def socket_address(host: str, port: int) -> dict[str, Any]:
+    """An Envoy ``socket_address``."""
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+_UPSTREAM_FAILURE_FLAGS: Final = ["UF", "UH", "URX", "UC", "UT", "UO", "NC", "DPE"]
+_UPSTREAM_FAILURE_BODY: Final = (
+    '{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"the MCP server could not be reached '
+    'or failed (%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)"}}'
+)
+
+
+def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
+    """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
+
+    Only replies carrying an upstream-failure flag are rewritten; the stages' own
+    JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
+    With ``carried_statuses``, the HTTP authorization service's carrier statuses
+    (:data:`extproc.frontdoor.http_check.CARRIED_STATUS`) are turned back into the real ones.
+    """
+    from extproc.frontdoor.http_check import CARRIED_STATUS
+
+    status_back: list[dict[str, Any]] = []
+    for status, carrier in CARRIED_STATUS.items() if carried_statuses else ():
+        value = {"default_value": carrier, "runtime_key": f"mcp_extproc.carried_{carrier}"}
+        status_filter = {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+        status_back.append({"filter": status_filter, "status_code": status})
+    return {
+        "mappers": [
+            *status_back,
+            {
+                "filter": {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
+                "body_format_override": {
+                    # A text template, not json_format: Envoy renders json_format numbers as
+                    # strings, and a JSON-RPC error code must be a number. The operators used
+                    # here never contain quotes or backslashes.
+                    "text_format_source": {"inline_string": _UPSTREAM_FAILURE_BODY},
+                    "content_type": "application/json",
+                },
+            },
+        ]
+    }
+
+
+def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "30s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND" if needs.request_headers else "SKIP",
+                "request_body_mode": "BUFFERED" if needs.request_body else "NONE",
+                "response_header_mode": "SEND" if needs.response_headers else "SKIP",
+                # Response bodies are switched on per exchange (mode_override) by the
+                # stages that ask for them, so nothing is buffered that nobody reads.
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        },
+    }
+
+
+def ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+                "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+            },
+            "transport_api_version": "V3",
+            # Every header line, so a routing header sent twice is still seen twice.
+            "encode_raw_headers": True,
+            **_authz_common(options),
+        },
+    }
+
+
+def _authz_common(options: BootstrapOptions) -> dict[str, Any]:
+    """What both ext_authz transports share: fail closed, with the body."""
+    return {
+        "failure_mode_allow": False,
+        # The body goes along so the stages can parse the JSON-RPC request.
+        "with_request_body": {"max_request_bytes": options.max_request_bytes, "pack_as_bytes": True},
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "clear_route_cache": True,
+    }
+
+
+def extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
+    if options.extproc_unix:
+        address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
+    elif options.extproc_tcp:
+        address = socket_address(*split_hostport(options.extproc_tcp, "the extension server's address"))
+    else:
+        raise ConfigError("the bootstrap needs the extension server's TCP address or unix socket")
+    return {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+AUTHZ_HTTP_CLUSTER: Final = "mcp_extproc_authz_http"
+
+
+def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
+    """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes."""
+    from extproc.frontdoor.http_check import METADATA_HEADERS, UPSTREAM_HEADERS
+
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {
+                    "uri": "http://mcp-extproc-authz",
+                    "cluster": AUTHZ_HTTP_CLUSTER,
+                    "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+                },
+                "authorization_request": {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}},
+                "authorization_response": {
+                    # Never ".*": that would copy this answer's own content-length upstream.
+                    "allowed_upstream_headers": {"patterns": [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]},
+                    "allowed_client_headers": {
+                        "patterns": [
+                            {"exact": "content-type"},
+                            {"exact": "www-authenticate"},
+                            {"exact": "retry-after"},
+                            {"safe_regex": {"regex": UPSTREAM_HEADERS}},
+                        ]
+                    },
+                    "dynamic_metadata_from_headers": {"patterns": [{"exact": name} for name in METADATA_HEADERS]},
+                },
+            },
+            **_authz_common(options),
+        },
+    }
+
+
+def authz_http_cluster(path: str) -> dict[str, Any]:
+    """HTTP/1.1 over a unix socket to our HTTP authorization service."""
+    return {
+        "name": AUTHZ_HTTP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": AUTHZ_HTTP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
+        },
+    }

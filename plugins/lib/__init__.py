@@ -1,0 +1,1 @@
+"""Helper libraries of the built-in stages (no stage lives here)."""
