@@ -19,7 +19,7 @@ from bench.shapes import Shape, denied_variant, external_denied_variant
 from bench.stack import BenchError, http
 from bench.stage import DENY_TEXT
 from bench.upstream import CANNED_RESULT
-from extproc.api import POLICY_DENIED
+from extproc.mcp.codes import POLICY_DENIED
 
 
 def post(url: str, shape: Shape) -> tuple[int, Any]:

@@ -38,9 +38,10 @@ from bench.report import Row
 from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
 from bench.stack import Envoy, Stack
 from bench.wrk import WrkResult, median_of, run_wrk
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.config.resources import parse_documents
-from extproc.core.pipeline import PhaseNeeds
-from extproc.core.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
+from extproc.core.registry import Registry
+from extproc.render.options import PhaseNeeds
 
 LATENCY_LOAD: Final = (1, 1)
 """wrk threads and connections for the latency cells."""

@@ -27,8 +27,8 @@ import yaml
 from bench.upstream import upstream_bootstrap
 from extproc.commands.run import envoy_binary
 from extproc.config.resources import Catalog
-from extproc.core.pipeline import PhaseNeeds
-from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
+from extproc.render.bootstrap import render_bootstrap_yaml
+from extproc.render.options import BootstrapOptions, PhaseNeeds
 from tests.procs import Proc, ProcessExitedError
 
 START_DEADLINE_S: Final = 30.0

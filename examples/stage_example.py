@@ -24,7 +24,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from extproc.api import POLICY_DENIED, Context, Deny, Stage, StageConfig, Verdict
+from extproc.api import Context, Deny, Stage, StageConfig, Verdict
+from extproc.mcp.codes import POLICY_DENIED
 
 
 class ArgumentLimitConfig(StageConfig):
@@ -33,17 +34,15 @@ class ArgumentLimitConfig(StageConfig):
     max_argument_bytes: int = Field(default=16 * 1024, gt=0, alias="maxArgumentBytes")
 
 
-class ArgumentLimit(Stage):
+class ArgumentLimit(Stage[ArgumentLimitConfig]):
     """Refuse ``tools/call`` requests whose JSON arguments exceed a size limit."""
 
     name: ClassVar[str] = "argument-limit"
-    Config: ClassVar[type[StageConfig]] = ArgumentLimitConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)  # ctx.mcp is parsed by the mcp stage
-    calls_need_ext_proc: frozenset[str] = frozenset()  # decides from the request, rewrites nothing
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()  # decides from the request, rewrites nothing
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         config = self.config
-        assert isinstance(config, ArgumentLimitConfig)
         if ctx.mcp is None:
             return None
         for message in ctx.mcp.messages:
@@ -52,7 +51,6 @@ class ArgumentLimit(Stage):
             size = len(json.dumps(message.arguments or {}))
             if size > config.max_argument_bytes:
                 return Deny(
-                    status=200,
                     code=POLICY_DENIED,
                     message=f"arguments of {message.tool_name!r} are {size} bytes; the limit is "
                     f"{config.max_argument_bytes}",

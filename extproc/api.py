@@ -9,8 +9,8 @@ Data flow for one exchange::
 
     Envoy phase            hook called on each stage          what a stage may return
     ─────────────────────  ─────────────────────────────────  ───────────────────────────────
-    request headers   ──▶  on_request_headers(ctx)       ──▶  None | Continue(headers) | Deny
-    request body      ──▶  on_request_body(ctx)          ──▶  None | Continue(headers, body) | Deny
+    request headers   ──▶  on_request_headers(ctx)       ──▶  None | Continue(headers) | Deny | Answer
+    request body      ──▶  on_request_body(ctx)          ──▶  None | Continue(headers, body) | Deny | Answer
     response headers  ──▶  on_response_headers(ctx)      ──▶  None | Continue(headers) | Deny
     response body     ──▶  on_response_body(ctx, chunk)  ──▶  None | Continue(body) | Deny
     (chunk by chunk when streamed; once, whole, when buffered)
@@ -18,14 +18,16 @@ Data flow for one exchange::
 Rules of the contract:
 
 * A hook returns ``None`` (no opinion), :class:`Continue` (carry on, with
-  optional header/body mutations and dynamic metadata) or :class:`Deny`.
+  optional header/body mutations and dynamic metadata), :class:`Deny` (refuse)
+  or :class:`Answer` (answer the agent directly, e.g. a metadata document).
   Denials are values; an exception raised by a hook is a *fault* and is
   handled by the stage's :attr:`Stage.failure_mode` (closed by default: the
   exchange is refused with HTTP 503 and a JSON-RPC error).
-* The first :class:`Deny` wins: later stages are not called for that phase,
-  and Envoy answers the agent directly; the upstream never sees the request.
-  When the JSON-RPC request id is known, the answer is a JSON-RPC error with
-  that id.
+* The first :class:`Deny` or :class:`Answer` wins: later stages are not called
+  for that phase, and Envoy answers the agent directly; the upstream never sees
+  the request. When the JSON-RPC request id is known, a denial's answer is a
+  JSON-RPC error with that id; its HTTP status comes from the one table of codes
+  (:mod:`extproc.mcp.codes`) unless the denial names one.
 * Which hooks a stage overrides decides which phases Envoy sends at all: a
   pipeline whose stages never look at responses makes Envoy skip them. A stage
   that reads response bodies must ask for them per exchange with
@@ -42,19 +44,20 @@ Rules of the contract:
 
 A minimal stage::
 
-    class DenyDelete(Stage):
-        name = "deny-delete"
+    class DenyDeleteConfig(StageConfig):
+        message: str = "tools may not delete"
 
-        class Config(StageConfig):
-            message: str = "tools may not delete"
+    class DenyDelete(Stage[DenyDeleteConfig]):
+        name = "deny-delete"
 
         async def on_request_body(self, ctx: Context) -> Verdict:
             if ctx.mcp is not None and ctx.mcp.tool_name == "delete":
-                return Deny(status=200, code=-32001, message=self.config.message)
+                return Deny(code=POLICY_DENIED, message=self.config.message)  # HTTP 200, from the codes table
             return None
 
 Register it under the entry-point group ``mcp_extproc.stages`` and name it in
 the pipeline configuration; only stages the configuration names are loaded.
+:mod:`extproc.testing` runs a stage's hooks in process, for its tests.
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+from extproc.config.pipeline_file import FailureMode
+from extproc.mcp.codes import POLICY_DENIED, http_status_for
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -78,31 +84,22 @@ __all__ = [
     "HOOK_NAMES",
     "POLICY_DENIED",
     "Answer",
+    "Bookkeeping",
     "Context",
     "Continue",
     "Deny",
     "FailureMode",
+    "FrontDoor",
     "Phase",
     "Principal",
     "Stage",
     "StageConfig",
     "StateKey",
+    "Stop",
     "Verdict",
 ]
 
 T = TypeVar("T")
-
-POLICY_DENIED: Final = -32003
-"""JSON-RPC error code of a call refused by policy (allow-list, Rego, trust)."""
-
-
-class FailureMode(StrEnum):
-    """What happens when a stage's hook raises (a fault, not a denial)."""
-
-    CLOSED = "closed"
-    """Refuse the exchange: HTTP 503 with a JSON-RPC error. The default."""
-    OPEN = "open"
-    """Skip the stage for this phase, log the fault and count it."""
 
 
 class Phase(StrEnum):
@@ -143,15 +140,17 @@ class Continue:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Deny:
     """Refuse the exchange; Envoy answers the agent and the upstream sees nothing.
 
     Attributes:
-        status: HTTP status of the answer (200 for a JSON-RPC-level refusal of
-            a well-formed call; 4xx/5xx for transport-level problems).
-        code: JSON-RPC error code.
+        code: JSON-RPC error code (:mod:`extproc.mcp.codes` lists the gateway's).
         message: human-readable JSON-RPC error message (never a secret).
+        status: HTTP status of the answer; by default the one the codes table
+            (:data:`extproc.mcp.codes.ERROR_HTTP_STATUS`) lists for ``code``, 200
+            for a code it does not list (a JSON-RPC-level refusal of a well-formed
+            call). Name another where the transport says more (413, 502, 503).
         reason: a short machine-friendly reason for logs and metrics.
         data: optional JSON-RPC error ``data``.
         headers: extra response headers.
@@ -159,28 +158,44 @@ class Deny:
             instead of the single error built from ``code``/``message``.
     """
 
-    status: int
     code: int
     message: str
+    status: int = 0
     reason: str = "denied"
     data: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
 
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", http_status_for(self.code))
 
-@dataclass(frozen=True)
-class Answer(Deny):
-    """Answer the agent directly with ``body`` (e.g. a metadata document); not a refusal.
 
-    Counted and audited as decision ``answer`` instead of ``deny``.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """Answer the agent directly with ``body`` (e.g. a metadata document): not a refusal.
+
+    The upstream sees nothing, as with :class:`Deny`, but the exchange is counted
+    and audited as decision ``answer``.
+
+    Attributes:
+        body: the answer's bytes.
+        status: its HTTP status.
+        headers: its headers (``content-type`` defaults to ``application/json``).
+        reason: a short machine-friendly reason for logs and metrics.
     """
 
-    code: int = 0
-    message: str = ""
+    body: bytes
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    reason: str = "answer"
 
 
-Verdict = Continue | Deny | None
-"""What a hook returns: no opinion, carry on (with mutations), or refuse."""
+Stop: TypeAlias = Deny | Answer
+"""A verdict that ends the exchange here: Envoy answers the agent, the upstream sees nothing."""
+
+Verdict: TypeAlias = Continue | Deny | Answer | None
+"""What a hook returns: no opinion, carry on (with mutations), refuse, or answer directly."""
 
 
 @dataclass(frozen=True)
@@ -239,8 +254,43 @@ class StateKey(Generic[T]):
         return f"StateKey({self.name!r})"
 
 
+class FrontDoor(StrEnum):
+    """How Envoy brought the exchange to the pipeline."""
+
+    EXT_PROC = "ext_proc"
+    """An ext_proc stream: request and response phases, body rewriting."""
+    CHECK = "check"
+    """One ext_authz ``Check`` (front door ``ext_authz``): the request side only."""
+    FAST_CALL = "fast_call"
+    """One ``Check`` for a ``tools/call`` on the ``auto`` front door's fast route. No
+    response phases for this call, but the rest of the gateway (initialize, GET
+    streams, ``tools/list``) still runs through ext_proc and this process."""
+
+
+@dataclass(slots=True)
+class Bookkeeping:
+    """What the pipeline and the front doors keep about an exchange. Stages never touch it.
+
+    Attributes:
+        started: when the exchange reached us (``time.perf_counter``), for the audit line.
+        explanations: what :meth:`Context.explain` recorded, for the audit line.
+        wants_response_body: a stage called :meth:`Context.want_response_body`.
+        response_streamed: the response body arrives in chunks (an SSE stream of
+            unknown length) rather than whole.
+    """
+
+    started: float = field(default_factory=time.perf_counter)
+    explanations: list[str] = field(default_factory=list)
+    wants_response_body: bool = False
+    response_streamed: bool = False
+
+
 class Context:
-    """Everything known about one exchange; one per ext_proc stream, never shared.
+    """Everything a stage knows about one exchange; one per exchange, never shared.
+
+    Stages read these attributes and write only ``body`` (through
+    :class:`Continue`), ``hints``, ``mcp`` and ``principal`` (the stages that
+    establish them) and their own :meth:`state`.
 
     Attributes:
         request_id: Envoy's ``x-request-id`` (or a generated one).
@@ -251,19 +301,42 @@ class Context:
             duplicate checks).
         server: the ``MCPServer`` this exchange targets, when known.
         catalog: every loaded resource (read-only).
+        front_door: how Envoy brought this exchange (see :class:`FrontDoor`).
         body: the (possibly size-limited) request body, once received.
+        request_has_body: the request carries a body (it may not have arrived yet).
         hints: what the request headers alone say about the MCP request (era,
             ``Mcp-Method``/``Mcp-Name``), set by the ``mcp`` stage.
         mcp: the parsed MCP request, set by the ``mcp`` stage.
         response_status: the upstream's HTTP status, once known.
         response_headers: response headers, once known.
-        response_streamed: True when the response body arrives in chunks (an
-            SSE stream of unknown length); False when it arrives whole.
         end_of_stream: True on the last response chunk.
         log: a logger bound to this exchange's request id.
         principal: the caller, set by the ``authn`` stage (``None`` before it
             runs or when it is not configured).
+        book: the pipeline's own bookkeeping (:class:`Bookkeeping`); not for stages.
     """
+
+    __slots__ = (
+        "_state",
+        "body",
+        "book",
+        "catalog",
+        "end_of_stream",
+        "front_door",
+        "hints",
+        "http_method",
+        "log",
+        "mcp",
+        "path",
+        "principal",
+        "request_has_body",
+        "request_header_list",
+        "request_headers",
+        "request_id",
+        "response_headers",
+        "response_status",
+        "server",
+    )
 
     def __init__(
         self,
@@ -275,6 +348,7 @@ class Context:
         request_header_list: tuple[tuple[str, str], ...] = (),
         server: MCPServer | None = None,
         catalog: Catalog | None = None,
+        front_door: FrontDoor = FrontDoor.EXT_PROC,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
     ) -> None:
         self.request_id = request_id
@@ -284,28 +358,18 @@ class Context:
         self.request_header_list = request_header_list
         self.server = server
         self.catalog = catalog
+        self.front_door = front_door
         self.body: bytes = b""
         self.request_has_body = False
         self.hints: HeaderHints | None = None
         self.mcp: McpRequest | None = None
         self.response_status: int | None = None
         self.response_headers: Mapping[str, str] = {}
-        self.response_streamed = False
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
-        self.sees_responses = True
-        """False when the front door (ext_authz) never shows the stages the response."""
-        self.fast_call = False
-        """True for a ``tools/call`` on the ``auto`` front door's fast route: one ext_authz
-        ``Check``, no response phases, but the rest of the gateway (initialize, GET
-        streams, tools/list) still runs through ext_proc and this process."""
-        self.started = time.perf_counter()
-        self.explanations: list[str] = []
-        self.decision = "allow"
-        self.decision_reason = ""
+        self.book = Bookkeeping()
         self._state: dict[str, Any] = {}
-        self._wants_response_body = False
 
     def state(self, key: StateKey[T]) -> T:
         """The per-exchange state object for ``key``, created on first use."""
@@ -320,7 +384,7 @@ class Context:
 
         Never put a token or secret in ``text``.
         """
-        self.explanations.append(text)
+        self.book.explanations.append(text)
 
     def want_response_body(self) -> None:
         """Ask the pipeline to send this exchange's response body to the stages.
@@ -328,12 +392,17 @@ class Context:
         Call it from a request hook. Streamed (SSE) responses then arrive
         chunk by chunk, other responses whole.
         """
-        self._wants_response_body = True
+        self.book.wants_response_body = True
 
     @property
-    def wants_response_body(self) -> bool:
-        """True when some stage asked for this exchange's response body."""
-        return self._wants_response_body
+    def sees_responses(self) -> bool:
+        """False when the front door never shows the stages this exchange's response."""
+        return self.front_door is FrontDoor.EXT_PROC
+
+    @property
+    def fast_call(self) -> bool:
+        """True for a ``tools/call`` on the ``auto`` front door's fast route (see :class:`FrontDoor`)."""
+        return self.front_door is FrontDoor.FAST_CALL
 
     @property
     def response_content_type(self) -> str:
@@ -354,8 +423,15 @@ class Context:
         return self.mcp.messages[0].id
 
 
-class Stage:
+C = TypeVar("C", bound=StageConfig)
+
+
+class Stage(Generic[C]):
     """Base class of every stage. Subclass it and override only the hooks you need.
+
+    A stage is generic over its configuration model: ``class MyStage(Stage[MyConfig])``
+    makes ``self.config`` a ``MyConfig`` for the type checker, and sets ``Config``
+    to ``MyConfig`` unless the class names it itself.
 
     Class attributes:
         name: the name the pipeline configuration uses for this stage.
@@ -367,10 +443,12 @@ class Stage:
             Only consulted for stages that override ``on_request_body`` or a
             response hook. Where no stage needs it, a ``tools/call`` of that era
             is decided by one ext_authz ``Check`` (the fast path, see
-            :attr:`extproc.core.pipeline.Pipeline.fast_call_eras`) instead of two or
-            three ext_proc round trips. The default, both eras, is the safe
-            choice for a stage that is unsure; a stage that decides calls from
-            the request (and sets headers at most) declares ``frozenset()``.
+            :func:`extproc.core.plan.fast_call_eras`) instead of two or three
+            ext_proc round trips. The default, both eras, is the safe choice for
+            a stage that is unsure; a stage that decides calls from the request
+            (and sets headers at most) declares ``frozenset()``. A stage whose
+            answer depends on its configuration overrides
+            :meth:`eras_needing_ext_proc` instead.
 
     Instance attributes:
         config: the validated configuration.
@@ -381,12 +459,40 @@ class Stage:
     name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
     requires: ClassVar[tuple[str, ...]] = ()
-    # Not a ClassVar: a stage may narrow it per instance from its configuration.
-    calls_need_ext_proc: frozenset[str] = frozenset({"legacy", "modern"})
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset({"legacy", "modern"})
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
-        self.config = config
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" in cls.__dict__:
+            return
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            args: tuple[Any, ...] = getattr(base, "__args__", ())
+            if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], StageConfig):
+                cls.Config = args[0]
+                return
+
+    def __init__(self, config: C, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+        self.config: C = config
         self.failure_mode = failure_mode
+
+    @classmethod
+    def eras_needing_ext_proc(cls, config: C) -> frozenset[str]:
+        """The eras whose ``tools/call`` this stage needs ext_proc for, with ``config``.
+
+        Decided from the class and the validated configuration alone, so that a
+        renderer can tell without building the stage. The default is
+        :attr:`calls_need_ext_proc`.
+        """
+        return cls.calls_need_ext_proc
+
+    @classmethod
+    def max_request_bytes(cls, config: C) -> int | None:
+        """The largest request body this stage accepts with ``config``, if it limits it.
+
+        Envoy buffers request bodies up to the largest limit any stage names. ``None``
+        (the default): this stage sets no limit.
+        """
+        return None
 
     async def startup(self) -> None:
         """Called once before the server takes traffic (open stores, clients)."""

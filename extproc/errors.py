@@ -1,6 +1,18 @@
-"""The one exception tree. Lower-layer exceptions are mapped to these at the boundary.
+"""The one exception tree. Lower-layer exceptions are mapped to these where the library is called.
 
-Denials are values (:class:`extproc.api.Deny`); these are for faults and bad input.
+Denials are values (:class:`extproc.api.Deny`); these are for faults and bad input::
+
+    ExtProcError                      every error raised on purpose
+    ├── ConfigError                   a resource document, pipeline file or flag is wrong
+    ├── PluginError                   a stage cannot be loaded, breaks the contract, or failed to start
+    ├── PolicyBackendError            embedded Rego or a remote OPA server could not decide (deny)
+    ├── ProcessError                  a child process (Envoy) failed to start or died
+    └── (raised by helpers, caught by their stage and turned into a denial or a fault)
+        ├── plugins.lib.jwks.JwksUnavailable / UnknownKey     an issuer's keys
+        ├── plugins.lib.tokens.TokenError                     an upstream token endpoint
+        ├── plugins.lib.external_client.ServiceFault          an external stage service
+        ├── extproc.mcp.sse.SseTooLarge                       an SSE event over the limit
+        └── controller.runtime.kube.KubeError                 the Kubernetes API server
 """
 
 from __future__ import annotations
@@ -20,16 +32,6 @@ class ConfigError(ExtProcError):
 
 class PluginError(ExtProcError):
     """A stage cannot be found, does not honour the stage contract, or failed to start."""
-
-
-class StageFault(ExtProcError):
-    """A stage's hook raised; carries the stage name for logs and metrics."""
-
-    def __init__(self, stage: str, hook: str, cause: BaseException) -> None:
-        super().__init__(f"stage {stage!r} failed in {hook}: {type(cause).__name__}: {cause}")
-        self.stage = stage
-        self.hook = hook
-        self.cause = cause
 
 
 class ProcessError(ExtProcError):

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
-from extproc.api import POLICY_DENIED, Context, Deny
+from extproc.api import Context, Deny, StageConfig
 from extproc.config.resources import MCPServer
+from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.jsonrpc import Message
 from plugins.lib.toolgate import ToolGate
 
@@ -27,7 +28,7 @@ def tool_allowed(server: MCPServer, tool: str) -> bool:
     return not any(fnmatchcase(tool, glob) for glob in spec.denied_tools)
 
 
-class AllowlistStage(ToolGate):
+class AllowlistStage(ToolGate[StageConfig]):
     """Refuse calls to tools outside the server's allow-list; hide them from tools/list."""
 
     name: ClassVar[str] = "allowlist"

@@ -118,20 +118,13 @@ def _trust(agent: MCPAgent, claims: dict[str, Any]) -> tuple[str, str]:
         return granted.value, Trust.LOW.value  # an unreadable consent grants the least
 
 
-class AuthnStage(Stage):
+class AuthnStage(Stage[AuthnConfig]):
     """Authenticate every request with the bearer JWT of a declared ``MCPAgent``."""
 
     name: ClassVar[str] = "authn"
-    Config: ClassVar[type[StageConfig]] = AuthnConfig
-
-    @property
-    def _config(self) -> AuthnConfig:
-        config = self.config
-        assert isinstance(config, AuthnConfig)
-        return config
 
     async def startup(self) -> None:
-        config = self._config
+        config = self.config
         self._client = httpx.AsyncClient(timeout=config.jwks_timeout_seconds, trust_env=False, follow_redirects=False)
         self.jwks = JwksCache(self._client, ttl=config.jwks_cache_seconds, min_refetch=config.jwks_refetch_seconds)
 
@@ -219,7 +212,7 @@ class AuthnStage(Stage):
                     algorithms=[alg],
                     audience=ident.audiences,
                     issuer=ident.issuer,
-                    leeway=self._config.leeway_seconds,
+                    leeway=self.config.leeway_seconds,
                     options={"require": ["exp", "iss", "aud", "sub"]},
                 )
             except UnknownKey as exc:

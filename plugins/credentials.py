@@ -97,17 +97,15 @@ def _deny(status: int, message: str, reason: str) -> Deny:
     return Deny(status=status, code=code, message=message, reason=reason)
 
 
-class CredentialsStage(Stage):
+class CredentialsStage(Stage[CredentialsConfig]):
     """Strip the agent's credential; inject the upstream credential of the target server."""
 
     name: ClassVar[str] = "credentials"
-    Config: ClassVar[type[StageConfig]] = CredentialsConfig
     # Headers only (the upstream credential): works the same behind one ext_authz Check.
-    calls_need_ext_proc: frozenset[str] = frozenset()
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(self, config: CredentialsConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
-        assert isinstance(config, CredentialsConfig)
         self.settings = config
         self.remove = tuple(dict.fromkeys([AUTHORIZATION, *(h.lower() for h in config.remove_headers)]))
         self.cache = TokenCache(config.max_cached_tokens)

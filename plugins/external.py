@@ -31,9 +31,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from extproc.api import POLICY_DENIED, Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.api import Context, Continue, Deny, FailureMode, Stage, StateKey, Verdict
 from extproc.errors import PluginError
 from extproc.external.wire import from_struct, from_value, to_struct, to_value
+from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
 from extproc.mcp.spec import INTERNAL_ERROR
@@ -70,19 +71,20 @@ class _Outcome:
     deny: Deny | None = None
 
 
-class ExternalStage(Stage):
+class ExternalStage(Stage[ExternalConfig]):
     """Call out-of-process stages (any language) over gRPC, at the MCP level."""
 
     name: ClassVar[str] = "external"
-    Config: ClassVar[type[StageConfig]] = ExternalConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(self, config: ExternalConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
-        assert isinstance(config, ExternalConfig)
         self.services = [Service(service, index) for index, service in enumerate(config.services)]
-        if config.fast_calls:
-            self.calls_need_ext_proc = frozenset()  # the configuration vouches for every service
+
+    @classmethod
+    def eras_needing_ext_proc(cls, config: ExternalConfig) -> frozenset[str]:
+        # With fastCalls the configuration vouches for every service (checked at startup).
+        return frozenset() if config.fast_calls else cls.calls_need_ext_proc
 
     async def startup(self) -> None:
         opened: list[Service] = []
@@ -90,7 +92,7 @@ class ExternalStage(Stage):
             try:
                 await service.open()
                 opened.append(service)
-                if not self.calls_need_ext_proc and service.wants(pb.PHASE_RESPONSE, "tools/call"):
+                if self.config.fast_calls and service.wants(pb.PHASE_RESPONSE, "tools/call"):
                     raise PluginError(
                         f"{service.where} asks for tools/call responses, but the external stage is configured "
                         "with fastCalls: true (tools/call takes the fast route, which has no response phase); "

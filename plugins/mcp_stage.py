@@ -60,18 +60,15 @@ def derived_headers(request: McpRequest, server: str) -> tuple[dict[str, str], d
     return headers, metadata
 
 
-class McpStage(Stage):
+class McpStage(Stage[McpConfig]):
     """Parse and classify MCP requests; expose method, tool and server to Envoy."""
 
     name: ClassVar[str] = "mcp"
-    Config: ClassVar[type[StageConfig]] = McpConfig
     # Parses and sets headers, never rewrites a body: fine on the fast tools/call route.
-    calls_need_ext_proc: frozenset[str] = frozenset()
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
-    @property
-    def _limit(self) -> int:
-        config = self.config
-        assert isinstance(config, McpConfig)
+    @classmethod
+    def max_request_bytes(cls, config: McpConfig) -> int | None:
         return config.max_request_bytes
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
@@ -85,11 +82,11 @@ class McpStage(Stage):
                 reason="unknown_server",
             )
         length = ctx.request_headers.get(CONTENT_LENGTH)
-        if length is not None and length.isdigit() and int(length) > self._limit:
+        if length is not None and length.isdigit() and int(length) > self.config.max_request_bytes:
             return Deny(
                 status=413,
                 code=INVALID_REQUEST,
-                message=f"request body of {length} bytes exceeds the {self._limit}-byte limit",
+                message=f"request body of {length} bytes exceeds the {self.config.max_request_bytes}-byte limit",
                 reason="too_large",
             )
         duplicated = find_duplicated_routing_header(ctx.request_header_list)
@@ -106,7 +103,7 @@ class McpStage(Stage):
     async def on_request_body(self, ctx: Context) -> Verdict:
         if not ctx.request_has_body and not ctx.body:
             return None
-        parsed = parse_request(ctx.body, ctx.request_headers, max_bytes=self._limit)
+        parsed = parse_request(ctx.body, ctx.request_headers, max_bytes=self.config.max_request_bytes)
         if isinstance(parsed, Rejection):
             return Deny(
                 status=parsed.status,

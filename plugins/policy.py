@@ -29,10 +29,11 @@ from typing import Any, ClassVar, Final
 
 from pydantic import Field
 
-from extproc.api import POLICY_DENIED, Context, Deny, FailureMode, Principal, StageConfig
+from extproc.api import Context, Deny, FailureMode, Principal, StageConfig
 from extproc.config.models import MCPToolPolicy, Rego
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
+from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.jsonrpc import Message
 from extproc.mcp.spec import INTERNAL_ERROR
 from plugins.authn import insufficient_scope
@@ -71,15 +72,13 @@ def rego_module(catalog: Catalog, policy: MCPToolPolicy) -> str | None:
     return catalog.config_value(rego.config_map_ref)
 
 
-class PolicyStage(ToolGate):
+class PolicyStage(ToolGate[PolicyConfig]):
     """Decide every tool call with rules, trust, scopes and Rego; hide what may not be called."""
 
     name: ClassVar[str] = "policy"
-    Config: ClassVar[type[StageConfig]] = PolicyConfig
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(self, config: PolicyConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
-        assert isinstance(config, PolicyConfig)
         self._cache: TtlCache[Decision] = TtlCache(config.decision_cache_seconds, config.decision_cache_size)
         self._buckets = TokenBuckets(config.rate_limit_keys)
         self._backends: dict[str, RegoBackend] = {}  # by the Rego source, so reloads reuse compiled policies

@@ -81,20 +81,18 @@ def _legacy(ctx: Context) -> bool:
     return not (ctx.mcp is not None and ctx.mcp.era is Era.MODERN)
 
 
-class SessionStage(Stage):
+class SessionStage(Stage[SessionConfig]):
     """Bind legacy sessions to principals; keep heartbeating upstream sessions alive."""
 
     name: ClassVar[str] = "session"
-    Config: ClassVar[type[StageConfig]] = SessionConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
     # A tools/call's response is not needed: on the auto front door's fast route the
     # binding is checked and the keeper (re)started from the request (see _admit); a
     # session the upstream lost shows as a 404 on the keeper's own GET.
-    calls_need_ext_proc: frozenset[str] = frozenset()
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(self, config: SessionConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
-        assert isinstance(config, SessionConfig)
         self.settings = config
         self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.refused: Counter | None = None

@@ -21,8 +21,8 @@ from controller.render.meta import EXTPROC_NAME, ControllerSettings, object_meta
 from controller.render.sidecar import CONFIG_DIR, documents, dump_documents, serve_args
 from controller.render.view import NamespaceView
 from extproc.config.models import MCPServer
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
 from extproc.config.resources import Catalog
-from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig
 
 APP_LABEL = "app.kubernetes.io/name"
 

@@ -24,9 +24,9 @@ from controller.render.netpol import service_host
 from controller.render.view import NamespaceView
 from extproc.config.models import MCPAgent, MCPServer
 from extproc.config.resources import Catalog
-from extproc.core.pipeline import PhaseNeeds
-from extproc.frontdoor.ext_proc import SERVER_METADATA_KEY
-from extproc.render.bootstrap import BootstrapOptions, bootstrap_dict
+from extproc.render.bootstrap import bootstrap_dict
+from extproc.render.options import BootstrapOptions, PhaseNeeds
+from extproc.render.wire import SERVER_METADATA_KEY
 
 _T: Final = "type.googleapis.com/"
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"

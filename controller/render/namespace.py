@@ -24,7 +24,7 @@ from controller.render import extserver, gateway, istio, netpol, sidecar
 from controller.render.meta import ControllerSettings
 from controller.render.view import Key, NamespaceView, build_view, group_by_namespace
 from extproc.config.models import MCPServer
-from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from controller.render.meta import ControllerSettings, agent_object_name, object
 from controller.render.view import NamespaceView
 from extproc.commands.run import max_request_bytes
 from extproc.config.models import MCPAgent, Model
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
 from extproc.config.resources import Catalog
-from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig, Registry
-from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
+from extproc.core.registry import Registry
+from extproc.render.bootstrap import render_bootstrap_yaml
+from extproc.render.options import BootstrapOptions
 
 CONFIG_DIR: Final = "/etc/mcp-extproc"
 

@@ -26,16 +26,18 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.config.resources import Catalog, load_resources
 from extproc.config.settings import Settings, split_hostport
 from extproc.core import reload
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import DEFAULT_PIPELINE, Registry, load_pipeline_config
+from extproc.core.registry import Registry
 from extproc.errors import ConfigError, ProcessError
 from extproc.frontdoor.servers import ExtProcServer, Listen
 from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
-from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
+from extproc.render.bootstrap import render_bootstrap_yaml
+from extproc.render.options import BootstrapOptions
 
 log = logging.getLogger("mcp_extproc.up")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from extproc.core.registry import Registry, phases_of
+from extproc.core.plan import phases_of
+from extproc.core.registry import Registry
 from extproc.errors import ExtProcError
 
 

@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Final
 
-from extproc.api import Answer, Context, Deny
+from extproc.api import Answer, Context, Stop
 from extproc.core.metrics import Metrics, method_label
 
 audit = logging.getLogger("mcp_extproc.audit")
@@ -46,15 +46,14 @@ def reason_label(metrics: Metrics, reason: str) -> str:
     return reason
 
 
-def decision_of(deny: Deny) -> str:
+def decision_of(deny: Stop) -> str:
     """``answer`` for an :class:`~extproc.api.Answer` (served directly), else ``deny``."""
     return "answer" if isinstance(deny, Answer) else "deny"
 
 
 def record(metrics: Metrics, ctx: Context, decision: str, reason: str) -> None:
     """Count the decision and write its audit line."""
-    ctx.decision, ctx.decision_reason = decision, reason
-    elapsed = time.perf_counter() - ctx.started
+    elapsed = time.perf_counter() - ctx.book.started
     method = ctx.mcp.method if ctx.mcp is not None else (ctx.hints.method if ctx.hints is not None else None)
     metrics.requests.labels(method_label(method), decision).inc()
     metrics.decisions.labels(decision, reason_label(metrics, reason)).inc()
@@ -75,7 +74,7 @@ def record(metrics: Metrics, ctx: Context, decision: str, reason: str) -> None:
         "tool": ctx.mcp.tool_name if ctx.mcp is not None else None,
         "decision": decision,
         "reason": reason or None,
-        "rule": "; ".join(ctx.explanations) or None,
+        "rule": "; ".join(ctx.book.explanations) or None,
         "latency_ms": round(elapsed * 1000, 3),
     }
     audit.info(json.dumps(line, separators=(",", ":"), default=str))

@@ -4,17 +4,18 @@ Data flow for one phase of one exchange::
 
     adapter ──run(phase, ctx[, chunk])──▶ for each stage overriding that hook, in order:
                                              verdict = await hook(ctx[, chunk])
-                                             Deny      → stop, return it
-                                             Continue  → merge mutations; a new body is
-                                                         what the next stage sees
-                                             exception → stage failure mode:
-                                                         closed → Deny 503, open → skip
-            ◀── Outcome(Continue | Deny) ──
+                                             Deny/Answer → stop, return it
+                                             Continue    → merge mutations (a later stage's
+                                                           word on a header wins); a new
+                                                           body is what the next stage sees
+                                             exception   → stage failure mode:
+                                                           closed → Deny 503, open → skip
+            ◀── Continue (merged) | Deny | Answer ──
 
-Which phases Envoy must send is decided here, once, from the hooks the stages
-override (:class:`PhaseNeeds`); the bootstrap renderer turns that into the
-ext_proc ``processing_mode`` and the adapter narrows it per exchange with
-``mode_override``.
+Which phases Envoy must send is decided once, from the hooks the stages override
+(:attr:`Pipeline.plan`, the same :mod:`extproc.core.plan` the renderers use); the
+bootstrap renderer turns that into the ext_proc ``processing_mode`` and the
+ext_proc front door narrows it per exchange with ``mode_override``.
 """
 
 from __future__ import annotations
@@ -22,81 +23,45 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from extproc.api import HOOK_NAMES, Context, Continue, Deny, FailureMode, Phase, Stage
+from extproc.api import HOOK_NAMES, Answer, Context, Continue, Deny, FailureMode, Phase, Stage, Stop
 from extproc.config.resources import Catalog
+from extproc.core.exchange import Mutations
 from extproc.core.metrics import Metrics
+from extproc.core.plan import overrides, plan_of, reads_responses
 from extproc.errors import PluginError
 from extproc.mcp.spec import INTERNAL_ERROR
 
 log = logging.getLogger("mcp_extproc.pipeline")
 
 
-@dataclass(frozen=True, slots=True)
-class PhaseNeeds:
-    """Which ext_proc phases at least one stage reads."""
-
-    request_headers: bool
-    request_body: bool
-    response_headers: bool
-    response_body: bool
-
-    @property
-    def response(self) -> bool:
-        """True when any stage reads the response (headers or body)."""
-        return self.response_headers or self.response_body
-
-
-def overrides(stage: Stage, hook: str) -> bool:
-    """True when ``stage`` overrides the base class's ``hook``."""
-    return getattr(type(stage), hook) is not getattr(Stage, hook)
-
-
 class Pipeline:
     """An ordered, immutable set of started stages."""
 
-    def __init__(self, stages: Sequence[Stage], metrics: Metrics | None = None) -> None:
-        names = [stage.name for stage in stages]
-        for index, stage in enumerate(stages):
-            for required in stage.requires:
-                if required not in names[:index]:
-                    raise PluginError(
-                        f"stage {stage.name!r} requires stage {required!r} before it in the pipeline; "
-                        f"the pipeline is {names}"
-                    )
-        if len(set(names)) != len(names):
-            raise PluginError(f"a stage is listed twice in the pipeline {names}")
-        self.stages: tuple[Stage, ...] = tuple(stages)
+    def __init__(self, stages: Sequence[Stage[Any]], metrics: Metrics | None = None) -> None:
+        self.plan = plan_of([(type(stage), stage.config) for stage in stages])
+        self.stages: tuple[Stage[Any], ...] = tuple(stages)
         self.metrics = metrics or Metrics()
         for stage in self.stages:
             stage.bind_metrics(self.metrics.registry)
         # Histogram children looked up once: ``labels()`` costs a lock and a dict per call.
         self._timers: dict[tuple[str, Phase], Any] = {}
-        self._enders = tuple(s for s in self.stages if overrides(s, "on_exchange_end"))
-        self._by_phase: dict[Phase, tuple[Stage, ...]] = {
-            phase: tuple(s for s in self.stages if overrides(s, hook)) for phase, hook in HOOK_NAMES.items()
+        self._enders = tuple(s for s in self.stages if overrides(type(s), "on_exchange_end"))
+        self._by_phase: dict[Phase, tuple[Stage[Any], ...]] = {
+            phase: tuple(s for s in self.stages if overrides(type(s), hook)) for phase, hook in HOOK_NAMES.items()
         }
-        response_stages = self._by_phase[Phase.RESPONSE_HEADERS] + self._by_phase[Phase.RESPONSE_BODY]
-        self._response_stages = tuple(s for s in self.stages if s in response_stages)
-        self.needs = PhaseNeeds(
-            request_headers=bool(self._by_phase[Phase.REQUEST_HEADERS]) or bool(self._by_phase[Phase.REQUEST_BODY]),
-            request_body=bool(self._by_phase[Phase.REQUEST_BODY]),
-            # Response bodies are switched on per exchange from the response headers,
-            # so a stage that reads bodies needs the headers phase too.
-            response_headers=bool(response_stages),
-            response_body=bool(self._by_phase[Phase.RESPONSE_BODY]),
-        )
+        self._response_stages = tuple(s for s in self.stages if reads_responses(type(s)))
+        self.needs = self.plan.needs
 
     @property
     def names(self) -> tuple[str, ...]:
         """The stage names, in order."""
-        return tuple(stage.name for stage in self.stages)
+        return self.plan.names
 
     async def startup(self) -> None:
         """Start every stage in order; a failure stops the ones already started."""
-        started: list[Stage] = []
+        started: list[Stage[Any]] = []
         for stage in self.stages:
             try:
                 await stage.startup()
@@ -112,7 +77,7 @@ class Pipeline:
             await self._shutdown_one(stage)
 
     @staticmethod
-    async def _shutdown_one(stage: Stage) -> None:
+    async def _shutdown_one(stage: Stage[Any]) -> None:
         try:
             await stage.shutdown()
         except Exception:
@@ -139,21 +104,8 @@ class Pipeline:
 
     @property
     def fast_call_eras(self) -> frozenset[str]:
-        """The eras whose ``tools/call`` no stage needs ext_proc for (see ``Stage.calls_need_ext_proc``).
-
-        For those, a ``tools/call`` is decided from the request alone, so Envoy
-        can ask with one ext_authz ``Check`` instead of ext_proc (the ``auto``
-        front door). A stage must also be able to run behind ext_authz, which
-        every request-side stage can: the hooks are the same. Without the ``mcp``
-        stage nothing parses the call, so nothing could check that Envoy routed
-        it right: no era is fast then.
-        """
-        if "mcp" not in self.names:
-            return frozenset()
-        eras = {"legacy", "modern"}
-        for stage in self._response_stages + self._by_phase[Phase.REQUEST_BODY]:
-            eras -= stage.calls_need_ext_proc
-        return frozenset(eras)
+        """The eras whose ``tools/call`` goes to one ext_authz ``Check`` (:func:`extproc.core.plan.fast_call_eras`)."""
+        return self.plan.fast_call_eras
 
     def needs_response(self, ctx: Context) -> bool:
         """After the request headers: must Envoy send this exchange's response at all?"""
@@ -170,13 +122,10 @@ class Pipeline:
                 self.metrics.stage_faults.labels(stage.name, stage.failure_mode.value).inc()
                 ctx.log.error("stage %r raised in on_exchange_end: %s: %s", stage.name, type(exc).__name__, exc)
 
-    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Deny:
+    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Stop:
         """Run ``phase`` over every stage that overrides its hook; merge their verdicts."""
         hook_name = HOOK_NAMES[phase]
-        set_headers: dict[str, str] = {}
-        remove_headers: list[str] = []
-        metadata: dict[str, Any] = {}
-        body: bytes | None = None
+        merged = Mutations()
         for stage in self._by_phase[phase]:
             hook = getattr(stage, hook_name)
             started = time.perf_counter()
@@ -191,22 +140,16 @@ class Pipeline:
                 self._timer(stage.name, phase).observe(time.perf_counter() - started)
             if verdict is None:
                 continue
-            if isinstance(verdict, Deny):
+            if isinstance(verdict, Deny | Answer):
                 return verdict
-            # A later stage's word on a header wins over an earlier one's.
-            for name in verdict.remove_headers:
-                set_headers.pop(name, None)
-            remove_headers = [n for n in remove_headers if n not in verdict.set_headers]
-            set_headers.update(verdict.set_headers)
-            remove_headers.extend(verdict.remove_headers)
-            metadata.update(verdict.metadata)
+            merged.add(verdict)
             if verdict.body is not None:
-                body = verdict.body
+                # What the next stage sees.
                 if phase is Phase.RESPONSE_BODY:
                     chunk = verdict.body
                 else:
                     ctx.body = verdict.body
-        return Continue(set_headers=set_headers, remove_headers=tuple(remove_headers), body=body, metadata=metadata)
+        return merged.result()
 
     def _timer(self, stage: str, phase: Phase) -> Any:
         timer = self._timers.get((stage, phase))
@@ -214,7 +157,7 @@ class Pipeline:
             timer = self._timers[stage, phase] = self.metrics.stage_seconds.labels(stage, phase.value)
         return timer
 
-    def _fault(self, stage: Stage, hook: str, exc: Exception, ctx: Context) -> Deny | None:
+    def _fault(self, stage: Stage[Any], hook: str, exc: Exception, ctx: Context) -> Deny | None:
         mode = stage.failure_mode
         self.metrics.stage_faults.labels(stage.name, mode.value).inc()
         ctx.log.error(

@@ -6,8 +6,9 @@ Data flow::
                                      loading only the named ones
                           ──class──▶ validate_stage_class (contract checks, errors
                                      name the plugin, the hook and the signature)
-                          ──config─▶ Stage.Config.model_validate → Stage(config, failure_mode)
-                                  ──▶ Pipeline
+                          ──config─▶ Stage.Config.model_validate
+                                  ──▶ plan: what Envoy must send (no stage built)
+                                  ──▶ build_pipeline: Stage(config, failure_mode) → Pipeline
 
 Stages can also be registered directly (``Registry.register``), which is how
 tests and embedding programs add stages without installing a distribution.
@@ -16,17 +17,17 @@ tests and embedding programs add stages without installing a distribution.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from extproc.api import HOOK_NAMES, FailureMode, Phase, Stage, StageConfig
+from extproc.api import Stage, StageConfig
+from extproc.config.pipeline_file import PipelineConfig, StageSpec
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
+from extproc.core.plan import Plan, StageClass, plan_of
 from extproc.errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP: Final = "mcp_extproc.stages"
@@ -46,58 +47,7 @@ _SIGNATURES: Final[Mapping[str, str]] = {
 _PLAIN_HOOKS: Final = frozenset({"needs_response", "bind_metrics", "check"})
 
 
-class StageSpec(BaseModel):
-    """One entry of the pipeline configuration."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    name: str
-    config: dict[str, Any] = Field(default_factory=dict)
-    failure_mode: FailureMode = Field(default=FailureMode.CLOSED, alias="failureMode")
-
-
-class PipelineConfig(BaseModel):
-    """The versioned, Kubernetes-free pipeline configuration (``--pipeline FILE``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: Literal["v1"] = "v1"
-    stages: list[StageSpec]
-
-
-DEFAULT_PIPELINE: Final = PipelineConfig(
-    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "credentials", "session")]
-)
-"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
-then swap the agent's credential for the upstream one and bind/keep legacy sessions.
-
-``authn`` runs first so a request without a valid token costs no body round
-trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
-``policy`` does nothing for servers no ``MCPToolPolicy`` targets.
-"""
-
-
-def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    """Read a pipeline configuration file (YAML).
-
-    Raises:
-        ConfigError: naming the file and the field.
-    """
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(document)"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
-
-
-def validate_stage_class(cls: object, source: str) -> type[Stage]:
+def validate_stage_class(cls: object, source: str) -> StageClass:
     """Check that ``cls`` honours the stage contract.
 
     Raises:
@@ -136,10 +86,10 @@ class Registry:
     """Stage classes by name: registered directly, or found by entry point on demand."""
 
     def __init__(self, *, use_entry_points: bool = True) -> None:
-        self._classes: dict[str, type[Stage]] = {}
+        self._classes: dict[str, StageClass] = {}
         self._use_entry_points = use_entry_points
 
-    def register(self, cls: type[Stage]) -> None:
+    def register(self, cls: StageClass) -> None:
         """Register a stage class (validated now, not at first use)."""
         checked = validate_stage_class(cls, f"{cls.__module__}.{cls.__qualname__}")
         self._classes[checked.name] = checked
@@ -148,7 +98,7 @@ class Registry:
         """Installed stage entry points, by name (nothing is imported)."""
         return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
-    def get(self, name: str) -> type[Stage]:
+    def get(self, name: str) -> StageClass:
         """The class of the stage called ``name``, loading its entry point if needed."""
         if name in self._classes:
             return self._classes[name]
@@ -167,8 +117,12 @@ class Registry:
         self._classes[name] = cls
         return cls
 
-    def build(self, spec: StageSpec) -> Stage:
-        """Instantiate one stage from its configuration entry."""
+    def configured(self, spec: StageSpec) -> tuple[StageClass, StageConfig]:
+        """The class of one configuration entry's stage and its validated configuration.
+
+        Raises:
+            ConfigError: naming the stage and the field of its configuration.
+        """
         cls = self.get(spec.name)
         try:
             config = cls.Config.model_validate(spec.config)
@@ -176,13 +130,17 @@ class Registry:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(config)"
             raise ConfigError(f"stage {spec.name!r}: config.{where}: {first['msg']}") from None
+        return cls, config
+
+    def plan(self, config: PipelineConfig) -> Plan:
+        """What the configured pipeline asks of Envoy, without building a stage (for renderers)."""
+        return plan_of([self.configured(spec) for spec in config.stages])
+
+    def build(self, spec: StageSpec) -> Stage[Any]:
+        """Instantiate one stage from its configuration entry."""
+        cls, config = self.configured(spec)
         return cls(config, spec.failure_mode)
 
     def build_pipeline(self, config: PipelineConfig, metrics: Metrics | None = None) -> Pipeline:
         """Instantiate every configured stage, in order, into a :class:`Pipeline`."""
         return Pipeline([self.build(spec) for spec in config.stages], metrics)
-
-
-def phases_of(stage: type[Stage]) -> Sequence[Phase]:
-    """The phases whose hooks ``stage`` overrides (for listings and docs)."""
-    return [phase for phase, hook in HOOK_NAMES.items() if getattr(stage, hook) is not getattr(Stage, hook)]

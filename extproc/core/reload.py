@@ -21,12 +21,12 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 from extproc.config.resources import Catalog, load_resources
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
 from extproc.errors import ConfigError
-from extproc.frontdoor.servers import ExtProcServer
 
 log = logging.getLogger("mcp_extproc.reload")
 
@@ -58,7 +58,16 @@ def try_reload(path: Path, pipeline: Pipeline, current: Catalog, metrics: Metric
     return dataclasses.replace(catalog, generation=current.generation + 1)
 
 
-async def watch(path: Path, server: ExtProcServer, metrics: Metrics, interval: float = 1.0) -> None:
+class Serving(Protocol):
+    """What a reload swaps the catalog of (the running server)."""
+
+    pipeline: Pipeline
+    catalog: Catalog
+
+    def set_catalog(self, catalog: Catalog) -> None: ...
+
+
+async def watch(path: Path, server: Serving, metrics: Metrics, interval: float = 1.0) -> None:
     """Poll ``path`` and apply good changes until cancelled."""
     seen = _stamp(path)
     while True:

@@ -39,8 +39,8 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from extproc.api import POLICY_DENIED
 from extproc.external.wire import from_struct, message_json, to_struct, to_value, validate_description
+from extproc.mcp.codes import POLICY_DENIED
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from mcp_extproc.stage.v1 import stage_pb2_grpc as pb_grpc
 

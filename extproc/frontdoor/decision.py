@@ -15,17 +15,15 @@ Data flow::
 
 from __future__ import annotations
 
-import logging
-import uuid
 from typing import Any
 
-from extproc.api import Context, Continue, Deny, Phase
+from extproc.api import Context, Continue, Deny, FrontDoor, Phase, Stop
 from extproc.config.resources import Catalog
 from extproc.core.audit import decision_of, record
+from extproc.core.exchange import Mutations, new_context
 from extproc.core.pipeline import Pipeline
-from extproc.frontdoor.ext_proc import ExchangeLog, first_values
-
-_exchange_logger = logging.getLogger("mcp_extproc.exchange")
+from extproc.mcp.codes import POLICY_DENIED
+from extproc.mcp.spec import INVALID_REQUEST
 
 
 async def decide(
@@ -39,27 +37,17 @@ async def decide(
     server_hint: str | None,
     promised_era: str | None,
     request_id: str | None = None,
-) -> tuple[Context, Continue | Deny]:
+) -> tuple[Context, Continue | Stop]:
     """Run the request side of the pipeline once; the outcome is already audited."""
-    headers = first_values(pairs)
-    headers.setdefault(":method", method)
-    headers.setdefault(":path", path)
-    request_id = headers.get("x-request-id") or request_id or uuid.uuid4().hex
-    server = catalog.servers.get(server_hint) if server_hint else None
-    if server is None:
-        server = catalog.server_for_path(path)
-    ctx = Context(
-        request_id=request_id,
-        http_method=method,
+    ctx = new_context(
+        catalog,
+        pairs,
+        server_hint=server_hint,
+        front_door=FrontDoor.FAST_CALL if promised_era else FrontDoor.CHECK,
+        method=method,
         path=path,
-        request_headers=headers,
-        request_header_list=pairs,
-        server=server,
-        catalog=catalog,
-        log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
+        request_id=request_id,
     )
-    ctx.sees_responses = False
-    ctx.fast_call = bool(promised_era)
     ctx.request_has_body = bool(body)
     pipeline.metrics.phase("check").inc()
     outcome = await _run(pipeline, ctx, body)
@@ -69,17 +57,17 @@ async def decide(
     return ctx, outcome
 
 
-def _reason(outcome: Continue | Deny) -> str:
-    return outcome.reason if isinstance(outcome, Deny) else ""
+def _reason(outcome: Continue | Stop) -> str:
+    return "" if isinstance(outcome, Continue) else outcome.reason
 
 
-async def _run(pipeline: Pipeline, ctx: Context, body: bytes) -> Continue | Deny:
+async def _run(pipeline: Pipeline, ctx: Context, body: bytes) -> Continue | Stop:
     first = await pipeline.run(Phase.REQUEST_HEADERS, ctx)
-    if isinstance(first, Deny) or not (ctx.request_has_body and pipeline.needs.request_body):
+    if not isinstance(first, Continue) or not (ctx.request_has_body and pipeline.needs.request_body):
         return first
     ctx.body = body
     second = await pipeline.run(Phase.REQUEST_BODY, ctx)
-    if isinstance(second, Deny):
+    if not isinstance(second, Continue):
         return second
     if second.body is not None:
         why = (
@@ -90,14 +78,17 @@ async def _run(pipeline: Pipeline, ctx: Context, body: bytes) -> Continue | Deny
         )
         return Deny(
             status=403,
-            code=-32003,
+            code=POLICY_DENIED,
             message=f"this request would have to be rewritten (a stage changed it), which {why}",
             reason="needs_rewrite",
         )
-    return _merge(first, second)
+    merged = Mutations()
+    merged.add(first)
+    merged.add(second)
+    return merged.result()
 
 
-def denial_facts(ctx: Context, deny: Deny) -> dict[str, Any]:
+def denial_facts(ctx: Context, deny: Stop) -> dict[str, Any]:
     """What was refused (server, decision, method, tool), for access logs and RBAC."""
     facts: dict[str, Any] = {"server": ctx.server.name if ctx.server else None, "decision": decision_of(deny)}
     if ctx.mcp is not None and not ctx.mcp.is_batch and ctx.mcp.messages:
@@ -123,22 +114,8 @@ def _broken_promise(ctx: Context, era: str) -> Deny | None:
         methods = ", ".join(str(m.method) for m in request.messages)
         seen = f"{'a batch of ' if request.is_batch else ''}{methods} ({request.era.value} era)"
     return Deny(
-        status=400,
-        code=-32600,
+        code=INVALID_REQUEST,
         message=f"Envoy's MCP parser routed this request as one {era}-era tools/call, but it is {seen}; "
         "send one JSON-RPC request per POST, its headers matching its body",
         reason="route_mismatch",
-    )
-
-
-def _merge(first: Continue, second: Continue) -> Continue:
-    """The header phase's mutations overlaid by the body phase's (the later word wins)."""
-    set_headers = {k: v for k, v in first.set_headers.items() if k not in second.remove_headers}
-    set_headers.update(second.set_headers)
-    remove = [h for h in first.remove_headers if h not in second.set_headers]
-    remove.extend(h for h in second.remove_headers if h not in remove)
-    return Continue(
-        set_headers=set_headers,
-        remove_headers=tuple(remove),
-        metadata={**first.metadata, **second.metadata},
     )

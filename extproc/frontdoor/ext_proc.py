@@ -25,10 +25,8 @@ an aborted gRPC stream: Envoy treats a failed stream per
 from __future__ import annotations
 
 import json
-import logging
-import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb
@@ -36,31 +34,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.api import Context, Continue, Deny, Phase
+from extproc.api import Context, Continue, Deny, FrontDoor, Phase, Stop
 from extproc.config.resources import Catalog
 from extproc.core.audit import decision_of, record
+from extproc.core.exchange import answer_of, first_values, new_context
 from extproc.core.pipeline import Pipeline
-from extproc.mcp.headers import CONTENT_LENGTH, CONTENT_TYPE
-from extproc.mcp.jsonrpc import encode_error
-
-METADATA_NAMESPACE: Final = "mcp_extproc"
-"""Envoy dynamic metadata namespace our stages publish into."""
-
-SERVER_METADATA_KEY: Final = "x-mcp-server"
-"""gRPC initial metadata naming the MCPServer of the route (set per route by the bootstrap)."""
+from extproc.mcp.headers import CONTENT_LENGTH
+from extproc.mcp.spec import INTERNAL_ERROR
+from extproc.render.wire import METADATA_NAMESPACE
 
 _Mode = mode_pb.ProcessingMode
 _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-
-
-class ExchangeLog(logging.LoggerAdapter[logging.Logger]):
-    """A logger that prefixes every line with the exchange's request id."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{(self.extra or {}).get('request_id')}] {msg}", kwargs
-
-
-_exchange_logger = logging.getLogger("mcp_extproc.exchange")
 
 
 def header_pairs(header_map: core_pb.HeaderMap) -> tuple[tuple[str, str], ...]:
@@ -68,20 +52,6 @@ def header_pairs(header_map: core_pb.HeaderMap) -> tuple[tuple[str, str], ...]:
     return tuple(
         (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in header_map.headers
     )
-
-
-def first_values(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Header name → its first value (what stages read as ``ctx.request_headers``)."""
-    first: dict[str, str] = {}
-    for key, value in pairs:
-        first.setdefault(key, value)
-    return first
-
-
-def denial_answer(deny: Deny, jsonrpc_id: Any) -> tuple[bytes, dict[str, str]]:
-    """The body and headers the agent gets for a denial (both front doors)."""
-    body = deny.body if deny.body is not None else encode_error(jsonrpc_id, deny.code, deny.message, deny.data)
-    return body, {CONTENT_TYPE: "application/json", **deny.headers}
 
 
 def _mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
@@ -96,9 +66,9 @@ def _mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.Heade
     )
 
 
-def immediate(deny: Deny, jsonrpc_id: Any) -> pb.ProcessingResponse:
-    """The ``ImmediateResponse`` that answers the agent for a denial."""
-    body, headers = denial_answer(deny, jsonrpc_id)
+def immediate(deny: Stop, jsonrpc_id: Any) -> pb.ProcessingResponse:
+    """The ``ImmediateResponse`` that answers the agent for a denial or a direct answer."""
+    body, headers = answer_of(deny, jsonrpc_id)
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=deny.status),
@@ -131,12 +101,7 @@ class Processor:
         if ctx is None:
             # Envoy always starts with request headers unless they were skipped by
             # configuration; refuse rather than guess (fail closed).
-            deny = Deny(
-                status=500,
-                code=-32603,
-                message="mcp-extproc: phase without request headers",
-                reason="protocol",
-            )
+            deny = Deny(code=INTERNAL_ERROR, message="mcp-extproc: phase without request headers", reason="protocol")
             return immediate(deny, None)
         if which == "request_body":
             return await self._request_body(ctx, request.request_body)
@@ -157,27 +122,13 @@ class Processor:
     # -- request ---------------------------------------------------------------------------
 
     async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
-        pairs = header_pairs(message.headers)
-        headers = first_values(pairs)
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        path = headers.get(":path", "/")
-        server = self.catalog.servers.get(self.server_hint) if self.server_hint else None
-        if server is None:
-            server = self.catalog.server_for_path(path)
-        ctx = Context(
-            request_id=request_id,
-            http_method=headers.get(":method", "GET"),
-            path=path,
-            request_headers=headers,
-            request_header_list=pairs,
-            server=server,
-            catalog=self.catalog,
-            log=ExchangeLog(_exchange_logger, {"request_id": request_id}),
+        ctx = new_context(
+            self.catalog, header_pairs(message.headers), server_hint=self.server_hint, front_door=FrontDoor.EXT_PROC
         )
         ctx.request_has_body = not message.end_of_stream
         self.ctx = ctx
         outcome = await self.pipeline.run(Phase.REQUEST_HEADERS, ctx)
-        if isinstance(outcome, Deny):
+        if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
         if not ctx.request_has_body:
             self._decide(ctx, "allow", "")
@@ -196,7 +147,7 @@ class Processor:
     async def _request_body(self, ctx: Context, message: pb.HttpBody) -> pb.ProcessingResponse:
         ctx.body = message.body
         outcome = await self.pipeline.run(Phase.REQUEST_BODY, ctx)
-        if isinstance(outcome, Deny):
+        if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
         self._decide(ctx, "allow", "")
         common = self._common(outcome, buffered=True)
@@ -219,15 +170,15 @@ class Processor:
         # An SSE stream of unknown length is streamed chunk by chunk; anything with a
         # Content-Length (JSON, or an SSE reply the server finished at once) is bounded
         # and arrives whole, so its length can be fixed after a rewrite.
-        ctx.response_streamed = ctx.response_is_sse and CONTENT_LENGTH not in headers
+        ctx.book.response_streamed = ctx.response_is_sse and CONTENT_LENGTH not in headers
         ctx.end_of_stream = message.end_of_stream
         outcome = await self.pipeline.run(Phase.RESPONSE_HEADERS, ctx)
-        if isinstance(outcome, Deny):
+        if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
         common = self._common(outcome)
         response = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
-        if ctx.wants_response_body and not message.end_of_stream and self.pipeline.needs.response_body:
-            if ctx.response_streamed:
+        if ctx.book.wants_response_body and not message.end_of_stream and self.pipeline.needs.response_body:
+            if ctx.book.response_streamed:
                 body_mode = _Mode.STREAMED
             else:
                 body_mode = _Mode.BUFFERED
@@ -239,7 +190,7 @@ class Processor:
     async def _response_body(self, ctx: Context, message: pb.HttpBody) -> pb.ProcessingResponse:
         ctx.end_of_stream = message.end_of_stream
         outcome = await self.pipeline.run(Phase.RESPONSE_BODY, ctx, message.body)
-        if isinstance(outcome, Deny):
+        if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
         common = self._common(outcome, buffered=self._response_buffered)
         response = pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
@@ -269,7 +220,7 @@ class Processor:
         struct.update({METADATA_NAMESPACE: jsonable(self.metadata)})
         response.dynamic_metadata.CopyFrom(struct)
 
-    def _deny(self, ctx: Context, deny: Deny) -> pb.ProcessingResponse:
+    def _deny(self, ctx: Context, deny: Stop) -> pb.ProcessingResponse:
         self._decide(ctx, decision_of(deny), deny.reason)
         return immediate(deny, ctx.jsonrpc_id)
 

@@ -40,12 +40,13 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.api import Deny
+from extproc.api import Continue, Stop
 from extproc.config.resources import Catalog
+from extproc.core.exchange import answer_of
 from extproc.core.pipeline import Pipeline
 from extproc.frontdoor.decision import decide, denial_facts
-from extproc.frontdoor.ext_proc import SERVER_METADATA_KEY, denial_answer, header_pairs, jsonable
-from extproc.render.fast_routes import CALL_ERA_KEY
+from extproc.frontdoor.ext_proc import header_pairs, jsonable
+from extproc.render.wire import CALL_ERA_KEY, SERVER_METADATA_KEY
 
 _exchange_logger = logging.getLogger("mcp_extproc.exchange")
 _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -64,9 +65,9 @@ def _request_header_pairs(http: Any) -> tuple[tuple[str, str], ...]:
     return tuple((k.lower(), v) for k, v in http.headers.items())
 
 
-def denied(deny: Deny, jsonrpc_id: Any) -> pb.CheckResponse:
-    """The ``CheckResponse`` that answers the agent for a denial."""
-    body, headers = denial_answer(deny, jsonrpc_id)
+def denied(deny: Stop, jsonrpc_id: Any) -> pb.CheckResponse:
+    """The ``CheckResponse`` that answers the agent for a denial or a direct answer."""
+    body, headers = answer_of(deny, jsonrpc_id)
     return pb.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=deny.reason),
         denied_response=pb.DeniedHttpResponse(
@@ -99,7 +100,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             promised_era=extensions.get(CALL_ERA_KEY),
             request_id=http.id,
         )
-        if isinstance(outcome, Deny):
+        if not isinstance(outcome, Continue):
             response = denied(outcome, ctx.jsonrpc_id)
             # What was refused, for access logs and RBAC (Envoy keeps it for denials too).
             response.dynamic_metadata.update(denial_facts(ctx, outcome))

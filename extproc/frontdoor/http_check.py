@@ -1,11 +1,10 @@
 """Envoy's HTTP authorization service (ext_authz ``http_service``): the fast route without gRPC.
 
-Why it exists: the hop to our process is cheap, grpc-python is not. In one run on
-the 2-core machine, a no-op grpc.aio ``Check`` added 0.93 ms at p50 and capped at
-2,867 req/s; a no-op asyncio + h11 service behind Envoy's ``http_service``, 0.38 ms
-and 4,188 req/s. ``up`` serves the fast ``tools/call`` routes this way. The request
-is parsed by httptools (llhttp, the parser uvicorn uses), not h11: h11 was a third
-of this service's CPU per call (its header validation and state machine).
+Why it exists: the hop to our process is cheap, grpc-python is not; a plain HTTP/1.1
+answer costs a fraction of a gRPC ``Check`` (figures in ``bench/README.md``). ``up``
+and the controller's sidecars serve the fast ``tools/call`` routes this way. The
+request is parsed by httptools (llhttp, the parser uvicorn uses), whose C parser does
+little per call beyond what Envoy already checked.
 
 Data flow (one HTTP/1.1 connection from Envoy at a time per protocol object; Envoy
 keeps them open and sends one request after another; requests that arrive while one
@@ -13,15 +12,15 @@ is answered wait their turn)::
 
     Envoy ──unix socket──▶ httptools: request line = the agent's method and path, every
                            header (allowed_headers: all), the body (with_request_body)
-        ──▶ authz_core.decide (server from the path, era from the headers: the same test
+        ──▶ decision.decide (server from the path, era from the headers: the same test
             the fast routes match on)
         ──▶ allow: 200, the headers to set upstream, x-envoy-auth-headers-to-remove,
                    the metadata as headers (server, method, tool, principal) for the log
             deny:  the denial's status (carried as 209 / 47x when it is 200 / 5xx, which Envoy
-                   would read as allow / service failure: see CARRIED_STATUS), headers, body
+                   would read as allow / service failure: see extproc.render.wire.CARRIED_STATUS), headers, body
 
 Envoy copies to the upstream request only the response headers that the bootstrap's
-``allowed_upstream_headers`` names (:data:`UPSTREAM_HEADERS`): ``authorization`` and
+``allowed_upstream_headers`` names (:data:`extproc.render.wire.UPSTREAM_HEADERS`): ``authorization`` and
 ``x-*`` but not ``x-envoy-*``, never this response's own ``content-length``. A stage
 that sets any other header on a fast-route call gets the call refused (500), never
 silently forwarded without it. The answer is written here (:func:`_response`): a
@@ -46,28 +45,15 @@ import httptools
 
 from extproc.api import Continue, Deny
 from extproc.config.resources import Catalog
+from extproc.core.exchange import answer_of, first_values
 from extproc.core.pipeline import Pipeline
 from extproc.frontdoor.decision import decide, denial_facts
-from extproc.frontdoor.ext_proc import denial_answer, first_values
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.render.fast_routes import promised_era
+from extproc.render.wire import CARRIED_STATUS, METADATA_HEADERS, REMOVE_HEADER, UPSTREAM_HEADERS
 
 log = logging.getLogger("mcp_extproc.authz_http")
 
-UPSTREAM_HEADERS: Final = (
-    "authorization|x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
-)
-"""Response headers Envoy copies onto the upstream request (RE2, whole name)."""
-METADATA_HEADERS: Final = ("server", "method", "tool", "principal", "decision")
-"""Response headers Envoy turns into dynamic metadata (the access log reads them)."""
-REMOVE_HEADER: Final = "x-envoy-auth-headers-to-remove"
-CARRIED_STATUS: Final = {200: 209, 500: 470, 501: 471, 502: 472, 503: 473, 504: 474}
-"""Denial statuses Envoy would misread, and the status that carries each instead.
-
-To Envoy, an authorization service's 200 means "allow" and a 5xx means "the service
-failed" (answered with ``status_on_error`` and no body). A denial the agent must get
-with 200 (a JSON-RPC error such as -32003) or a 5xx (503: a token endpoint is down)
-is therefore sent with the carrier status, and local-reply mappers in the bootstrap
-(:func:`extproc.render.filters.local_replies`) turn it back, body and headers kept."""
 _UPSTREAM = re.compile(UPSTREAM_HEADERS)
 _MAX_BODY: Final = 64 * 1024 * 1024
 _MAX_HEAD: Final = 64 * 1024
@@ -136,15 +122,14 @@ class AuthzHttpServer:
             if not unsendable:
                 return 200, _allowed(outcome), b""
             outcome = Deny(
-                status=500,
-                code=-32603,
+                code=INTERNAL_ERROR,
                 message=f"a stage set the header(s) {', '.join(unsendable)}, which the fast tools/call route "
                 "forwards only for authorization and x-* names with values free of CR, LF and NUL; "
                 "the call was not forwarded",
                 reason="header_not_forwardable",
             )
             log.error("[%s] %s", ctx.request_id, outcome.message)
-        reply, reply_headers = denial_answer(outcome, ctx.jsonrpc_id)
+        reply, reply_headers = answer_of(outcome, ctx.jsonrpc_id)
         out = [(k, v) for k, v in reply_headers.items()]
         out += [(k, str(v)) for k, v in denial_facts(ctx, outcome).items()]
         status = outcome.status

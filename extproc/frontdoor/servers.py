@@ -35,9 +35,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config.resources import Catalog
 from extproc.core.pipeline import Pipeline
 from extproc.errors import ConfigError
-from extproc.frontdoor.ext_proc import SERVER_METADATA_KEY, Processor
+from extproc.frontdoor.ext_proc import Processor
 from extproc.frontdoor.grpc_check import AUTHZ_SERVICE, AuthorizationService
 from extproc.frontdoor.http_check import AuthzHttpServer
+from extproc.render.wire import SERVER_METADATA_KEY
 
 log = logging.getLogger("mcp_extproc.server")
 

@@ -7,6 +7,7 @@
 * :mod:`extproc.mcp.sse` — incremental, byte-preserving Server-Sent Events.
 """
 
+from extproc.mcp.codes import ERROR_HTTP_STATUS, http_status_for
 from extproc.mcp.headers import (
     CONTENT_LENGTH,
     CONTENT_TYPE,
@@ -29,13 +30,11 @@ from extproc.mcp.headers import (
 from extproc.mcp.jsonrpc import (
     BATCH_PROTOCOL_VERSIONS,
     DEFAULT_MAX_REQUEST_BYTES,
-    ERROR_HTTP_STATUS,
     McpRequest,
     Message,
     Rejection,
     encode_error,
     error_object,
-    http_status_for,
     parse_message,
     parse_request,
 )

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from extproc.mcp.headers import (
@@ -41,7 +40,6 @@ from extproc.mcp.spec import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
     INVALID_REQUEST,
-    METHOD_NOT_FOUND,
     MODERN_PROTOCOL_VERSIONS,
     PARSE_ERROR,
     PROTOCOL_VERSION_META_KEY,
@@ -50,7 +48,6 @@ from extproc.mcp.spec import (
 __all__ = [
     "BATCH_PROTOCOL_VERSIONS",
     "DEFAULT_MAX_REQUEST_BYTES",
-    "ERROR_HTTP_STATUS",
     "Era",
     "HeaderHints",
     "McpRequest",
@@ -60,7 +57,6 @@ __all__ = [
     "error_object",
     "find_duplicated_routing_header",
     "header_hints",
-    "http_status_for",
     "parse_message",
     "parse_request",
 ]
@@ -70,16 +66,6 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
 
 BATCH_PROTOCOL_VERSIONS: Final[frozenset[str]] = frozenset({"2024-11-05", "2025-03-26"})
 """Revisions that allow JSON-RPC batches; a request without a version header counts as 2025-03-26."""
-
-ERROR_HTTP_STATUS: Final[Mapping[int, int]] = MappingProxyType(
-    {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400, METHOD_NOT_FOUND: 404}
-)
-"""HTTP status for a JSON-RPC error code; codes not listed travel with HTTP 200."""
-
-
-def http_status_for(code: int, default: int = 200) -> int:
-    """Return the HTTP status to send with JSON-RPC error ``code`` (``default`` when unmapped)."""
-    return ERROR_HTTP_STATUS.get(code, default)
 
 
 @dataclass(frozen=True, slots=True)

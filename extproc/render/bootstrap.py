@@ -22,9 +22,7 @@ timeout is long (default one hour). The ext_proc filter fails closed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 import yaml
 
@@ -42,14 +40,10 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
 
-from extproc.config.resources import Catalog, MCPServer
-from extproc.core.pipeline import PhaseNeeds
+from extproc.config.resources import Catalog
 from extproc.errors import ConfigError
-from extproc.frontdoor.ext_proc import METADATA_NAMESPACE, SERVER_METADATA_KEY
-from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
 from extproc.render.fast_routes import call_routes, native_mcp_filter, oversized_route, without_authz
 from extproc.render.filters import (
-    EXTPROC_CLUSTER,
     authz_http_cluster,
     ext_authz_filter,
     ext_authz_http_filter,
@@ -58,11 +52,11 @@ from extproc.render.filters import (
     local_replies,
     socket_address,
 )
+from extproc.render.options import BootstrapOptions, PhaseNeeds
+from extproc.render.routes import not_found_route, server_cluster, server_route, well_known_route
+from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 
-_T = "type.googleapis.com/"
-EXT_AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
-"""Where Envoy puts the dynamic metadata an ext_authz ``Check`` answer carries."""
-WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
+_T: Final = "type.googleapis.com/"
 
 
 def _access_log_format(namespace: str) -> str:
@@ -74,162 +68,6 @@ def _access_log_format(namespace: str) -> str:
         f"principal=%DYNAMIC_METADATA({namespace}:principal)% "
         "duration_ms=%DURATION% upstream=%UPSTREAM_HOST%\n"
     )
-
-
-@dataclass(frozen=True)
-class BootstrapOptions:
-    """Where things listen and how long streams may stay quiet.
-
-    Attributes:
-        listen_host / listen_port: where agents connect.
-        admin_port: Envoy's admin interface (always bound to 127.0.0.1; 0 = any free port).
-        extproc_tcp: the gRPC server as ``host:port``, or ``None`` with ``extproc_unix``.
-        extproc_unix: the gRPC server's unix socket path.
-        max_request_bytes: request size limit (Envoy's buffer limit follows it).
-        stream_idle_timeout_s: how long a stream (GET/SSE) may stay silent.
-        message_timeout_ms: how long Envoy waits for one ext_proc answer.
-        access_log: write an access log line per request to stdout.
-        max_connections: Envoy's limit on open downstream connections.
-        front_door: ``ext_proc`` (the full pipeline, request and response) or
-            ``ext_authz`` (request-side decisions only: one ``Check`` per request).
-        fast_calls: with ``ext_proc``, the eras (``"legacy"``, ``"modern"``) whose
-            ``tools/call`` goes to one ext_authz ``Check`` instead (see
-            :mod:`extproc.render.fast_routes`); empty: everything through ext_proc.
-        authz_http_unix: with ``fast_calls``, the unix socket of our HTTP authorization
-            service (:mod:`extproc.frontdoor.http_check`), which the fast routes then call instead
-            of the gRPC ``Check``; ``None``: gRPC.
-    """
-
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 10000
-    admin_port: int = 0
-    extproc_tcp: str | None = "127.0.0.1:50051"
-    extproc_unix: str | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    stream_idle_timeout_s: int = 3600
-    message_timeout_ms: int = 2000
-    access_log: bool = True
-    max_connections: int = 10000
-    front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
-    fast_calls: frozenset[str] = frozenset()
-    authz_http_unix: str | None = None
-
-
-def server_cluster_name(server: MCPServer) -> str:
-    """The Envoy cluster that reaches ``server``."""
-    return f"mcp_server_{server.name}"
-
-
-def _server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
-    url = urlsplit(server.spec.url)
-    tls = url.scheme == "https"
-    host = url.hostname or ""
-    port = url.port or (443 if tls else 80)
-    is_ip = host.replace(".", "").isdigit() or ":" in host
-    cluster: dict[str, Any] = {
-        "name": server_cluster_name(server),
-        "type": "STATIC" if is_ip else "STRICT_DNS",
-        "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": buffer_limit,
-        "load_assignment": {
-            "cluster_name": server_cluster_name(server),
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
-        },
-    }
-    if tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": host,
-            },
-        }
-    return cluster
-
-
-def _per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
-    """Per-route config of the front-door filter: the server name, or disabled (``None``)."""
-    if options.front_door == "ext_authz":
-        authz: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"}
-        if server is None:
-            authz["disabled"] = True
-        else:
-            authz["check_settings"] = {"context_extensions": {SERVER_METADATA_KEY: server}}
-        return {"envoy.filters.http.ext_authz": authz}
-    proc: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"}
-    if server is None:
-        proc["disabled"] = True
-    else:
-        proc["overrides"] = {"grpc_initial_metadata": [{"key": SERVER_METADATA_KEY, "value": server}]}
-    return {"envoy.filters.http.ext_proc": proc}
-
-
-def _well_known_route() -> dict[str, Any]:
-    """RFC 9728 metadata: the ``authn`` stage answers it; without that stage, a JSON 404."""
-    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32601, "message": "no protected-resource metadata here"}}
-    return {
-        "name": "oauth_protected_resource",
-        "match": {"prefix": WELL_KNOWN_PREFIX},
-        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
-    }
-
-
-_GET_CONFLICT_RETRY: Final[dict[str, Any]] = {
-    # A server allows one GET stream per session and answers a second with 409. When an
-    # agent opens its GET stream, the session keeper closes its own first; should the
-    # server not have noticed yet, Envoy retries the agent's GET shortly (GETs only:
-    # they carry no call, so nothing is ever replayed).
-    "retry_on": "retriable-status-codes",
-    "retriable_status_codes": [409],
-    "num_retries": 3,
-    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
-    "retriable_request_headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
-}
-
-
-def _route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]:
-    url = urlsplit(server.spec.url)
-    upstream_path = url.path or "/"
-    return {
-        "name": server.name,
-        "match": {"path": f"/{server.name}/mcp"},
-        "route": {
-            "cluster": server_cluster_name(server),
-            "prefix_rewrite": upstream_path,
-            "host_rewrite_literal": url.netloc.rsplit("@", 1)[-1],
-            # No route timeout: GET streams and SSE responses stay open.
-            "timeout": "0s",
-            "retry_policy": _GET_CONFLICT_RETRY,
-        },
-        "typed_per_filter_config": _per_route(options, server.name),
-    }
-
-
-def _not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:
-    paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
-    body = {
-        "jsonrpc": "2.0",
-        "id": None,
-        "error": {"code": -32601, "message": f"no MCP server at this path; this gateway serves {paths}"},
-    }
-    return {
-        "name": "not_found",
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
-        "typed_per_filter_config": _per_route(options, None),
-    }
 
 
 def _access_logger(namespace: str, metadata_filter: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -267,12 +105,12 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     not_fast = without_authz if fast_calls else (lambda route: route)
     routes = []
     for server in catalog.servers.values():
-        route = _route(server, options)
+        route = server_route(server, options)
         if "legacy" in fast_calls:
             routes.append(not_fast(oversized_route(route, server.name, options.max_request_bytes)))
         routes.extend(call_routes(route, server.name, fast_calls))
         routes.append(not_fast(route))
-    routes += [not_fast(_well_known_route()), not_fast(_not_found_route(catalog, options))]
+    routes += [not_fast(well_known_route()), not_fast(not_found_route(catalog, options))]
     http_filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -345,7 +183,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             ],
             "clusters": [extproc_cluster(options)]
             + ([authz_http_cluster(options.authz_http_unix)] if fast_calls and options.authz_http_unix else [])
-            + [_server_cluster(s, response_buffer) for s in catalog.servers.values()],
+            + [server_cluster(s, response_buffer) for s in catalog.servers.values()],
         },
     }
 
@@ -387,10 +225,9 @@ def render_bootstrap_yaml(catalog: Catalog, needs: PhaseNeeds, options: Bootstra
 
 
 __all__ = [
-    "EXTPROC_CLUSTER",
     "BootstrapOptions",
+    "PhaseNeeds",
     "bootstrap_dict",
     "render_bootstrap",
     "render_bootstrap_yaml",
-    "server_cluster_name",
 ]

@@ -1,7 +1,7 @@
 """The fast path for ``tools/call``: one ext_authz ``Check`` instead of ext_proc round trips. Pure.
 
 A ``tools/call`` whose response no stage reads (see
-:attr:`extproc.core.pipeline.Pipeline.fast_call_eras`) can be decided from the
+:func:`extproc.core.plan.fast_call_eras`) can be decided from the
 request alone. ext_proc would cost two or three gRPC round trips for it
 (request headers, request body, maybe response headers); one ext_authz
 ``Check`` carries the headers and the body together and can still set and
@@ -33,16 +33,11 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from extproc.frontdoor.ext_proc import SERVER_METADATA_KEY
 from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION
 from extproc.mcp.spec import MODERN_PROTOCOL_VERSIONS
+from extproc.render.wire import CALL_ERA_KEY, EXT_AUTHZ_FILTER, EXT_PROC_FILTER, MCP_FILTER, SERVER_METADATA_KEY
 
 _T: Final = "type.googleapis.com/"
-MCP_FILTER: Final = "envoy.filters.http.mcp"
-EXT_AUTHZ_FILTER: Final = "envoy.filters.http.ext_authz"
-EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
-CALL_ERA_KEY: Final = "x-mcp-call"
-"""ext_authz context extension: the era of ``tools/call`` the route promised."""
 ERAS: Final = ("modern", "legacy")
 
 _MODERN_VERSION = {
@@ -149,9 +144,7 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
 
 
 __all__ = [
-    "CALL_ERA_KEY",
     "ERAS",
-    "MCP_FILTER",
     "call_routes",
     "native_mcp_filter",
     "oversized_route",

@@ -1,7 +1,7 @@
 """The filters and the extension server's cluster of the Envoy bootstrap. Pure: no I/O.
 
 Split from :mod:`extproc.render.bootstrap`, which assembles them: the ext_proc filter
-(its ``processing_mode`` from the stages' :class:`~extproc.core.pipeline.PhaseNeeds`),
+(its ``processing_mode`` from the stages' :class:`~extproc.render.options.PhaseNeeds`),
 the ext_authz filter (one ``Check`` with the body), the cluster that reaches our
 gRPC server (TCP or unix socket, HTTP/2), and the local replies that turn Envoy's
 own upstream-failure answers into JSON-RPC errors.
@@ -9,17 +9,22 @@ own upstream-failure answers into JSON-RPC errors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from extproc.config.settings import split_hostport
-from extproc.core.pipeline import PhaseNeeds
 from extproc.errors import ConfigError
-from extproc.frontdoor.ext_proc import METADATA_NAMESPACE
+from extproc.render.options import BootstrapOptions, PhaseNeeds
+from extproc.render.wire import (
+    AUTHZ_HTTP_CLUSTER,
+    CARRIED_STATUS,
+    EXT_AUTHZ_FILTER,
+    EXT_PROC_FILTER,
+    EXTPROC_CLUSTER,
+    METADATA_HEADERS,
+    METADATA_NAMESPACE,
+    UPSTREAM_HEADERS,
+)
 
-if TYPE_CHECKING:
-    from extproc.render.bootstrap import BootstrapOptions
-
-EXTPROC_CLUSTER: Final = "mcp_extproc"
 _T: Final = "type.googleapis.com/"
 
 
@@ -41,10 +46,8 @@ def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
     Only replies carrying an upstream-failure flag are rewritten; the stages' own
     JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
     With ``carried_statuses``, the HTTP authorization service's carrier statuses
-    (:data:`extproc.frontdoor.http_check.CARRIED_STATUS`) are turned back into the real ones.
+    (:data:`extproc.render.wire.CARRIED_STATUS`) are turned back into the real ones.
     """
-    from extproc.frontdoor.http_check import CARRIED_STATUS
-
     status_back: list[dict[str, Any]] = []
     for status, carrier in CARRIED_STATUS.items() if carried_statuses else ():
         value = {"default_value": carrier, "runtime_key": f"mcp_extproc.carried_{carrier}"}
@@ -69,7 +72,7 @@ def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
 
 def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ext_proc",
+        "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "30s"},
@@ -93,7 +96,7 @@ def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, A
 
 def ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ext_authz",
+        "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "grpc_service": {
@@ -143,15 +146,10 @@ def extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
     }
 
 
-AUTHZ_HTTP_CLUSTER: Final = "mcp_extproc_authz_http"
-
-
 def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
     """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes."""
-    from extproc.frontdoor.http_check import METADATA_HEADERS, UPSTREAM_HEADERS
-
     return {
-        "name": "envoy.filters.http.ext_authz",
+        "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "http_service": {

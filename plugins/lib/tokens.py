@@ -30,13 +30,15 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from extproc.errors import ExtProcError
+
 TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a name
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a name
 DEFAULT_LIFETIME_S: Final = 300.0
 """Lifetime assumed for a token whose response has no ``expires_in``."""
 
 
-class TokenError(Exception):
+class TokenError(ExtProcError):
     """A token could not be obtained; ``status`` is the HTTP status to answer the agent with."""
 
     def __init__(self, message: str, status: int) -> None:

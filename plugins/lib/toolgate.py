@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.config.resources import MCPServer
@@ -38,6 +38,8 @@ from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, SseEvent, encode_event
 from plugins.mcp_stage import derived_headers
+
+C = TypeVar("C", bound=StageConfig)
 
 
 @dataclass
@@ -67,16 +69,16 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-class ToolGate(Stage):
+class ToolGate(Stage[C]):
     """Refuse ``tools/call`` and filter ``tools/list``; subclasses say what to refuse."""
 
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
     # Responses are read for tools/list filtering and a batch's held errors, bodies
     # rewritten only to cut a batch: never for a single tools/call (a refused call is
     # answered before the upstream sees it).
-    calls_need_ext_proc: frozenset[str] = frozenset()
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: StageConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(self, config: C, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
         self._state_key = StateKey(f"toolgate:{self.name}", _Exchange)
 

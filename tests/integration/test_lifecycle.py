@@ -15,9 +15,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.commands.run import envoy_binary
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import load_resources
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
-from extproc.render.bootstrap import BootstrapOptions, render_bootstrap_yaml
+from extproc.core.registry import Registry
+from extproc.render.bootstrap import render_bootstrap_yaml
+from extproc.render.options import BootstrapOptions
 from tests.agents import raw_post
 from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
 from tests.procs import Proc, assert_envoy_accepts, free_port, start_pyserver

@@ -9,8 +9,9 @@ import pytest
 from envoy.config.core.v3 import base_pb2 as core_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog, parse_documents
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.registry import Registry
 
 SERVER_DOC = {
     "apiVersion": "mcp.extproc.io/v1alpha1",

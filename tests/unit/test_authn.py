@@ -15,9 +15,10 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.api import Principal
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog, parse_documents
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.registry import Registry
 from extproc.frontdoor.ext_proc import Processor
 from tests.idp import AUDIENCE, Idp, agent_doc, ec_key, none_token, rsa_key, running_idp
 from tests.unit.conftest import SERVER_DOC, headers_msg, post_headers

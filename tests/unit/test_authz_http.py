@@ -12,11 +12,13 @@ from typing import Any, ClassVar
 import httptools
 import pytest
 
-from extproc.api import Context, Continue, Stage, Verdict
+from extproc.api import Context, Continue, Stage, StageConfig, Verdict
+from extproc.config.pipeline_file import PipelineConfig, StageSpec
 from extproc.config.resources import Catalog
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import PipelineConfig, Registry, StageSpec
-from extproc.frontdoor.http_check import CARRIED_STATUS, REMOVE_HEADER, UPSTREAM_HEADERS, AuthzHttpServer, _response
+from extproc.core.registry import Registry
+from extproc.frontdoor.http_check import AuthzHttpServer, _response
+from extproc.render.wire import CARRIED_STATUS, REMOVE_HEADER, UPSTREAM_HEADERS
 
 LEGACY = {"content-type": "application/json", "mcp-protocol-version": "2025-06-18"}
 
@@ -76,9 +78,9 @@ async def test_a_route_promise_follows_the_headers(service: AuthzHttpServer) -> 
     )
 
 
-class _SetsHeader(Stage):
+class _SetsHeader(Stage[StageConfig]):
     name: ClassVar[str] = "sets-header"
-    calls_need_ext_proc: frozenset[str] = frozenset()
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
     header: ClassVar[tuple[str, str]] = ("", "")
 
     async def on_request_body(self, ctx: Context) -> Verdict:

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog, load_resources, parse_documents
-from extproc.core.pipeline import PhaseNeeds
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.registry import Registry
 from extproc.errors import ConfigError
-from extproc.render.bootstrap import BootstrapOptions, render_bootstrap, render_bootstrap_yaml
+from extproc.render.bootstrap import render_bootstrap, render_bootstrap_yaml
+from extproc.render.options import BootstrapOptions, PhaseNeeds
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NEEDS = Registry().build_pipeline(DEFAULT_PIPELINE).needs

@@ -9,10 +9,11 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as mode_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.api import POLICY_DENIED
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.registry import Registry
 from extproc.frontdoor.ext_proc import Processor
+from extproc.mcp.codes import POLICY_DENIED
 from tests.unit.conftest import body_msg, headers_msg, mutated, post_headers
 
 Mode = mode_pb.ProcessingMode

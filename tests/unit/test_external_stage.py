@@ -17,9 +17,10 @@ import grpc
 import pytest
 
 from extproc.api import Context, Continue, Deny, Principal
+from extproc.config.pipeline_file import StageSpec
 from extproc.config.resources import Catalog
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import Registry, StageSpec
+from extproc.core.registry import Registry
 from extproc.errors import ConfigError, PluginError
 from extproc.external.kit import Continue as KitContinue
 from extproc.external.kit import Deny as KitDeny
@@ -144,7 +145,7 @@ async def test_response_phase_replaces_a_result_or_an_error(servers: Starter, ca
     ctx = request_ctx(catalog, [tools_call("echo", {}, 1), tools_call("add", {}, 2)])
     verdict = await stage.on_request_body(ctx)
     assert isinstance(verdict, Continue) and "accept-encoding" in verdict.remove_headers
-    assert ctx.wants_response_body
+    assert ctx.book.wants_response_body
     ctx.response_headers = {"content-type": "application/json"}
     upstream = [{"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, {"jsonrpc": "2.0", "id": 2, "result": {}}]
     out = await stage.on_response_body(ctx, json.dumps(upstream).encode())
@@ -232,14 +233,14 @@ async def test_fast_calls_takes_the_fast_route_and_refuses_a_service_reading_cal
     reads_calls = await servers(StageService("reads-calls", quiet, phases=["request", "response"]), "b")
     spec = {"services": [{"address": request_only}], "fastCalls": True}
     stage = Registry().build(StageSpec(name="external", config=spec))
-    assert stage.calls_need_ext_proc == frozenset()
+    assert stage.eras_needing_ext_proc(stage.config) == frozenset()
     mcp = Registry().build(StageSpec(name="mcp"))
     assert Pipeline([mcp, stage]).fast_call_eras == {"legacy", "modern"}
     await stage.startup()
     await stage.shutdown()
 
     by_default = Registry().build(StageSpec(name="external", config={"services": [{"address": reads_calls}]}))
-    assert by_default.calls_need_ext_proc == {"legacy", "modern"}  # calls stay on ext_proc
+    assert by_default.eras_needing_ext_proc(by_default.config) == {"legacy", "modern"}  # calls stay on ext_proc
     refused = Registry().build(
         StageSpec(name="external", config={"services": [{"address": reads_calls}], "fastCalls": True})
     )

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extproc.core.registry import Registry, StageSpec
+from extproc.config.pipeline_file import StageSpec
+from extproc.core.registry import Registry
 from extproc.errors import PluginError
 from extproc.external.kit import Reply, Request, ServerTls, StageService, start
 from plugins.external import ExternalStage

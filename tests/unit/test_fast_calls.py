@@ -10,13 +10,15 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2 as attr_pb
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb
 
-from extproc.api import Context, Stage, Verdict
+from extproc.api import Context, Stage, StageConfig, Verdict
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig, StageSpec
 from extproc.config.resources import Catalog
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import DEFAULT_PIPELINE, PipelineConfig, Registry, StageSpec
+from extproc.core.registry import Registry
 from extproc.frontdoor.grpc_check import AuthorizationService
-from extproc.render.bootstrap import BootstrapOptions, bootstrap_dict
-from extproc.render.fast_routes import CALL_ERA_KEY, MCP_FILTER
+from extproc.render.bootstrap import bootstrap_dict
+from extproc.render.options import BootstrapOptions
+from extproc.render.wire import CALL_ERA_KEY, MCP_FILTER
 
 AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
@@ -26,7 +28,7 @@ def _pipeline(*names: str) -> Pipeline:
     return Registry().build_pipeline(PipelineConfig(stages=[StageSpec(name=n) for n in names]))
 
 
-class _ReadsEveryResponse(Stage):
+class _ReadsEveryResponse(Stage[StageConfig]):
     """A third-party stage that reads responses and declares nothing: it keeps calls on ext_proc."""
 
     name: ClassVar[str] = "reads-responses"

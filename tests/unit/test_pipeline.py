@@ -9,35 +9,35 @@ from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
 
 
-class Boom(Stage):
+class Boom(Stage[StageConfig]):
     name = "boom"
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         raise RuntimeError("policy backend exploded")
 
 
-class Tag(Stage):
+class Tag(Stage[StageConfig]):
     name = "tag"
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         return Continue(set_headers={"x-a": "1", "x-b": "tag"}, metadata={"tagged": True})
 
 
-class Untag(Stage):
+class Untag(Stage[StageConfig]):
     name = "untag"
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         return Continue(set_headers={"x-b": "untag"}, remove_headers=("x-a",))
 
 
-class Refuse(Stage):
+class Refuse(Stage[StageConfig]):
     name = "refuse"
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         return Deny(status=403, code=-32003, message="no", reason="test")
 
 
-class NeverCalled(Stage):
+class NeverCalled(Stage[StageConfig]):
     name = "never"
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
@@ -48,7 +48,7 @@ def ctx() -> Context:
     return Context(request_id="r", http_method="POST", path="/x/mcp", request_headers={})
 
 
-def make(*stages: type[Stage], mode: FailureMode = FailureMode.CLOSED) -> Pipeline:
+def make(*stages: type[Stage[StageConfig]], mode: FailureMode = FailureMode.CLOSED) -> Pipeline:
     return Pipeline([cls(StageConfig(), mode) for cls in stages], Metrics())
 
 

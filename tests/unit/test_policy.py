@@ -16,10 +16,11 @@ import pytest
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog, parse_documents
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import DEFAULT_PIPELINE, Registry
+from extproc.core.registry import Registry
 from extproc.core.reload import try_reload
 from extproc.frontdoor.ext_proc import Processor
 from tests.idp import Idp, agent_doc, running_idp
@@ -103,7 +104,7 @@ async def test_trust_is_min_of_granted_and_consented(
     status, _headers, body = refused(response)
     assert (status, body["id"], body["error"]["code"]) == (200, 7, -32003)
     assert f"requires trust {required}" in body["error"]["message"]
-    assert proc.ctx is not None and any("requires trust" in e for e in proc.ctx.explanations)
+    assert proc.ctx is not None and any("requires trust" in e for e in proc.ctx.book.explanations)
 
 
 async def test_missing_scope_is_403_insufficient_scope(pipeline: Pipeline, idp: Idp) -> None:
@@ -131,7 +132,7 @@ async def test_rego_decides_on_arguments(pipeline: Pipeline, idp: Idp) -> None:
     proc, big = await send(pipeline, catalog, idp.mint(), call("add", {"a": 101, "b": 2}))
     status, _headers, body = refused(big)
     assert (status, body["error"]["code"]) == (200, -32003)
-    assert proc.ctx is not None and "rego data.mcp.allow = false" in "; ".join(proc.ctx.explanations)
+    assert proc.ctx is not None and "rego data.mcp.allow = false" in "; ".join(proc.ctx.book.explanations)
 
 
 async def test_rego_sees_the_documented_input(pipeline: Pipeline, idp: Idp) -> None:

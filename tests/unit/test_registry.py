@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from extproc.api import Context, Stage, StageConfig, Verdict
-from extproc.core.registry import PipelineConfig, Registry, StageSpec, load_pipeline_config
+from extproc.config.pipeline_file import PipelineConfig, StageSpec, load_pipeline_config
+from extproc.core.registry import Registry
 from extproc.errors import ConfigError, PluginError
 
 
@@ -44,25 +45,25 @@ def test_unknown_stage_lists_what_is_installed() -> None:
         Registry().get("nope")
 
 
-class SyncHook(Stage):
+class SyncHook(Stage[StageConfig]):
     name = "sync-hook"
 
     def on_request_body(self, ctx: Context) -> Verdict:  # type: ignore[override]
         return None
 
 
-class WrongArity(Stage):
+class WrongArity(Stage[StageConfig]):
     name = "wrong-arity"
 
     async def on_response_body(self, ctx: Context) -> Verdict:  # type: ignore[override]
         return None
 
 
-class Nameless(Stage):
+class Nameless(Stage[StageConfig]):
     pass
 
 
-class BadConfig(Stage):
+class BadConfig(Stage[StageConfig]):
     name = "bad-config"
     Config = dict  # type: ignore[assignment]
 
@@ -80,12 +81,12 @@ class BadConfig(Stage):
         (int, r"is not a subclass of extproc.api.Stage"),
     ],
 )
-def test_registration_names_plugin_and_hook(cls: type[Stage], message: str) -> None:
+def test_registration_names_plugin_and_hook(cls: type[Stage[StageConfig]], message: str) -> None:
     with pytest.raises(PluginError, match=message):
         Registry(use_entry_points=False).register(cls)
 
 
-class Configured(Stage):
+class Configured(Stage[StageConfig]):
     name = "configured"
 
     class Config(StageConfig):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from examples.stage_example import ArgumentLimit
+from extproc.config.pipeline_file import PipelineConfig, StageSpec
 from extproc.config.resources import Catalog
-from extproc.core.registry import PipelineConfig, Registry, StageSpec
+from extproc.core.registry import Registry
 from extproc.frontdoor.ext_proc import Processor
 from tests.unit.conftest import body_msg, headers_msg, post_headers
 

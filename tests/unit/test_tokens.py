@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from extproc.api import Context, Stage
+from extproc.api import Context, Stage, StageConfig
 from extproc.core.pipeline import Pipeline
 from plugins.lib.tokens import Token, TokenCache, TokenError, TokenKey, client_credentials_form, token_exchange_form
 
@@ -82,7 +82,7 @@ def test_grant_forms() -> None:
     assert "scope" not in exchange
 
 
-class Ender(Stage):
+class Ender(Stage[StageConfig]):
     name = "ender"
 
     def __init__(self) -> None:

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from extproc.api import POLICY_DENIED, Context, Continue, Deny, Stage, StageConfig, Verdict
+from extproc.api import Context, Continue, Deny, Stage, StageConfig, Verdict
+from extproc.mcp.codes import POLICY_DENIED
 
 CHECKED_HEADER = "x-argument-keys-checked"
 
@@ -45,17 +46,15 @@ def walk_keys(value: Any) -> Iterator[str]:
             yield from walk_keys(item)
 
 
-class ForbidArgumentKeys(Stage):
+class ForbidArgumentKeys(Stage[ForbidArgumentKeysConfig]):
     """Refuse ``tools/call`` requests whose arguments hold a forbidden key."""
 
     name: ClassVar[str] = "forbid-argument-keys"
-    Config: ClassVar[type[StageConfig]] = ForbidArgumentKeysConfig
     requires: ClassVar[tuple[str, ...]] = ("mcp",)  # ctx.mcp is parsed by the mcp stage
-    calls_need_ext_proc: frozenset[str] = frozenset()  # decides from the request, rewrites nothing
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()  # decides from the request, rewrites nothing
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         config = self.config
-        assert isinstance(config, ForbidArgumentKeysConfig)
         forbidden = {key.lower() for key in config.keys}
         checked = 0
         for message in ctx.mcp.messages if ctx.mcp else ():
@@ -65,7 +64,6 @@ class ForbidArgumentKeys(Stage):
                 checked += 1
                 if key.lower() in forbidden:
                     return Deny(
-                        status=200,
                         code=POLICY_DENIED,
                         reason="forbidden_argument_key",
                         message=f"arguments of {message.tool_name!r} carry the forbidden key {key!r}",

@@ -11,7 +11,8 @@ import json
 from mcp_stage_example.stage import CHECKED_HEADER, ForbidArgumentKeys
 
 from extproc.api import Context, Continue, Deny, Phase
-from extproc.core.registry import PipelineConfig, Registry, StageSpec
+from extproc.config.pipeline_file import PipelineConfig, StageSpec
+from extproc.core.registry import Registry
 from extproc.mcp.jsonrpc import McpRequest, parse_request
 
 

@@ -9,8 +9,8 @@ import yaml
 
 from controller.render.meta import ControllerSettings
 from controller.render.namespace import render_documents
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.config.resources import load_resources
-from extproc.core.registry import DEFAULT_PIPELINE, load_pipeline_config
 from tests.procs import assert_envoy_accepts
 from tests.unit.controller.fixtures import agent, secret, server
 from tests.unit.controller.schemas import validate_any

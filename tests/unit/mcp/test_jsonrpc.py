@@ -24,7 +24,6 @@ from extproc.mcp import (
     error_object,
     find_duplicated_routing_header,
     header_hints,
-    http_status_for,
     parse_message,
     parse_request,
 )
@@ -363,12 +362,6 @@ def test_error_bodies() -> None:
     assert (
         encode_error(None, PARSE_ERROR, "bad") == b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"bad"}}'
     )
-
-
-def test_http_status_for_error_codes() -> None:
-    codes = (PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS, HEADER_MISMATCH, METHOD_NOT_FOUND)
-    assert [http_status_for(c) for c in codes] == [400, 400, 400, 400, 404]
-    assert (http_status_for(-32603), http_status_for(-32001, default=403)) == (200, 403)
 
 
 def test_parse_message_classifies_upstream_responses() -> None:

@@ -1,0 +1,78 @@
+"""The pipeline file (``--pipeline FILE``): which stages run, in order, with their configuration.
+
+Versioned and Kubernetes-free: the same model is what the controller renders into a
+sidecar's ``pipeline.yaml``. Stage configurations are validated later, against each
+stage's ``Config`` model, when the registry finds the stage
+(:meth:`extproc.core.registry.Registry.plan`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from extproc.errors import ConfigError
+
+
+class FailureMode(StrEnum):
+    """What happens when a stage's hook raises (a fault, not a denial)."""
+
+    CLOSED = "closed"
+    """Refuse the exchange: HTTP 503 with a JSON-RPC error. The default."""
+    OPEN = "open"
+    """Skip the stage for this phase, log the fault and count it."""
+
+
+class StageSpec(BaseModel):
+    """One entry of the pipeline configuration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    failure_mode: FailureMode = Field(default=FailureMode.CLOSED, alias="failureMode")
+
+
+class PipelineConfig(BaseModel):
+    """The versioned, Kubernetes-free pipeline configuration (``--pipeline FILE``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal["v1"] = "v1"
+    stages: list[StageSpec]
+
+
+DEFAULT_PIPELINE: Final = PipelineConfig(
+    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "credentials", "session")]
+)
+"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
+then swap the agent's credential for the upstream one and bind/keep legacy sessions.
+
+``authn`` runs first so a request without a valid token costs no body round
+trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
+``policy`` does nothing for servers no ``MCPToolPolicy`` targets.
+"""
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline configuration file (YAML).
+
+    Raises:
+        ConfigError: naming the file and the field.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(document)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,62 @@
+"""What the renderer is told: where things listen, and which phases the stages need. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from extproc.mcp.jsonrpc import DEFAULT_MAX_REQUEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseNeeds:
+    """Which ext_proc phases at least one stage reads."""
+
+    request_headers: bool
+    request_body: bool
+    response_headers: bool
+    response_body: bool
+
+    @property
+    def response(self) -> bool:
+        """True when any stage reads the response (headers or body)."""
+        return self.response_headers or self.response_body
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """Where things listen and how long streams may stay quiet.
+
+    Attributes:
+        listen_host / listen_port: where agents connect.
+        admin_port: Envoy's admin interface (always bound to 127.0.0.1; 0 = any free port).
+        extproc_tcp: the gRPC server as ``host:port``, or ``None`` with ``extproc_unix``.
+        extproc_unix: the gRPC server's unix socket path.
+        max_request_bytes: request size limit (Envoy's buffer limit follows it).
+        stream_idle_timeout_s: how long a stream (GET/SSE) may stay silent.
+        message_timeout_ms: how long Envoy waits for one ext_proc answer.
+        access_log: write an access log line per request to stdout.
+        max_connections: Envoy's limit on open downstream connections.
+        front_door: ``ext_proc`` (the full pipeline, request and response) or
+            ``ext_authz`` (request-side decisions only: one ``Check`` per request).
+        fast_calls: with ``ext_proc``, the eras (``"legacy"``, ``"modern"``) whose
+            ``tools/call`` goes to one ext_authz ``Check`` instead (see
+            :mod:`extproc.render.fast_routes`); empty: everything through ext_proc.
+        authz_http_unix: with ``fast_calls``, the unix socket of our HTTP authorization
+            service (:mod:`extproc.frontdoor.http_check`), which the fast routes then call
+            instead of the gRPC ``Check``; ``None``: gRPC.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 0
+    extproc_tcp: str | None = "127.0.0.1:50051"
+    extproc_unix: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    stream_idle_timeout_s: int = 3600
+    message_timeout_ms: int = 2000
+    access_log: bool = True
+    max_connections: int = 10000
+    front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
+    fast_calls: frozenset[str] = frozenset()
+    authz_http_unix: str | None = None

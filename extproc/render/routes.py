@@ -1,0 +1,139 @@
+"""The routes and clusters of the Envoy bootstrap, one set per MCPServer. Pure: no I/O.
+
+Each ``MCPServer`` named N gets a cluster (its URL's host, TLS for https) and a route
+``/N/mcp`` that rewrites the path and host to the upstream's, has no timeout (GET
+streams and SSE responses stay open) and names the server to the front-door filter.
+Two more routes end the list: RFC 9728 metadata (answered by the ``authn`` stage, a
+JSON 404 without it) and a JSON-RPC 404 for every other path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from extproc.config.resources import Catalog, MCPServer
+from extproc.render.filters import socket_address
+from extproc.render.options import BootstrapOptions
+from extproc.render.wire import EXT_AUTHZ_FILTER, EXT_PROC_FILTER, SERVER_METADATA_KEY
+
+_T: Final = "type.googleapis.com/"
+WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
+
+
+def server_cluster_name(server: MCPServer) -> str:
+    """The Envoy cluster that reaches ``server``."""
+    return f"mcp_server_{server.name}"
+
+
+def server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
+    url = urlsplit(server.spec.url)
+    tls = url.scheme == "https"
+    host = url.hostname or ""
+    port = url.port or (443 if tls else 80)
+    is_ip = host.replace(".", "").isdigit() or ":" in host
+    cluster: dict[str, Any] = {
+        "name": server_cluster_name(server),
+        "type": "STATIC" if is_ip else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "load_assignment": {
+            "cluster_name": server_cluster_name(server),
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
+        },
+    }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+            },
+        }
+    return cluster
+
+
+def per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
+    """Per-route config of the front-door filter: the server name, or disabled (``None``)."""
+    if options.front_door == "ext_authz":
+        authz: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"}
+        if server is None:
+            authz["disabled"] = True
+        else:
+            authz["check_settings"] = {"context_extensions": {SERVER_METADATA_KEY: server}}
+        return {EXT_AUTHZ_FILTER: authz}
+    proc: dict[str, Any] = {"@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"}
+    if server is None:
+        proc["disabled"] = True
+    else:
+        proc["overrides"] = {"grpc_initial_metadata": [{"key": SERVER_METADATA_KEY, "value": server}]}
+    return {EXT_PROC_FILTER: proc}
+
+
+def well_known_route() -> dict[str, Any]:
+    """RFC 9728 metadata: the ``authn`` stage answers it; without that stage, a JSON 404."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32601, "message": "no protected-resource metadata here"}}
+    return {
+        "name": "oauth_protected_resource",
+        "match": {"prefix": WELL_KNOWN_PREFIX},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+_GET_CONFLICT_RETRY: Final[dict[str, Any]] = {
+    # A server allows one GET stream per session and answers a second with 409. When an
+    # agent opens its GET stream, the session keeper closes its own first; should the
+    # server not have noticed yet, Envoy retries the agent's GET shortly (GETs only:
+    # they carry no call, so nothing is ever replayed).
+    "retry_on": "retriable-status-codes",
+    "retriable_status_codes": [409],
+    "num_retries": 3,
+    "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+    "retriable_request_headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+}
+
+
+def server_route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]:
+    url = urlsplit(server.spec.url)
+    upstream_path = url.path or "/"
+    return {
+        "name": server.name,
+        "match": {"path": f"/{server.name}/mcp"},
+        "route": {
+            "cluster": server_cluster_name(server),
+            "prefix_rewrite": upstream_path,
+            "host_rewrite_literal": url.netloc.rsplit("@", 1)[-1],
+            # No route timeout: GET streams and SSE responses stay open.
+            "timeout": "0s",
+            "retry_policy": _GET_CONFLICT_RETRY,
+        },
+        "typed_per_filter_config": per_route(options, server.name),
+    }
+
+
+def not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:
+    paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
+    body = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32601, "message": f"no MCP server at this path; this gateway serves {paths}"},
+    }
+    return {
+        "name": "not_found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": per_route(options, None),
+    }
