@@ -21,7 +21,7 @@ from bench.report import machine, table, write_json
 from bench.run import LATENCY_LOAD, PLAIN, THROUGHPUT_LOAD, build_targets, extproc_argv, measure
 from bench.stack import BenchError, Stack
 from bench.wrk import INSTALL_HINT, WrkError, wrk_binary
-from extproc.commands.run import envoy_binary
+from extproc.commands.envoy import envoy_binary
 
 QUICK_DURATION_S: Final = 2.0
 WARMUP_S: Final = 2.0

@@ -25,7 +25,7 @@ from typing import Any, Final, Self
 import yaml
 
 from bench.upstream import upstream_bootstrap
-from extproc.commands.run import envoy_binary
+from extproc.commands.envoy import envoy_binary
 from extproc.config.resources import Catalog
 from extproc.render.bootstrap import render_bootstrap_yaml
 from extproc.render.options import BootstrapOptions, PhaseNeeds

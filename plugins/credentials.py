@@ -109,12 +109,7 @@ class CredentialsStage(Stage[CredentialsConfig]):
         self.settings = config
         self.remove = tuple(dict.fromkeys([AUTHORIZATION, *(h.lower() for h in config.remove_headers)]))
         self.cache = TokenCache(config.max_cached_tokens)
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.token_timeout_s),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            follow_redirects=False,
-        )
-        self._endpoint = TokenEndpoint(self._client, self._margin)
+        self._client: httpx.AsyncClient | None = None
         self._files: dict[str, tuple[float, str]] = {}
         self.fetches: Counter | None = None
 
@@ -126,8 +121,18 @@ class CredentialsStage(Stage[CredentialsConfig]):
             registry=registry,
         )
 
+    async def startup(self) -> None:
+        # Opened here, not when the stage is built: `check` and the renderers build stages too.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.config.token_timeout_s),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False,
+        )
+
     async def shutdown(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     def _margin(self, lifetime: float) -> float:
         return min(self.settings.refresh_before_s, lifetime / 4)
@@ -210,7 +215,9 @@ class CredentialsStage(Stage[CredentialsConfig]):
         catalog: Catalog,
         form: dict[str, str],
     ) -> Token:
-        endpoint = self._endpoint
+        if self._client is None:
+            raise RuntimeError("the credentials stage was not started")
+        endpoint = TokenEndpoint(self._client, self._margin)
 
         async def fetch() -> Token:
             try:

@@ -100,7 +100,7 @@ def free_port() -> int:
 
 def assert_envoy_accepts(config: str, path: Path) -> None:
     """Write ``config`` to ``path`` and assert the pinned Envoy's ``--mode validate`` accepts it."""
-    from extproc.commands.run import envoy_binary
+    from extproc.commands.envoy import envoy_binary
 
     path.write_text(config)
     checked = subprocess.run(

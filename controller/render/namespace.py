@@ -25,6 +25,7 @@ from controller.render.meta import ControllerSettings
 from controller.render.view import Key, NamespaceView, build_view, group_by_namespace
 from extproc.config.models import MCPServer
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
+from extproc.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def render_namespace(
     """Render every object for one namespace."""
     problems: dict[Key, list[str]] = {k: list(v) for k, v in view.unresolved.items()}
     objects: list[dict[str, Any]] = []
-    needs, _, _ = sidecar.pipeline_needs(pipeline)
+    needs = Registry().plan(pipeline).needs
     catalog = view.catalog
     shared: dict[str, MCPServer] = {}
     for name, agent in sorted(catalog.agents.items()):

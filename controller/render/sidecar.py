@@ -21,7 +21,6 @@ import yaml
 
 from controller.render.meta import ControllerSettings, agent_object_name, object_meta, owner_ref
 from controller.render.view import NamespaceView
-from extproc.commands.run import max_request_bytes
 from extproc.config.models import MCPAgent, Model
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
 from extproc.config.resources import Catalog
@@ -85,14 +84,6 @@ def agent_catalog(view: NamespaceView, agent: MCPAgent) -> Catalog:
     )
 
 
-def pipeline_needs(config: PipelineConfig = DEFAULT_PIPELINE) -> tuple[Any, int, frozenset[str]]:
-    """From one build of the pipeline: the phases its stages need, the request size limit
-    Envoy buffers up to, and the eras whose ``tools/call`` the sidecar sends as one ext_authz
-    ``Check`` (front door ``auto``)."""
-    pipeline = Registry().build_pipeline(config)
-    return pipeline.needs, max_request_bytes(pipeline), pipeline.fast_call_eras
-
-
 def sidecar_options(
     settings: ControllerSettings, max_bytes: int, fast_calls: frozenset[str] = frozenset()
 ) -> BootstrapOptions:
@@ -138,13 +129,15 @@ def agent_config(
     catalog = agent_catalog(view, agent)
     if not catalog.servers:
         return []
-    needs, max_bytes, fast_calls = pipeline_needs(pipeline)
+    plan = Registry().plan(pipeline)
     raw = view.raw[("MCPAgent", agent.name)]
     name = agent_object_name(agent.name)
     meta = object_meta(name, view.namespace, [owner_ref(raw)], f"MCPAgent.{agent.name}")
     resources = dump_documents(documents(catalog))
     data = {
-        "envoy.yaml": render_bootstrap_yaml(catalog, needs, sidecar_options(settings, max_bytes, fast_calls)),
+        "envoy.yaml": render_bootstrap_yaml(
+            catalog, plan.needs, sidecar_options(settings, plan.max_request_bytes, plan.fast_call_eras)
+        ),
         "pipeline.yaml": yaml.safe_dump(pipeline.model_dump(mode="json", by_alias=True), sort_keys=False),
     }
     objects: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}]

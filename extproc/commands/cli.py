@@ -147,17 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stdout if args.command in ("up", "serve") else sys.stderr,
         )
         quiet_http_clients(settings.log_level)
-        from extproc.commands import run as commands
+        from extproc.commands import inspect, run
 
         if args.command == "check":
-            print(commands.check(settings))
+            print(inspect.check(settings))
             return 0
         if args.command == "render":
-            sys.stdout.write(commands.render_envoy(settings))
+            sys.stdout.write(inspect.render_envoy(settings))
             return 0
         if args.command == "serve":
-            return asyncio.run(commands.serve(settings))
-        return asyncio.run(commands.up(settings))
+            return asyncio.run(run.serve(settings))
+        return asyncio.run(run.up(settings))
     except ExtProcError as exc:
         print(f"mcp-extproc: error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.commands.run import envoy_binary
+from extproc.commands.envoy import envoy_binary
 from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import load_resources
 from extproc.core.registry import Registry

@@ -28,7 +28,7 @@ from controller.render.inject import sidecar_containers
 from controller.render.meta import ControllerSettings
 from controller.render.namespace import render_documents
 from controller.render.sidecar import CONFIG_DIR
-from extproc.commands.run import envoy_binary
+from extproc.commands.envoy import envoy_binary
 from tests.agents import legacy_session, raw_post
 from tests.idp import Idp, agent_doc, rsa_key, running_idp
 from tests.procs import Proc, free_port, start_pyserver
