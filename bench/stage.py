@@ -12,16 +12,16 @@ from __future__ import annotations
 import sys
 from typing import Final
 
-from extproc.external.kit import Deny, Request, main, stage
+from extproc.external.kit import Refuse, Request, main, stage
 
 DENY_TEXT: Final = "deny-me-external"
 
 
 @stage("bench-external", phases=["request"], methods=["tools/call"])
-async def bench_external(request: Request) -> Deny | None:
-    """Deny :data:`DENY_TEXT`, continue everything else."""
+async def bench_external(request: Request) -> Refuse | None:
+    """Refuse :data:`DENY_TEXT`, continue everything else."""
     if (request.arguments or {}).get("text") == DENY_TEXT:
-        return Deny("denied by the benchmark's external stage")
+        return Refuse("denied by the benchmark's external stage")
     return None
 
 

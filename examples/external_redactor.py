@@ -25,7 +25,7 @@ import re
 import sys
 from typing import Any, Final
 
-from extproc.external.kit import Continue, Request, main, stage
+from extproc.external.kit import Forward, Request, main, stage
 
 EMAIL: Final = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 MASK: Final = "[redacted email]"
@@ -52,16 +52,16 @@ def redact(value: Any) -> tuple[Any, int]:
 
 
 @stage("email-redactor", phases=["request", "response"], methods=["tools/call"])
-async def email_redactor(request: Request) -> Continue | None:
+async def email_redactor(request: Request) -> Forward | None:
     """Mask email addresses in tool-call arguments and in tool results."""
     if request.phase == "request" and request.params is not None:
         params, count = redact(request.params)
         if count:
-            return Continue(params=params, metadata={"redacted": str(count)})
+            return Forward(params=params, metadata={"redacted": str(count)})
     if request.phase == "response" and request.result is not None:
         result, count = redact(request.result)
         if count:
-            return Continue(result=result)
+            return Forward(result=result)
     return None
 
 

@@ -15,6 +15,9 @@ then name it in a pipeline file and pass ``--pipeline pipeline.yaml``::
       - name: argument-limit
         config: {maxArgumentBytes: 2048}
         failureMode: closed
+
+Its test (``tests/unit/test_stage_example.py``) runs it after ``mcp`` and ``allowlist``
+with :class:`extproc.testing.StageHarness`.
 """
 
 from __future__ import annotations

@@ -33,14 +33,11 @@ from pydantic import Field
 from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, Verdict
 from extproc.config.models import MCPAgent, Trust
 from extproc.config.resources import Catalog
+from extproc.mcp.codes import AUTH_UNAVAILABLE, UNAUTHENTICATED
 from plugins.lib.jwks import JwksCache, JwksUnavailable, UnknownKey
 
 log = logging.getLogger("mcp_extproc.authn")
 
-UNAUTHENTICATED: Final = -32001
-"""JSON-RPC error code of a request without a valid token (HTTP 401)."""
-AUTH_UNAVAILABLE: Final = -32002
-"""JSON-RPC error code when keys cannot be fetched (HTTP 503)."""
 WELL_KNOWN: Final = "/.well-known/oauth-protected-resource"
 
 

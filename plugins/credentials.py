@@ -37,6 +37,7 @@ from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig
 from extproc.config.models import BearerAuth, ClientCredentials, TokenExchange
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError
+from extproc.mcp.codes import UNAUTHENTICATED
 from extproc.mcp.spec import INTERNAL_ERROR
 from plugins.lib.tokens import (
     Token,
@@ -49,8 +50,6 @@ from plugins.lib.tokens import (
 )
 
 AUTHORIZATION = "authorization"
-UNAUTHENTICATED = -32001
-"""JSON-RPC error code of a request refused for want of a credential."""
 
 CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
 """Returns the headers that carry the upstream credential (``{}`` when there is none)."""

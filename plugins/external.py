@@ -27,7 +27,6 @@ Metadata a service returns is published as Envoy dynamic metadata (namespace
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -38,10 +37,9 @@ from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object, parse_message
 from extproc.mcp.spec import INTERNAL_ERROR
-from extproc.mcp.sse import SseDecoder, encode_event
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from plugins.lib.external_client import ExternalConfig, Service, ServiceFault
-from plugins.lib.toolgate import refuse_compressed
+from plugins.lib.rewrite import ResponseRewriter, dumps
 from plugins.mcp_stage import derived_headers
 
 # Headers a service may not touch: routing, framing and credentials are not theirs.
@@ -54,7 +52,7 @@ class _Exchange:
 
     metadata: dict[str, str] = field(default_factory=dict)
     watched: dict[Any, tuple[str, str]] = field(default_factory=dict)  # request id → (method, tool)
-    decoder: SseDecoder | None = None
+    response: ResponseRewriter = field(default_factory=ResponseRewriter)
 
 
 _STATE = StateKey("external", _Exchange)
@@ -205,7 +203,7 @@ class ExternalStage(Stage[ExternalConfig]):
             code=first.code,
             message=first.message,
             reason=first.reason,
-            body=json.dumps(errors, separators=(",", ":")).encode(),
+            body=dumps(errors),
         )
 
     async def _call(
@@ -249,53 +247,20 @@ class ExternalStage(Stage[ExternalConfig]):
         state = ctx.state(_STATE)
         if not state.watched or ctx.mcp is None:
             return None
-        compressed = refuse_compressed(ctx, "external stages")
-        if compressed is not None:
-            return compressed
-        if ctx.response_is_sse:
-            return await self._sse_chunk(ctx, chunk, state)
-        return await self._json_body(ctx, chunk)
-
-    async def _json_body(self, ctx: Context, body: bytes) -> Verdict:
-        try:
-            decoded = json.loads(body)
-        except ValueError:
-            return None
-        items = decoded if isinstance(decoded, list) else [decoded]
         headers: dict[str, str] = {}
         removed: list[str] = []
-        out, changed = [], False
-        for item in items:
-            new = await self._response_one(ctx, item, headers, removed)
-            changed |= new is not item
-            out.append(new)
-        if not changed and not headers and not removed:
-            return None
-        new_body = json.dumps(out if isinstance(decoded, list) else out[0], separators=(",", ":")).encode()
-        return Continue(
-            body=new_body if changed else None,
-            set_headers=headers,
-            remove_headers=tuple(removed),
-            metadata=dict(ctx.state(_STATE).metadata),
-        )
 
-    async def _sse_chunk(self, ctx: Context, chunk: bytes, state: _Exchange) -> Verdict:
-        if state.decoder is None:
-            state.decoder = SseDecoder()
-        out = bytearray()
-        for event in state.decoder.feed(chunk):
-            try:
-                message = json.loads(event.data) if event.data else None
-            except ValueError:
-                message = None
-            new = await self._response_one(ctx, message, {}, []) if message is not None else None
-            if new is None or new is message:
-                out += event.raw
-            else:
-                out += encode_event(json.dumps(new, separators=(",", ":")), event=event.event, id=event.id)
-        if ctx.end_of_stream:
-            out += state.decoder.flush()
-        return None if bytes(out) == chunk else Continue(body=bytes(out), metadata=dict(state.metadata))
+        async def one(item: Any) -> Any:
+            return await self._response_one(ctx, item, headers, removed)
+
+        body = await state.response.rewrite(ctx, chunk, one, reader="external stages")
+        if isinstance(body, Deny):
+            return body
+        if ctx.response_is_sse:  # header mutations of a streamed response's events are not applied
+            return None if body is None else Continue(body=body, metadata=dict(state.metadata))
+        if body is None and not headers and not removed:
+            return None
+        return Continue(body=body, set_headers=headers, remove_headers=tuple(removed), metadata=dict(state.metadata))
 
     async def _response_one(self, ctx: Context, item: Any, headers: dict[str, str], removed: list[str]) -> Any:
         """``item`` (a response to a watched request) after every service; ``item`` itself if unchanged."""

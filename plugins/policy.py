@@ -33,7 +33,7 @@ from extproc.api import Context, Deny, FailureMode, Principal, StageConfig
 from extproc.config.models import MCPToolPolicy, Rego
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
-from extproc.mcp.codes import POLICY_DENIED
+from extproc.mcp.codes import POLICY_DENIED, RATE_LIMITED
 from extproc.mcp.jsonrpc import Message
 from extproc.mcp.spec import INTERNAL_ERROR
 from plugins.authn import insufficient_scope
@@ -44,8 +44,6 @@ from plugins.lib.toolgate import ToolGate
 
 log = logging.getLogger("mcp_extproc.policy")
 
-RATE_LIMITED: Final = -32029
-"""JSON-RPC error code of a call refused by a rate limit (HTTP 429)."""
 _ANONYMOUS: Final = Principal(subject="anonymous")
 
 

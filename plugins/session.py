@@ -41,7 +41,7 @@ from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.jsonrpc import Era
 from extproc.mcp.spec import INVALID_REQUEST
 from plugins.credentials import UPSTREAM_CREDENTIAL
-from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
+from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper
 
 ANONYMOUS = "anonymous"
 
@@ -91,7 +91,10 @@ class SessionStage(Stage[SessionConfig]):
     # session the upstream lost shows as a 404 on the keeper's own GET.
     calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: SessionConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(
+        self, config: SessionConfig, failure_mode: FailureMode = FailureMode.CLOSED, *, clock: Clock | None = None
+    ) -> None:
+        """``clock`` is the keeper's time (the real clock unless a test passes a fake)."""
         super().__init__(config, failure_mode)
         self.settings = config
         self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -117,6 +120,7 @@ class SessionStage(Stage[SessionConfig]):
             KeeperMetrics(None),
             self._client,
             self._answers,
+            clock,
         )
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -29,34 +29,7 @@ APP_LABEL = "app.kubernetes.io/name"
 
 def shared_catalog(view: NamespaceView, servers: list[MCPServer]) -> Catalog:
     """The servers, the policies targeting them, and what those reference."""
-    names = {s.name for s in servers}
-    catalog = view.catalog
-    policies = {}
-    for name, policy in catalog.policies.items():
-        targets = [t for t in policy.spec.target_refs if t.name in names]
-        if targets:
-            policies[name] = policy.model_copy(update={"spec": policy.spec.model_copy(update={"target_refs": targets})})
-    secret_names: set[str] = set()
-    for server in servers:
-        auth = server.spec.upstream_auth
-        if auth is not None and auth.bearer is not None and auth.bearer.secret_ref is not None:
-            secret_names.add(auth.bearer.secret_ref.name)
-        for grant in (auth.client_credentials, auth.token_exchange) if auth else ():
-            if grant is not None:
-                secret_names.add(grant.client_secret_ref.name)
-    maps = {
-        ref.name: catalog.config_maps[ref.name]
-        for p in policies.values()
-        if p.spec.rego is not None
-        and (ref := p.spec.rego.config_map_ref) is not None
-        and ref.name in catalog.config_maps
-    }
-    return Catalog(
-        servers={s.name: s for s in servers},
-        policies=policies,
-        secrets={n: catalog.secrets[n] for n in sorted(secret_names) if n in catalog.secrets},
-        config_maps=maps,
-    )
+    return view.catalog.subset(s.name for s in servers)
 
 
 def extension_server(

@@ -86,7 +86,7 @@ def envoy_filter(
         return None, "spec.selector: Istio attachment needs a selector with matchLabels only (workloadSelector)"
     if not servers or not (needs.request_headers or needs.response_headers):
         return None, None
-    catalog = Catalog(servers={s.name: s for s in servers})
+    catalog = view.catalog.subset(s.name for s in servers)
     patches: list[dict[str, Any]] = [
         {
             "applyTo": "HTTP_FILTER",

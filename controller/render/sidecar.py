@@ -39,49 +39,8 @@ def serve_args(*listen: str) -> list[str]:
 
 def agent_catalog(view: NamespaceView, agent: MCPAgent) -> Catalog:
     """What ``agent`` may use, as a catalog that passes the local loader's reference checks."""
-    catalog = view.catalog
-    servers = {r.name: catalog.servers[r.name] for r in agent.spec.mcp_server_refs if r.name in catalog.servers}
-    policies = {r.name: catalog.policies[r.name] for r in agent.spec.policy_refs if r.name in catalog.policies}
-    for name, policy in catalog.policies.items():
-        if name not in policies and any(t.name in servers for t in policy.spec.target_refs):
-            policies[name] = policy
-    # Policies may target servers the agent does not use: keep only the targets it has.
-    trimmed = {}
-    for name, policy in policies.items():
-        targets = [t for t in policy.spec.target_refs if t.name in servers]
-        if targets:
-            trimmed[name] = policy.model_copy(update={"spec": policy.spec.model_copy(update={"target_refs": targets})})
-    refs = [r for r in agent.spec.mcp_server_refs if r.name in servers]
-    policy_refs = [r for r in agent.spec.policy_refs if r.name in trimmed]
-    agent = agent.model_copy(
-        update={"spec": agent.spec.model_copy(update={"mcp_server_refs": refs, "policy_refs": policy_refs})}
-    )
-    maps = {
-        p.spec.rego.config_map_ref.name: catalog.config_maps[p.spec.rego.config_map_ref.name]
-        for p in trimmed.values()
-        if p.spec.rego is not None
-        and p.spec.rego.config_map_ref is not None
-        and p.spec.rego.config_map_ref.name in catalog.config_maps
-    }
-    secret_names = set()
-    for server in servers.values():
-        auth = server.spec.upstream_auth
-        if auth is None:
-            continue
-        if auth.bearer is not None and auth.bearer.secret_ref is not None:
-            secret_names.add(auth.bearer.secret_ref.name)
-        for grant in (auth.client_credentials, auth.token_exchange):
-            if grant is not None:
-                secret_names.add(grant.client_secret_ref.name)
-    secrets = {n: catalog.secrets[n] for n in sorted(secret_names) if n in catalog.secrets}
-    return Catalog(
-        servers=servers,
-        policies=trimmed,
-        agents={agent.name: agent} if servers else {},
-        secrets=secrets,
-        config_maps=maps,
-        sources=(f"MCPAgent {agent.name!r}",),
-    )
+    servers = [r.name for r in agent.spec.mcp_server_refs]
+    return view.catalog.subset(servers, agents=[agent], sources=(f"MCPAgent {agent.name!r}",))
 
 
 def sidecar_options(

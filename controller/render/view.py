@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from extproc.config.models import API_VERSION, KINDS, ConfigMap, MCPAgent, MCPServer, MCPToolPolicy, Resource, Secret
+from extproc.config.models import API_VERSION, KINDS, Resource, Secret
 from extproc.config.resources import Catalog, reference_problems
 
 Key = tuple[str, str]
@@ -91,14 +91,7 @@ def build_view(
         except ValidationError as exc:
             if kind in CUSTOM_KINDS:
                 invalid[(kind, name)] = _error_text(exc) if model is not Secret else "invalid Secret"
-    catalog = Catalog(
-        servers=found[MCPServer],
-        policies=found[MCPToolPolicy],
-        agents=found[MCPAgent],
-        secrets=found[Secret],
-        config_maps=found[ConfigMap],
-        sources=(f"namespace {namespace}",),
-    )
+    catalog = Catalog.of_kinds(found, (f"namespace {namespace}",))
     unresolved: dict[Key, list[str]] = {}
     for problem in reference_problems(catalog):
         kind, _, rest = problem.partition(" ")

@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from extproc.config.settings import Settings
 from extproc.errors import ConfigError, ExtProcError
+
+_DEFAULT: Final = {f.name: f.default for f in dataclasses.fields(Settings)}
+"""Every flag's default: the :class:`Settings` field's, written only there."""
+_FIELD_OF_DEST: Final = {
+    "file": "resources",
+    "stream_idle_timeout": "stream_idle_timeout_s",
+    "reload_interval": "reload_interval_s",
+}
+"""The :class:`Settings` field of each flag whose ``dest`` is not the field's name."""
+
+
+def _shown(field: str) -> str:
+    """A default as a help text prints it (``1`` rather than ``1.0``)."""
+    value = _DEFAULT[field]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 _FRONT_DOOR = (
     "how Envoy calls the server: auto (default: ext_proc, but one ext_authz Check for a tools/call no stage "
@@ -29,8 +46,13 @@ _AUTHZ_HTTP = (
     "unix socket of the HTTP authorization service that the fast tools/call routes (front door auto) call; "
     "without it they use the gRPC Check, which costs more (up always uses one)"
 )
+_LOG_LEVEL = f"Python log level (default {_shown('log_level')})"
+_METRICS = "host:port for /metrics; '' disables"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_RELOAD = "seconds between checks of the resource file for changes; 0 disables reloads (default 1)"
+_RELOAD = (
+    "seconds between checks of the resource file for changes; "
+    f"0 disables reloads (default {_shown('reload_interval_s')})"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,27 +64,39 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--pipeline",
             type=Path,
+            default=_DEFAULT["pipeline"],
             help="pipeline configuration (default: authn, mcp, allowlist, policy, credentials, session)",
         )
-        sub.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+        sub.add_argument("--log-level", default=_DEFAULT["log_level"], help=_LOG_LEVEL)
 
     up = commands.add_parser("up", help="run Envoy and the extension server: the whole data path")
     common(up)
-    up.add_argument("--listen", default="127.0.0.1:10000", help="where agents connect (default 127.0.0.1:10000)")
-    up.add_argument("--unix", help="the gRPC server's unix socket (default: a private temporary path)")
-    up.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
-    up.add_argument("--stream-idle-timeout", type=int, default=3600, help="seconds a stream may stay silent")
-    up.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level (default warning)")
-    up.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
-    up.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
+    up.add_argument("--listen", default=_DEFAULT["listen"], help=f"where agents connect (default {_shown('listen')})")
+    up.add_argument(
+        "--unix", default=_DEFAULT["unix"], help="the gRPC server's unix socket (default: a private temporary path)"
+    )
+    up.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
+    up.add_argument(
+        "--stream-idle-timeout",
+        type=int,
+        default=_DEFAULT["stream_idle_timeout_s"],
+        help="seconds a stream may stay silent",
+    )
+    up.add_argument(
+        "--envoy-log-level",
+        default=_DEFAULT["envoy_log_level"],
+        help=f"Envoy's --log-level (default {_shown('envoy_log_level')})",
+    )
+    up.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
+    up.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
-    serve.add_argument("--grpc", default="127.0.0.1:50051", help="TCP host:port to listen on; '' disables TCP")
-    serve.add_argument("--unix", help="also listen on this unix socket")
-    serve.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
-    serve.add_argument("--metrics", default="127.0.0.1:9464", help="host:port for /metrics; '' disables")
-    serve.add_argument("--reload-interval", type=float, default=1.0, help=_RELOAD)
+    serve.add_argument("--grpc", default=_DEFAULT["grpc"], help="TCP host:port to listen on; '' disables TCP")
+    serve.add_argument("--unix", default=_DEFAULT["unix"], help="also listen on this unix socket")
+    serve.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
+    serve.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
 
     render = commands.add_parser("render", help="print generated configuration")
     render.add_argument(
@@ -71,12 +105,14 @@ def _parser() -> argparse.ArgumentParser:
         help="envoy: the bootstrap `up` would run; k8s: every object the controller would apply",
     )
     common(render)
-    render.add_argument("--listen", default="127.0.0.1:10000")
-    render.add_argument("--grpc", default="127.0.0.1:50051", help="where Envoy reaches the extension server")
-    render.add_argument("--unix", help="reach the extension server over this unix socket instead")
-    render.add_argument("--authz-http", metavar="PATH", help=_AUTHZ_HTTP)
-    render.add_argument("--stream-idle-timeout", type=int, default=3600)
-    render.add_argument("--front-door", choices=_DOORS, default="auto", help=_FRONT_DOOR)
+    render.add_argument("--listen", default=_DEFAULT["listen"])
+    render.add_argument("--grpc", default=_DEFAULT["grpc"], help="where Envoy reaches the extension server")
+    render.add_argument(
+        "--unix", default=_DEFAULT["unix"], help="reach the extension server over this unix socket instead"
+    )
+    render.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    render.add_argument("--stream-idle-timeout", type=int, default=_DEFAULT["stream_idle_timeout_s"])
+    render.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
@@ -91,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     controller.add_argument("--webhook", default="0.0.0.0:9443", help="host:port of the injection webhook; '' off")
     controller.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs")
     controller.add_argument("--no-leader-election", action="store_true", help="run without a Lease")
-    controller.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    controller.add_argument("--log-level", default=_DEFAULT["log_level"], help=_LOG_LEVEL)
     return parser
 
 
@@ -107,20 +143,13 @@ def _stages(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(
-        resources=args.file,
-        pipeline=args.pipeline,
-        listen=getattr(args, "listen", "127.0.0.1:10000"),
-        grpc=getattr(args, "grpc", "127.0.0.1:50051"),
-        unix=getattr(args, "unix", None),
-        authz_http=getattr(args, "authz_http", None),
-        metrics=getattr(args, "metrics", None) or None,
-        stream_idle_timeout_s=getattr(args, "stream_idle_timeout", 3600),
-        log_level=args.log_level.upper(),
-        envoy_log_level=getattr(args, "envoy_log_level", "warning"),
-        front_door=getattr(args, "front_door", "auto"),
-        reload_interval_s=getattr(args, "reload_interval", 1.0),
-    )
+    """The settings of the flags the parsed command has; a field it has no flag for keeps its default."""
+    given = {_FIELD_OF_DEST.get(dest, dest): value for dest, value in vars(args).items()}
+    values = {f.name: given[f.name] for f in dataclasses.fields(Settings) if f.name in given}
+    values["log_level"] = values["log_level"].upper()
+    if "metrics" in values:
+        values["metrics"] = values["metrics"] or None  # '' disables
+    return Settings(**values)
 
 
 def quiet_http_clients(level: str) -> None:

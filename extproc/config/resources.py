@@ -68,6 +68,18 @@ class Catalog:
     generation: int = 0
     """Bumped on every successful reload, so caches keyed by it never outlive a change."""
 
+    @classmethod
+    def of_kinds(cls, found: Mapping[type[Resource], Mapping[str, Any]], sources: tuple[str, ...]) -> Catalog:
+        """The catalog of validated resources by model (as :data:`KINDS` names them) and name."""
+        return cls(
+            servers=found[MCPServer],
+            policies=found[MCPToolPolicy],
+            agents=found[MCPAgent],
+            secrets=found[Secret],
+            config_maps=found[ConfigMap],
+            sources=sources,
+        )
+
     def server_for_path(self, path: str) -> MCPServer | None:
         """The server whose agent-facing prefix ``/<name>/`` starts ``path``."""
         parts = path.split("/", 2)
@@ -82,6 +94,57 @@ class Catalog:
     def agents_for(self, server: str) -> list[MCPAgent]:
         """The agents that reference ``server``, in name order."""
         return [a for _, a in sorted(self.agents.items()) if any(r.name == server for r in a.spec.mcp_server_refs)]
+
+    def subset(
+        self, servers: Iterable[str], *, agents: Iterable[MCPAgent] = (), sources: tuple[str, ...] = ()
+    ) -> Catalog:
+        """Only ``servers`` (names, in order; unknown ones skipped) and what they need.
+
+        The result holds:
+
+        * the policies targeting a kept server, each trimmed to its kept targets (those
+          referenced by ``agents`` first, in their reference order, then the rest in
+          catalog order);
+        * ``agents`` using at least one kept server, their ``mcpServerRefs`` and
+          ``policyRefs`` trimmed to what is kept;
+        * the ConfigMaps the kept policies' Rego references and the Secrets the kept
+          servers' upstream auth references (any other Secret stays out);
+        * ``sources`` as given, and generation 0.
+        """
+        kept = {name: self.servers[name] for name in servers if name in self.servers}
+        agents = list(agents)
+        chosen = {r.name: self.policies[r.name] for a in agents for r in a.spec.policy_refs if r.name in self.policies}
+        chosen.update((n, p) for n, p in self.policies.items() if n not in chosen)
+        policies = {}
+        for name, policy in chosen.items():
+            targets = [t for t in policy.spec.target_refs if t.name in kept]
+            if targets:
+                policies[name] = policy.model_copy(
+                    update={"spec": policy.spec.model_copy(update={"target_refs": targets})}
+                )
+        trimmed_agents = {}
+        for agent in agents:
+            refs = [r for r in agent.spec.mcp_server_refs if r.name in kept]
+            if refs:
+                policy_refs = [r for r in agent.spec.policy_refs if r.name in policies]
+                spec = agent.spec.model_copy(update={"mcp_server_refs": refs, "policy_refs": policy_refs})
+                trimmed_agents[agent.name] = agent.model_copy(update={"spec": spec})
+        maps = {
+            ref.name: self.config_maps[ref.name]
+            for p in policies.values()
+            if p.spec.rego is not None
+            and (ref := p.spec.rego.config_map_ref) is not None
+            and ref.name in self.config_maps
+        }
+        secret_names = sorted({ref.name for s in kept.values() for _, ref in _secret_refs(s)})
+        return Catalog(
+            servers=kept,
+            policies=policies,
+            agents=trimmed_agents,
+            secrets={n: self.secrets[n] for n in secret_names if n in self.secrets},
+            config_maps=maps,
+            sources=sources,
+        )
 
     def secret_value(self, ref: KeyRef) -> str:
         """The decoded value of a Secret key.
@@ -141,24 +204,27 @@ def reference_problems(catalog: Catalog) -> list[str]:
             if ref.name not in catalog.policies:
                 problems.append(f"MCPAgent {name!r}: spec.policyRefs[{i}]: no MCPToolPolicy named {ref.name!r}")
     for name, server in sorted(catalog.servers.items()):
-        auth = server.spec.upstream_auth
-        if auth is None:
-            continue
-        refs: list[tuple[str, KeyRef]] = []
-        if auth.bearer is not None and auth.bearer.secret_ref is not None:
-            refs.append(("spec.upstreamAuth.bearer.secretRef", auth.bearer.secret_ref))
-        if auth.client_credentials is not None:
-            refs.append(
-                ("spec.upstreamAuth.clientCredentials.clientSecretRef", auth.client_credentials.client_secret_ref)
-            )
-        if auth.token_exchange is not None:
-            refs.append(("spec.upstreamAuth.tokenExchange.clientSecretRef", auth.token_exchange.client_secret_ref))
-        for where, key_ref in refs:
+        for where, key_ref in _secret_refs(server):
             try:
                 catalog.secret_value(key_ref)
             except ConfigError as exc:
                 problems.append(f"MCPServer {name!r}: {where}: {exc}")
     return problems
+
+
+def _secret_refs(server: MCPServer) -> list[tuple[str, KeyRef]]:
+    """The Secret keys ``server``'s upstream auth references, each with its field path."""
+    auth = server.spec.upstream_auth
+    if auth is None:
+        return []
+    refs: list[tuple[str, KeyRef]] = []
+    if auth.bearer is not None and auth.bearer.secret_ref is not None:
+        refs.append(("spec.upstreamAuth.bearer.secretRef", auth.bearer.secret_ref))
+    if auth.client_credentials is not None:
+        refs.append(("spec.upstreamAuth.clientCredentials.clientSecretRef", auth.client_credentials.client_secret_ref))
+    if auth.token_exchange is not None:
+        refs.append(("spec.upstreamAuth.tokenExchange.clientSecretRef", auth.token_exchange.client_secret_ref))
+    return refs
 
 
 def _field_path(loc: Iterable[int | str], model: type[Model]) -> str:
@@ -216,14 +282,7 @@ def parse_documents(docs: Iterable[Any], source: str) -> Catalog:
         if resource.name in same_kind:
             raise ConfigError(f"{label}: metadata.name: duplicate {kind} {resource.name!r}")
         same_kind[resource.name] = resource
-    return Catalog(
-        servers=found[MCPServer],
-        policies=found[MCPToolPolicy],
-        agents=found[MCPAgent],
-        secrets=found[Secret],
-        config_maps=found[ConfigMap],
-        sources=(source,),
-    )
+    return Catalog.of_kinds(found, (source,))
 
 
 def load_resources(path: str | Path) -> Catalog:

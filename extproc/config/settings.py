@@ -1,7 +1,8 @@
 """The process settings: one frozen object, built once from flags in ``cli``.
 
 Nothing reads the environment at import time; ``cli.main`` builds a
-:class:`Settings` and hands it down.
+:class:`Settings` and hands it down. The field defaults are the command line's
+defaults too (``cli`` reads them from here; they are written nowhere else).
 """
 
 from __future__ import annotations

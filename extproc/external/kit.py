@@ -3,15 +3,15 @@
 An external stage is a gRPC service speaking ``mcp_extproc.stage.v1.ExternalStage``
 (``protos/``); mcp-extproc's built-in ``external`` stage calls it. This module hides
 the protocol: write an async function over a :class:`Request`, return ``None``
-(carry on), :class:`Continue` (carry on, optionally replacing params or result) or
-:class:`Deny`, and serve it::
+(carry on), :class:`Forward` (carry on, optionally replacing params or result) or
+:class:`Refuse`, and serve it::
 
-    from extproc.external.kit import Deny, Request, serve, stage
+    from extproc.external.kit import Refuse, Request, serve, stage
 
     @stage("no-drop-table", methods=["tools/call"])
-    async def no_drop_table(request: Request) -> Deny | None:
+    async def no_drop_table(request: Request) -> Refuse | None:
         if "drop table" in str(request.arguments).lower():
-            return Deny("SQL DDL is not allowed in tool arguments")
+            return Refuse("SQL DDL is not allowed in tool arguments")
         return None
 
     serve(no_drop_table, "unix:/run/no-drop-table.sock")   # or "127.0.0.1:50061"
@@ -20,7 +20,7 @@ Data flow::
 
     Describe ─▶ name, phases, methods, failure mode (checked here when the stage is made)
     Process  ─▶ ProcessRequest ─▶ Request (plain JSON values) ─▶ your handler
-             ◀─ ProcessResponse ◀─ None | Continue | Deny
+             ◀─ ProcessResponse ◀─ None | Forward | Refuse
     an exception in the handler ─▶ gRPC INTERNAL (logged here; mcp-extproc applies the
                                    stage's failure mode: closed by default)
 """
@@ -44,7 +44,7 @@ from extproc.mcp.codes import POLICY_DENIED
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from mcp_extproc.stage.v1 import stage_pb2_grpc as pb_grpc
 
-__all__ = ["Caller", "Continue", "Deny", "Request", "ServerTls", "StageService", "main", "serve", "stage", "start"]
+__all__ = ["Caller", "Forward", "Refuse", "Request", "ServerTls", "StageService", "main", "serve", "stage", "start"]
 
 log = logging.getLogger("mcp_extproc.stagekit")
 
@@ -106,8 +106,13 @@ class Request:
 
 
 @dataclass(frozen=True)
-class Continue:
-    """Carry on. ``params`` replaces the request's params; ``result`` the response's result."""
+class Forward:
+    """Forward the message (to the MCP server, or to the agent), maybe changed.
+
+    ``params`` replaces the request's params; ``result`` the response's result. Named
+    apart from :class:`extproc.api.Continue`: this is the external protocol's answer,
+    not an in-process stage's verdict.
+    """
 
     params: Mapping[str, Any] | None = None
     result: Mapping[str, Any] | None = None
@@ -117,8 +122,11 @@ class Continue:
 
 
 @dataclass(frozen=True)
-class Deny:
-    """Refuse: the agent gets this JSON-RPC error (default code -32003, policy denied)."""
+class Refuse:
+    """Refuse the message: the agent gets this JSON-RPC error (default code -32003, policy denied).
+
+    Named apart from :class:`extproc.api.Deny`, the in-process stages' verdict.
+    """
 
     message: str
     code: int = POLICY_DENIED
@@ -126,7 +134,7 @@ class Deny:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
-Reply = Continue | Deny | None
+Reply = Forward | Refuse | None
 Handler = Callable[[Request], Awaitable[Reply]]
 
 
@@ -211,7 +219,7 @@ def to_response(reply: Reply) -> pb.ProcessResponse:
     if reply is None:
         return out
     out.metadata.update(reply.metadata)
-    if isinstance(reply, Deny):
+    if isinstance(reply, Refuse):
         out.deny.code = reply.code
         out.deny.message = reply.message
         if reply.data is not None:

@@ -9,10 +9,12 @@ own upstream-failure answers into JSON-RPC errors.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
 from extproc.config.settings import split_hostport
 from extproc.errors import ConfigError
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 from extproc.render.wire import (
     AUTHZ_HTTP_CLUSTER,
@@ -34,10 +36,14 @@ def socket_address(host: str, port: int) -> dict[str, Any]:
 
 
 _UPSTREAM_FAILURE_FLAGS: Final = ["UF", "UH", "URX", "UC", "UT", "UO", "NC", "DPE"]
-_UPSTREAM_FAILURE_BODY: Final = (
-    '{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"the MCP server could not be reached '
-    'or failed (%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)"}}'
+_UPSTREAM_FAILURE_MESSAGE: Final = (
+    "the MCP server could not be reached or failed (%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)"
 )
+_UPSTREAM_FAILURE_BODY: Final = json.dumps(
+    {"jsonrpc": "2.0", "id": None, "error": {"code": INTERNAL_ERROR, "message": _UPSTREAM_FAILURE_MESSAGE}},
+    separators=(",", ":"),
+)
+"""A JSON-RPC error whose message Envoy fills in (its ``%...%`` operators)."""
 
 
 def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from extproc.config.resources import Catalog, MCPServer
+from extproc.mcp.spec import METHOD_NOT_FOUND
 from extproc.render.filters import socket_address
 from extproc.render.options import BootstrapOptions
 from extproc.render.wire import EXT_AUTHZ_FILTER, EXT_PROC_FILTER, SERVER_METADATA_KEY
@@ -73,10 +74,15 @@ def per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
 
 def well_known_route() -> dict[str, Any]:
     """RFC 9728 metadata: the ``authn`` stage answers it; without that stage, a JSON 404."""
-    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32601, "message": "no protected-resource metadata here"}}
+    return _jsonrpc_404("oauth_protected_resource", WELL_KNOWN_PREFIX, "no protected-resource metadata here")
+
+
+def _jsonrpc_404(name: str, prefix: str, message: str) -> dict[str, Any]:
+    """A route answering everything under ``prefix`` with a 404 and a JSON-RPC ``METHOD_NOT_FOUND`` error."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": METHOD_NOT_FOUND, "message": message}}
     return {
-        "name": "oauth_protected_resource",
-        "match": {"prefix": WELL_KNOWN_PREFIX},
+        "name": name,
+        "match": {"prefix": prefix},
         "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
         "response_headers_to_add": [
             {
@@ -120,20 +126,5 @@ def server_route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]
 
 def not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:
     paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
-    body = {
-        "jsonrpc": "2.0",
-        "id": None,
-        "error": {"code": -32601, "message": f"no MCP server at this path; this gateway serves {paths}"},
-    }
-    return {
-        "name": "not_found",
-        "match": {"prefix": "/"},
-        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(body)}},
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
-        "typed_per_filter_config": per_route(options, None),
-    }
+    route = _jsonrpc_404("not_found", "/", f"no MCP server at this path; this gateway serves {paths}")
+    return {**route, "typed_per_filter_config": per_route(options, None)}

@@ -22,6 +22,9 @@ stream)::
 The keeper never sends anything but GETs and ping answers: an agent's call is never
 replayed. Other server requests on the stream (sampling, elicitation) are left
 unanswered; they are the agent's to answer.
+
+Idle expiry and the reconnect backoff read time from a :class:`Clock`
+(:class:`SystemClock` unless one is passed), so tests run them on fake time.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -48,6 +51,35 @@ CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
 
 MAX_EVENT_BYTES: Final = 64 * 1024
 """Largest SSE event the keeper buffers; a bigger one drops the stream (and reconnects)."""
+
+
+class Clock(Protocol):
+    """Where the keeper's time comes from: :class:`SystemClock` in production, a fake in tests."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic clock."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+        ...
+
+    def jitter(self, low: float, high: float) -> float:
+        """A random delay in ``[low, high]``."""
+        ...
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic``, ``asyncio.sleep``, ``random.uniform``."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def jitter(self, low: float, high: float) -> float:
+        return random.uniform(low, high)  # noqa: S311 - jitter, not crypto
 
 
 @dataclass(frozen=True)
@@ -118,7 +150,8 @@ class SessionKeeper:
     Two HTTP clients: ``streams`` holds one long GET per kept session, ``answers``
     sends the ping answers. Apart because httpcore looks for a free connection by
     scanning its pool: with the answers in the pool of 1,000 held streams, every
-    answer scanned 1,000 connections.
+    answer scanned 1,000 connections. ``clock`` is where idle expiry and reconnect
+    backoff get their time (the real one unless a test passes a fake).
     """
 
     def __init__(
@@ -127,8 +160,10 @@ class SessionKeeper:
         metrics: KeeperMetrics,
         streams: httpx.AsyncClient,
         answers: httpx.AsyncClient | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.metrics = metrics
         self.client = streams
         self.answers = answers or streams
@@ -152,10 +187,10 @@ class SessionKeeper:
         key = (server, session_id)
         kept = self.sessions.get(key)
         if kept is None:
-            kept = KeptSession(server, url, session_id)
+            kept = KeptSession(server, url, session_id, last_used=self.clock.now())
             self.sessions[key] = kept
             self.metrics.kept.inc()
-        kept.last_used = time.monotonic()
+        kept.last_used = self.clock.now()
         if protocol_version:
             kept.protocol_version = protocol_version
         if credential is not None:
@@ -168,7 +203,7 @@ class SessionKeeper:
         """The agent used the session: push back idle expiry."""
         kept = self.get(server, session_id)
         if kept is not None:
-            kept.last_used = time.monotonic()
+            kept.last_used = self.clock.now()
             if protocol_version:
                 kept.protocol_version = protocol_version
 
@@ -178,7 +213,7 @@ class SessionKeeper:
         if kept is None:
             return
         kept.agent_streams += 1
-        kept.last_used = time.monotonic()
+        kept.last_used = self.clock.now()
         await self._cancel(kept)
 
     def take_over(self, server: str, session_id: str) -> None:
@@ -187,7 +222,7 @@ class SessionKeeper:
         if kept is None:
             return
         kept.agent_streams = max(0, kept.agent_streams - 1)
-        kept.last_used = time.monotonic()
+        kept.last_used = self.clock.now()
         if kept.agent_streams == 0 and kept.task is None and not kept.stopped:
             self._start(kept)
 
@@ -206,8 +241,8 @@ class SessionKeeper:
         """Forever: stop keeping sessions idle for longer than ``idle_timeout_s`` (one task for all)."""
         period = max(0.5, min(60.0, self.settings.idle_timeout_s / 4))
         while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
+            await self.clock.sleep(period)
+            now = self.clock.now()
             for kept in list(self.sessions.values()):
                 if now - kept.last_used > self.settings.idle_timeout_s and kept.agent_streams == 0:
                     await self.stop(kept.server, kept.session_id, "idle")
@@ -233,12 +268,12 @@ class SessionKeeper:
         first = True
         try:
             while not kept.stopped:
-                if time.monotonic() - kept.last_used > self.settings.idle_timeout_s:
+                if self.clock.now() - kept.last_used > self.settings.idle_timeout_s:
                     asyncio.get_running_loop().call_soon(self._stop_soon, kept, "idle")
                     return
                 if not first:
                     self.metrics.reconnects.labels(kept.server).inc()
-                    await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not crypto
+                    await self.clock.sleep(self.clock.jitter(0, delay))
                     delay = min(delay * 2, self.settings.backoff_max_s)
                 first = False
                 outcome = await self._hold(kept)

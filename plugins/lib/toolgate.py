@@ -12,12 +12,9 @@ Data flow::
                                        the upstream receives; their errors are held
                                        and merged into the response
                  ─▶ tools/list → remember its id, ask for the response body
-    response body ─▶ JSON (buffered): drop hidden tools from the tools/list result;
-                       append held batch errors
-                 ─▶ SSE (streamed, chunk by chunk): decode complete events, rewrite
-                       the tools/list result event, pass every other byte through
-                       untouched, hold back only an incomplete trailing event;
-                       held batch errors are sent as extra events at the end
+    response body ─▶ (plugins.lib.rewrite) JSON or SSE: drop hidden tools from the
+                       tools/list result; held batch errors are appended (JSON) or
+                       sent as extra events at the end of the stream (SSE)
 
 Upstream compression would hide the body from us, so requests whose response
 we read go out without ``accept-encoding``; a compressed answer anyway is
@@ -26,7 +23,6 @@ refused (fail closed) rather than passed through unfiltered.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -35,8 +31,7 @@ from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig
 from extproc.config.resources import MCPServer
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object
-from extproc.mcp.spec import INTERNAL_ERROR
-from extproc.mcp.sse import SseDecoder, SseEvent, encode_event
+from plugins.lib.rewrite import ResponseRewriter, dumps
 from plugins.mcp_stage import derived_headers
 
 C = TypeVar("C", bound=StageConfig)
@@ -48,25 +43,8 @@ class _Exchange:
 
     list_ids: set[Any] = field(default_factory=set)
     held_errors: list[dict[str, Any]] = field(default_factory=list)
-    decoder: SseDecoder | None = None
+    response: ResponseRewriter = field(default_factory=ResponseRewriter)
     removed: int = 0
-
-
-def refuse_compressed(ctx: Context, reader: str) -> Deny | None:
-    """A 502 when the upstream compressed a body ``reader`` must read (fail closed), else ``None``."""
-    encoding = ctx.response_headers.get("content-encoding", "identity").lower()
-    if encoding in ("", "identity"):
-        return None
-    return Deny(
-        status=502,
-        code=INTERNAL_ERROR,
-        message=f"the upstream answered with content-encoding {encoding!r}; {reader} cannot read it",
-        reason="compressed_response",
-    )
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 class ToolGate(Stage[C]):
@@ -148,7 +126,7 @@ class ToolGate(Stage[C]):
                 code=first.code,
                 message="every call in the batch was denied",
                 reason=first.reason,
-                body=_dumps(errors),
+                body=dumps(errors),
             )
         kept = request.keep(keep)
         ctx.mcp = kept
@@ -169,45 +147,22 @@ class ToolGate(Stage[C]):
         state = ctx.state(self._state_key)
         if server is None or not (state.list_ids or state.held_errors):
             return None
-        compressed = refuse_compressed(ctx, "mcp-extproc")
-        if compressed is not None:
-            return compressed
-        if ctx.response_is_sse:
-            return await self._sse_chunk(ctx, chunk, server, state)
-        return await self._json_body(ctx, chunk, server, state)
 
-    async def _json_body(self, ctx: Context, body: bytes, server: MCPServer, state: _Exchange) -> Verdict:
-        try:
-            decoded = json.loads(body)
-        except ValueError:
-            return None  # not JSON (an upstream error page): nothing of ours to filter
-        changed = False
-        if isinstance(decoded, list):
-            out: Any = []
-            for item in decoded:
-                new, removed = await self._maybe_filter(ctx, item, server, state)
-                changed |= removed > 0
-                out.append(new)
-            if state.held_errors:
-                out.extend(state.held_errors)
-                changed = True
-        else:
-            out, removed = await self._maybe_filter(ctx, decoded, server, state)
-            changed = removed > 0
-            if state.held_errors:
-                out = [out, *state.held_errors]
-                changed = True
-        if not changed:
-            return None
-        return Continue(body=_dumps(out))
+        async def filter_tools(message: Any) -> Any:
+            return await self._maybe_filter(ctx, message, server, state)
 
-    async def _maybe_filter(self, ctx: Context, message: Any, server: MCPServer, state: _Exchange) -> tuple[Any, int]:
-        """A tools/list response with hidden tools removed, and how many were removed."""
+        body = await state.response.rewrite(
+            ctx, chunk, filter_tools if state.list_ids else None, reader="mcp-extproc", extra=state.held_errors
+        )
+        return body if body is None or isinstance(body, Deny) else Continue(body=body)
+
+    async def _maybe_filter(self, ctx: Context, message: Any, server: MCPServer, state: _Exchange) -> Any:
+        """A tools/list response with hidden tools removed; ``message`` itself when none were."""
         if not (isinstance(message, dict) and message.get("id") in state.list_ids and "result" in message):
-            return message, 0
+            return message
         result = message["result"]
         if not isinstance(result, dict) or not isinstance(tools := result.get("tools"), list):
-            return message, 0
+            return message
         kept = []
         for tool in tools:
             name = tool.get("name") if isinstance(tool, dict) else None
@@ -216,32 +171,5 @@ class ToolGate(Stage[C]):
         removed = len(tools) - len(kept)
         state.removed += removed
         if not removed:
-            return message, 0
-        return {**message, "result": {**result, "tools": kept}}, removed
-
-    async def _sse_chunk(self, ctx: Context, chunk: bytes, server: MCPServer, state: _Exchange) -> Verdict:
-        if state.decoder is None:
-            state.decoder = SseDecoder()
-        out = bytearray()
-        for event in state.decoder.feed(chunk):
-            out += await self._sse_event(ctx, event, server, state)
-        if ctx.end_of_stream:
-            out += state.decoder.flush()
-            for error in state.held_errors:
-                out += encode_event(json.dumps(error, separators=(",", ":")), event="message")
-            state.held_errors.clear()
-        if bytes(out) == chunk:
-            return None
-        return Continue(body=bytes(out))
-
-    async def _sse_event(self, ctx: Context, event: SseEvent, server: MCPServer, state: _Exchange) -> bytes:
-        if not event.data or not state.list_ids:
-            return event.raw
-        try:
-            message = json.loads(event.data)
-        except ValueError:
-            return event.raw
-        new, removed = await self._maybe_filter(ctx, message, server, state)
-        if not removed:
-            return event.raw
-        return encode_event(json.dumps(new, separators=(",", ":")), event=event.event, id=event.id)
+            return message
+        return {**message, "result": {**result, "tools": kept}}

@@ -1,61 +1,35 @@
-"""Shared in-process fixtures: a catalog, a pipeline, and Envoy-shaped messages."""
+"""In-process fixtures for every unit test: a catalog, a registry, the default pipeline configuration.
+
+The Envoy-shaped messages they go with are in ``tests.messages``.
+"""
 
 from __future__ import annotations
 
-import json
+import platform
 from typing import Any
 
 import pytest
-from envoy.config.core.v3 import base_pb2 as core_pb
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import Catalog, parse_documents
 from extproc.core.registry import Registry
 
-SERVER_DOC = {
-    "apiVersion": "mcp.extproc.io/v1alpha1",
-    "kind": "MCPServer",
-    "metadata": {"name": "demo"},
-    "spec": {
-        "url": "http://127.0.0.1:9/mcp",
-        "allowedTools": ["echo", "add*"],
-        "deniedTools": ["add_secret"],
-    },
-}
+# Re-exported: tests/unit/test_testing_harness.py takes these from here.
+from tests.messages import SERVER_DOC as SERVER_DOC
+from tests.messages import body_msg as body_msg
+from tests.messages import headers_msg as headers_msg
+from tests.messages import mutated as mutated
+from tests.messages import post_headers as post_headers
+
+# regopy reads ``platform.uname()[0]`` when it is imported, and filling in that tuple makes
+# ``platform`` run ``uname -p`` for the processor field. Give the field a value here (what
+# ``uname -p``'s "unknown" becomes), so that no test in this tree starts a process.
+vars(platform.uname()).setdefault("processor", "")
 
 
 @pytest.fixture
 def catalog() -> Catalog:
     return parse_documents([SERVER_DOC], "test")
-
-
-def headers_msg(
-    headers: dict[str, str], *, end_of_stream: bool = False, response: bool = False
-) -> pb.ProcessingRequest:
-    hmap = core_pb.HeaderMap(headers=[core_pb.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
-    http = pb.HttpHeaders(headers=hmap, end_of_stream=end_of_stream)
-    return pb.ProcessingRequest(response_headers=http) if response else pb.ProcessingRequest(request_headers=http)
-
-
-def body_msg(body: bytes | Any, *, end_of_stream: bool = True, response: bool = False) -> pb.ProcessingRequest:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    http = pb.HttpBody(body=raw, end_of_stream=end_of_stream)
-    return pb.ProcessingRequest(response_body=http) if response else pb.ProcessingRequest(request_body=http)
-
-
-def post_headers(path: str = "/demo/mcp", **extra: str) -> dict[str, str]:
-    return {
-        ":method": "POST",
-        ":path": path,
-        "content-type": "application/json",
-        "x-request-id": "req-1",
-        **extra,
-    }
-
-
-def mutated(common: pb.CommonResponse) -> dict[str, str]:
-    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
 
 
 @pytest.fixture

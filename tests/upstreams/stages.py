@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from extproc.external.kit import Continue, Deny, Request, StageService, serve, stage
+from extproc.external.kit import Forward, Refuse, Request, StageService, serve, stage
 from mcp_extproc.stage.v1 import stage_pb2 as pb
 from mcp_extproc.stage.v1 import stage_pb2_grpc as pb_grpc
 
@@ -34,13 +34,13 @@ UNLUCKY = -32013
 
 
 @stage("test-policy", phases=["request", "response"], methods=["tools/call"])
-async def policy(request: Request) -> Continue | Deny | None:
+async def policy(request: Request) -> Forward | Refuse | None:
     if request.phase == "request":
         if request.tool == "add" and (request.arguments or {}).get("a") == 13:
-            return Deny("13 is unlucky", code=UNLUCKY, data={"tool": "add", "a": 13})
-        return Continue(set_headers={"x-seen-metadata": json.dumps(dict(request.metadata), sort_keys=True)})
+            return Refuse("13 is unlucky", code=UNLUCKY, data={"tool": "add", "a": 13})
+        return Forward(set_headers={"x-seen-metadata": json.dumps(dict(request.metadata), sort_keys=True)})
     if request.tool == "echo" and request.result is not None:
-        return Continue(result=_upper(request.result))
+        return Forward(result=_upper(request.result))
     return None
 
 

@@ -2,52 +2,49 @@
 
 Run with ``pytest examples/stage-package/tests`` once the package is installed
 (``pip install ./examples/stage-package``); mcp-extproc's own ``make test`` does both.
+They use mcp-extproc's stage test harness (:mod:`extproc.testing`): the stage runs after
+the real ``mcp`` stage, phase by phase, as Envoy would drive it, with no Envoy.
 """
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
-from mcp_stage_example.stage import CHECKED_HEADER, ForbidArgumentKeys
+from mcp_stage_example.stage import CHECKED_HEADER, ForbidArgumentKeys, ForbidArgumentKeysConfig
 
-from extproc.api import Context, Continue, Deny, Phase
-from extproc.config.pipeline_file import PipelineConfig, StageSpec
+from extproc.config.pipeline_file import StageSpec
 from extproc.core.registry import Registry
-from extproc.mcp.jsonrpc import McpRequest, parse_request
+from extproc.testing import StageHarness
 
 
-def _ctx(arguments: dict[str, object]) -> Context:
-    body = json.dumps(
-        {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "login", "arguments": arguments}}
-    ).encode()
-    ctx = Context(request_id="r", http_method="POST", path="/demo/mcp", request_headers={})
-    parsed = parse_request(body, {})
-    assert isinstance(parsed, McpRequest)
-    ctx.mcp, ctx.body = parsed, body
-    return ctx
+def _call(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "login", "arguments": arguments}}
 
 
-def _stage(*keys: str) -> ForbidArgumentKeys:
-    return ForbidArgumentKeys(ForbidArgumentKeys.Config.model_validate({"keys": list(keys)}))
+def _harness(*keys: str) -> StageHarness:
+    stage = ForbidArgumentKeys(ForbidArgumentKeysConfig.model_validate({"keys": list(keys)}))
+    return StageHarness(stage, stages_before=["mcp"])
 
 
 async def test_a_forbidden_key_at_any_depth_is_refused() -> None:
-    verdict = await _stage("password").on_request_body(_ctx({"user": {"PassWord": "x"}}))
-    assert isinstance(verdict, Deny)
-    assert verdict.code == -32003
-    assert verdict.message == "arguments of 'login' carry the forbidden key 'PassWord'"
+    result = await _harness("password").post(_call({"user": {"PassWord": "x"}}))
+    assert result.deny is not None
+    assert result.deny.code == -32003
+    assert result.deny.message == "arguments of 'login' carry the forbidden key 'PassWord'"
+    assert result.reply is not None and result.reply.status == 200  # what the agent gets: HTTP 200,
+    assert result.reply.json()["id"] == 7  # a JSON-RPC error with the call's id
+    assert result.body_forwarded is None  # and the MCP server never sees the call
 
 
 async def test_clean_arguments_pass_with_the_checked_header() -> None:
-    verdict = await _stage("password").on_request_body(_ctx({"user": "bob", "tags": [{"a": 1}]}))
-    assert verdict == Continue(set_headers={CHECKED_HEADER: "3"})
+    result = await _harness("password").post(_call({"user": "bob", "tags": [{"a": 1}]}))
+    assert not result.denied
+    assert result.headers_set[CHECKED_HEADER] == "3"
+    assert result.upstream_headers[CHECKED_HEADER] == "3"
 
 
 async def test_mcp_extproc_finds_the_stage_by_entry_point_and_runs_it() -> None:
-    config = PipelineConfig(
-        stages=[StageSpec(name="mcp"), StageSpec(name="forbid-argument-keys", config={"keys": ["token"]})]
-    )
-    pipeline = Registry().build_pipeline(config)
-    outcome = await pipeline.run(Phase.REQUEST_BODY, _ctx({"token": "t"}))
-    assert isinstance(outcome, Deny)
-    assert "token" in outcome.message
+    stage = Registry().build(StageSpec(name="forbid-argument-keys", config={"keys": ["token"]}))
+    result = await StageHarness(stage, stages_before=["mcp"]).post(_call({"token": "t"}))
+    assert result.deny is not None
+    assert "token" in result.deny.message

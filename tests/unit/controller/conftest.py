@@ -1,4 +1,4 @@
-"""Fixtures: the fake API server on loopback and a Kube client (the real kubernetes client) for it."""
+"""Fixtures: a Kube client (the real kubernetes client) for the fake API server (``api``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ import pytest
 from kubernetes import client
 
 from controller.runtime.kube import Kube
-from tests.fakekube import FakeApiServer, fake_api_server
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    with fake_api_server() as server:
-        yield server
+from tests.fakekube import FakeApiServer
 
 
 @pytest.fixture

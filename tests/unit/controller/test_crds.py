@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from controller.render import crds
 from extproc.config.models import MCPAgent, MCPServer
-from tests.unit.controller.schemas import (
+from tests.kubeschemas import (
     OUR_CRDS,
     ROOT,
     cel_violations,

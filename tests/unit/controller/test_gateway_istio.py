@@ -12,8 +12,8 @@ from google.protobuf import json_format
 
 from controller.render.meta import ControllerSettings
 from controller.render.namespace import render_documents
-from tests.unit.controller.fixtures import agent, server
-from tests.unit.controller.schemas import validate_any
+from tests.kubedocs import agent, server
+from tests.kubeschemas import validate_any
 
 GW = {
     "parentRefs": [{"name": "mcp-gateway", "namespace": "gateways", "sectionName": "https"}],

@@ -7,8 +7,8 @@ from typing import Any
 from controller.render.meta import ControllerSettings
 from controller.render.namespace import render_documents
 from controller.render.netpol import DNS_RULE
-from tests.unit.controller.fixtures import NS, agent, server
-from tests.unit.controller.schemas import validate_any
+from tests.kubedocs import NS, agent, server
+from tests.kubeschemas import validate_any
 
 
 def render(*docs: dict[str, Any], services: dict[tuple[str, str], dict[str, Any]] | None = None) -> Any:

@@ -24,7 +24,7 @@ from controller.runtime.loop import (
 )
 from controller.runtime.reconcile import Reconciler
 from tests.fakekube import FakeApiServer
-from tests.unit.controller.fixtures import NS, agent, secret, server
+from tests.kubedocs import NS, agent, secret, server
 
 SERVERS = "mcp.extproc.io/v1alpha1/mcpservers"
 AGENTS = "mcp.extproc.io/v1alpha1/mcpagents"

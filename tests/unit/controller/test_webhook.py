@@ -19,8 +19,8 @@ from controller.render.webhook_config import TLS_SECRET, WEBHOOK_NAME, TlsMateri
 from controller.runtime.kube import Kube
 from controller.runtime.webhook import WebhookServer, cluster_agents, ensure_tls
 from tests.fakekube import FakeApiServer
-from tests.unit.controller.fixtures import NS, agent
-from tests.unit.controller.schemas import validate_core
+from tests.kubedocs import NS, agent
+from tests.kubeschemas import validate_core
 
 SETTINGS = ControllerSettings(namespace="mcp-system")
 SNI = f"{SETTINGS.webhook_service}.{SETTINGS.namespace}.svc"

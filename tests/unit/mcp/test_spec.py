@@ -16,18 +16,3 @@ def test_constants_match_the_sdk() -> None:
     assert tuple(mcp_types.version.HANDSHAKE_PROTOCOL_VERSIONS) == spec.HANDSHAKE_PROTOCOL_VERSIONS
     assert tuple(mcp_types.version.MODERN_PROTOCOL_VERSIONS) == spec.MODERN_PROTOCOL_VERSIONS
     assert spec.PROTOCOL_VERSION_META_KEY == mcp_types.PROTOCOL_VERSION_META_KEY
-
-
-def test_the_server_loads_neither_the_sdk_models_nor_unused_engines() -> None:
-    # Resident memory a user pays for nothing: mcp_types' models (about 8 MB), the Rego
-    # engines (about 25 MB) while no policy uses them, PyJWT (about 9 MB) until a token
-    # is checked. Checked in a fresh interpreter.
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, extproc.commands.run, extproc.core.registry, plugins.session, plugins.policy, plugins.lib.rego; "
-        "print(sorted(m for m in ('mcp_types', 'regopy', 'opa_client', 'aiohttp', 'jwt') if m in sys.modules))"
-    )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert loaded == "[]"

@@ -1,5 +1,7 @@
 """The policy stage in process: rules, trust, scopes, Rego (embedded and remote), cache, rate limits.
 
+(Remote OPA answering, and its decisions cached: tests/integration/plugins/test_policy.py.)
+
 Requests go through the ext_proc adapter with the default pipeline and real
 signed tokens; the assertions are on what the agent would get back.
 """
@@ -7,41 +9,23 @@ signed tokens; the assertions are on what the agent would get back.
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.config.pipeline_file import DEFAULT_PIPELINE
-from extproc.config.resources import Catalog, parse_documents
+from extproc.config.resources import parse_documents
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
 from extproc.core.registry import Registry
 from extproc.core.reload import try_reload
-from extproc.frontdoor.ext_proc import Processor
-from tests.idp import Idp, agent_doc, running_idp
-from tests.procs import free_port, start_opa_standin
-from tests.unit.conftest import SERVER_DOC, body_msg, headers_msg, post_headers
-
-REGO = """package mcp
-import rego.v1
-default allow := true
-allow := false if { input.tool == "add"; input.arguments.a > 100 }
-"""
-
-
-def policy_doc(rules: list[dict[str, Any]], *, rego: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"targetRefs": [{"kind": "MCPServer", "name": "demo"}], "rules": rules, **spec}
-    if rego is not None:
-        body["rego"] = rego
-    return {"apiVersion": "mcp.extproc.io/v1alpha1", "kind": "MCPToolPolicy", "metadata": {"name": "p"}, "spec": body}
-
-
-SERVER = {**SERVER_DOC, "spec": {**SERVER_DOC["spec"], "allowedTools": ["*"], "deniedTools": []}}  # type: ignore[dict-item]
+from tests.idp import Idp, running_idp
+from tests.messages import body_msg, headers_msg
+from tests.policies import REGO, SERVER, call, catalog_of, policy_doc, refused, send
+from tests.procs import free_port
 
 
 @pytest.fixture(scope="module")
@@ -56,28 +40,6 @@ async def pipeline() -> AsyncIterator[Pipeline]:
     await built.startup()
     yield built
     await built.shutdown()
-
-
-def catalog_of(idp: Idp, policy: dict[str, Any], granted: str = "medium") -> Catalog:
-    return parse_documents([SERVER, policy, agent_doc("agent", idp.jwks_uri, ["demo"], granted=granted)], "test")
-
-
-def call(tool: str, arguments: dict[str, Any] | None = None, id_: int = 7) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": {"name": tool, "arguments": arguments or {}}}
-
-
-async def send(pipeline: Pipeline, catalog: Catalog, token: str, body: Any) -> tuple[Processor, pb.ProcessingResponse]:
-    proc = Processor(pipeline, catalog)
-    first = await proc.handle(headers_msg(post_headers(authorization=f"Bearer {token}")))
-    assert first.HasField("request_headers"), first
-    return proc, await proc.handle(body_msg(body))
-
-
-def refused(response: pb.ProcessingResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
-    assert response.HasField("immediate_response"), "expected a refusal"
-    answer = response.immediate_response
-    headers = {h.header.key: h.header.raw_value.decode() for h in answer.headers.set_headers}
-    return answer.status.code, headers, json.loads(answer.body)
 
 
 @pytest.mark.parametrize(
@@ -180,29 +142,6 @@ async def test_rate_limit_is_429_with_retry_after(pipeline: Pipeline, idp: Idp) 
     # key: tool → another tool has its own bucket; another caller too.
     assert (await send(pipeline, catalog, token, call("add")))[1].HasField("request_body")
     assert (await send(pipeline, catalog, idp.mint("bob"), call("echo")))[1].HasField("request_body")
-
-
-def standin_count(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_requests", timeout=5) as reply:
-        return int(json.loads(reply.read())["count"])
-
-
-async def test_remote_opa_decides_and_decisions_are_cached(pipeline: Pipeline, idp: Idp, tmp_path: Path) -> None:
-    module = tmp_path / "policy.rego"
-    module.write_text(REGO)
-    standin, port = start_opa_standin(module)
-    try:
-        remote = {"query": "data.mcp.allow", "remote": {"url": f"http://127.0.0.1:{port}"}}
-        catalog = catalog_of(idp, policy_doc([], rego=remote))
-        token = idp.mint()
-        refused((await send(pipeline, catalog, token, call("add", {"a": 500})))[1])
-        assert (await send(pipeline, catalog, token, call("add", {"a": 5})))[1].HasField("request_body")
-        assert standin_count(port) == 2
-        for _ in range(3):
-            assert (await send(pipeline, catalog, token, call("add", {"a": 5})))[1].HasField("request_body")
-        assert standin_count(port) == 2, "repeated decisions come from the cache"
-    finally:
-        standin.stop()
 
 
 async def test_unreachable_opa_fails_closed(pipeline: Pipeline, idp: Idp) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from extproc.commands.cli import main
-from tests.unit.conftest import SERVER_DOC
+from tests.messages import SERVER_DOC
 
 
 def write(tmp_path: Path, *docs: Mapping[str, object]) -> Path:

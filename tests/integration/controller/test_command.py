@@ -10,11 +10,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.fakekube import FakeApiServer
+from tests.kubedocs import NS, agent, server
 from tests.procs import free_port
-from tests.unit.controller.fixtures import NS, agent, server
+
+pytestmark = pytest.mark.integration
 
 
 def test_controller_command_reconciles_and_stops_on_sigterm(api: FakeApiServer, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from extproc.errors import ConfigError
 from extproc.render.bootstrap import render_bootstrap, render_bootstrap_yaml
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_NEEDS = Registry().build_pipeline(DEFAULT_PIPELINE).needs
 
 

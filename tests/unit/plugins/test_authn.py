@@ -21,7 +21,7 @@ from extproc.core.pipeline import Pipeline
 from extproc.core.registry import Registry
 from extproc.frontdoor.ext_proc import Processor
 from tests.idp import AUDIENCE, Idp, agent_doc, ec_key, none_token, rsa_key, running_idp
-from tests.unit.conftest import SERVER_DOC, headers_msg, post_headers
+from tests.messages import SERVER_DOC, headers_msg, post_headers
 
 OTHER_SERVER = {**SERVER_DOC, "metadata": {"name": "other"}}
 

@@ -14,7 +14,7 @@ from extproc.config.resources import Catalog
 from extproc.core.registry import Registry
 from extproc.frontdoor.ext_proc import Processor
 from extproc.mcp.codes import POLICY_DENIED
-from tests.unit.conftest import body_msg, headers_msg, mutated, post_headers
+from tests.messages import body_msg, headers_msg, mutated, post_headers
 
 Mode = mode_pb.ProcessingMode
 

@@ -4,7 +4,8 @@
 - Custom resources: the ``openAPIV3Schema`` of a CRD file, as the API server applies it:
   ``nullable``, ``x-kubernetes-int-or-string``, ``x-kubernetes-preserve-unknown-fields``
   and unknown fields refused (``kubectl``'s strict field validation). Upstream CRDs are
-  read from ``../shared/crds`` beside the repository; ours from ``deploy/crds``.
+  read from ``tests/data/crds`` (copies, with their sources: its README.md); ours from
+  ``deploy/crds``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
-SHARED_CRDS = ROOT / ".." / "shared" / "crds"
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM_CRD_DIR = ROOT / "tests" / "data" / "crds"
 OUR_CRDS = ROOT / "deploy" / "crds"
 KUBERNETES_VERSION = "1.37.0"
 
@@ -97,7 +98,7 @@ def validate_any(obj: dict[str, Any]) -> None:
     """Validate a rendered object: core kinds by kubernetes-validate, the rest by their CRD."""
     kind = obj["kind"]
     if kind in UPSTREAM_CRDS:
-        crd, strict = load_crd(SHARED_CRDS / UPSTREAM_CRDS[kind]), False
+        crd, strict = load_crd(UPSTREAM_CRD_DIR / UPSTREAM_CRDS[kind]), False
     elif obj["apiVersion"].startswith("mcp.extproc.io/"):
         crd, strict = load_crd(OUR_CRDS / f"mcp.extproc.io_{kind.lower()}s.yaml".replace("policys", "policies")), True
     else:
