@@ -40,11 +40,21 @@ lint: venv stage-package
 	$(BIN)/mypy --strict examples/stage-package/mcp_stage_example examples/stage-package/tests
 	$(BIN)/lint-imports
 
-test: venv node stage-package lint
+test: venv node stage-package lint conformance
 	$(BIN)/pytest
+
+# The MCP conformance suite (pinned in package.json, run on the Node.js of the `node` npm
+# package) against each upstream directly and through `mcp-extproc up`: every scenario that
+# passes directly must pass through the gateway (docs/conformance.md).
+.PHONY: conformance
+conformance: venv node
+	$(BIN)/python -m tests.conformance.run
 
 unit: venv
 	$(BIN)/pytest tests/unit
+
+integration: venv node stage-package
+	$(BIN)/pytest tests/integration
 
 # The memory measurement runs the gateway from a venv holding only the runtime dependencies,
 # as users install it (the dev tools make httpx import its CLI: click, rich, pygments).

@@ -10,7 +10,14 @@ body and its headers and returns either an :class:`McpRequest` or the
 4. batches: only in revisions 2024-11-05 and 2025-03-26, never modern;
 5. envelope: every element is a JSON-RPC 2.0 request, notification or response;
 6. ``tools/call`` names its tool (``params.name``), arguments are an object;
-7. headers: on the 2026-07-28 revision ``MCP-Protocol-Version``, ``Mcp-Method``
+7. per-request version: a request sent with a 2026-07-28 ``MCP-Protocol-Version``
+   carries its protocol version in ``params._meta``; one without it is malformed
+   and refused with ``-32602`` Invalid params (HTTP 400), as the specification
+   says of a request missing a required per-request field ("Per-request protocol
+   fields", basic/index), not with a header mismatch: there is no body value for
+   the header to disagree with. (The other required field, the client
+   capabilities, is the upstream's to check: the gateway decides nothing on it.)
+8. headers: on the 2026-07-28 revision ``MCP-Protocol-Version``, ``Mcp-Method``
    and ``Mcp-Name`` must mirror the body; in any era a routing header that is
    present must agree with the body.
 
@@ -27,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from extproc.mcp.codes import http_status_for
 from extproc.mcp.headers import (
     MCP_PROTOCOL_VERSION,
     Era,
@@ -339,12 +347,33 @@ def _validate(decoded: Any, headers: Mapping[str, str]) -> McpRequest | Rejectio
     first = messages[0]
     is_modern_body, meta_version = (False, None) if is_batch else _meta_version(first.raw)
     era = Era.MODERN if is_modern_body or header_version in MODERN_PROTOCOL_VERSIONS else Era.LEGACY
+    modern_request = not is_batch and first.kind == "request" and header_version in MODERN_PROTOCOL_VERSIONS
+    if modern_request and (why := _missing_meta_version(first.params, header_version)):
+        return Rejection(http_status_for(INVALID_PARAMS), INVALID_PARAMS, why, first.id)
     if not is_batch and first.method is not None:
         is_request = first.kind == "request"
         if why := routing_header_mismatch(headers, era, first.method, first.params, is_request, meta_version):
             return Rejection(400, HEADER_MISMATCH, why, first.id)
     version = header_version if header_version is not None else meta_version
     return McpRequest(tuple(messages), is_batch, era, version if isinstance(version, str) else None)
+
+
+def _missing_meta_version(params: Mapping[str, Any] | None, version: str | None) -> str | None:
+    """Say how a modern request lacks ``params._meta``'s protocol version, or ``None`` if it has one.
+
+    Only presence is checked, as by the SDK's server: whether it is the header's
+    version (``-32020``) is the next rung, whether the upstream serves it
+    (``-32022``) the upstream's to say.
+    """
+    key = quote(PROTOCOL_VERSION_META_KEY)
+    params = params or {}
+    meta = params.get("_meta")
+    if not isinstance(meta, Mapping):
+        got = "has no params._meta" if "_meta" not in params else f"has params._meta as a JSON {_json_type(meta)}"
+        return f"a {version} request carries its protocol version in params._meta[{key}]; this request {got}"
+    if PROTOCOL_VERSION_META_KEY not in meta:
+        return f"params._meta has no {key}: a {version} request carries its protocol version there"
+    return None
 
 
 def _id_or_none(value: object) -> str | int | None:

@@ -276,9 +276,10 @@ def test_a_version_header_that_disagrees_with_meta_is_a_header_mismatch() -> Non
     assert LEGACY in r.message and MODERN in r.message
 
 
-def test_a_modern_version_header_on_a_body_without_meta_is_a_header_mismatch() -> None:
-    r = mismatch(body(request("tools/list")), modern_headers("tools/list"))
-    assert "body has no params._meta" in r.message
+def test_a_modern_version_header_on_a_body_without_meta_is_invalid_params() -> None:
+    # 2026-07-28 "Per-request protocol fields": a request without them is -32602, not -32020.
+    r = rejected(body(request("tools/list")), modern_headers("tools/list"))
+    assert (r.status, r.code) == (400, INVALID_PARAMS) and "has no params._meta" in r.message
 
 
 @pytest.mark.parametrize("sent", [None, "tools/list"])
