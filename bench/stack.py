@@ -4,7 +4,8 @@ Every process is a :class:`tests.procs.Proc` (own process group, log file,
 stopped on exit); :class:`Stack` stops them all, newest first, when its
 ``with`` block ends, however it ends. Every wait polls against a deadline.
 
-Envoys bind port 0 and the harness reads the real port from the admin API, so
+Envoys bind port 0 and the harness reads the real port from the admin API (on a
+unix socket per Envoy, as every rendered bootstrap has it: never a TCP port), so
 nothing depends on a port staying free.
 """
 
@@ -29,7 +30,7 @@ from extproc.commands.envoy import envoy_binary
 from extproc.config.resources import Catalog
 from extproc.render.bootstrap import render_bootstrap_yaml
 from extproc.render.options import BootstrapOptions, PhaseNeeds
-from tests.procs import Proc, ProcessExitedError
+from tests.procs import Proc, ProcessExitedError, admin_get, admin_ready
 
 START_DEADLINE_S: Final = 30.0
 _POLL_S: Final = 0.05
@@ -65,10 +66,10 @@ def http(
 
 @dataclass(frozen=True)
 class Envoy:
-    """A running Envoy: its process, admin address (``host:port``) and listener port."""
+    """A running Envoy: its process, admin unix socket and listener port."""
 
     proc: Proc
-    admin: str
+    admin: Path
     port: int
 
     @property
@@ -78,7 +79,7 @@ class Envoy:
 
     def counters(self, prefix: str) -> dict[str, int]:
         """Counters and gauges whose names start with ``prefix`` (Envoy admin ``/stats``)."""
-        status, body = http(f"http://{self.admin}/stats?format=json&usedonly")
+        status, body = admin_get(self.admin, "/stats?format=json&usedonly")
         if status != 200:
             raise BenchError(f"{self.proc.name}: admin /stats answered {status}")
         found: dict[str, int] = {}
@@ -101,19 +102,12 @@ def _deadline_passed(end: float, proc: Proc, what: str) -> None:
     time.sleep(_POLL_S)
 
 
-def _wait_envoy(proc: Proc, admin_file: Path) -> Envoy:
-    """Poll until Envoy's admin ``/ready`` answers 200, then read its listener's port."""
+def _wait_envoy(proc: Proc, admin: Path) -> Envoy:
+    """Poll until Envoy's admin ``/ready`` (on the unix socket ``admin``) answers 200, then read its listener's port."""
     end = time.monotonic() + START_DEADLINE_S
-    while True:
-        admin = admin_file.read_text().strip() if admin_file.exists() else ""
-        if admin:
-            try:
-                if http(f"http://{admin}/ready", timeout_s=1.0)[0] == 200:
-                    break
-            except OSError:
-                pass
+    while not admin_ready(admin):
         _deadline_passed(end, proc, "during startup")
-    status, body = http(f"http://{admin}/listeners?format=json")
+    status, body = admin_get(admin, "/listeners?format=json")
     statuses: list[dict[str, Any]] = json.loads(body).get("listener_statuses", []) if status == 200 else []
     if len(statuses) != 1:
         raise BenchError(f"{proc.name}: expected one listener, admin /listeners answered {status}: {body[:500]!r}")
@@ -188,16 +182,19 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def admin_socket(self, name: str) -> Path:
+        """Where the Envoy called ``name`` serves its admin API."""
+        return self.workdir / f"{name}-admin.sock"
+
     def _envoy(self, name: str, config: Path) -> Envoy:
-        admin_file = self.workdir / f"{name}.admin"
-        argv = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--admin-address-path", str(admin_file)]
+        argv = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id"]
         argv += ["--log-level", "error", "--concurrency", "1"]
-        return _wait_envoy(self._start(argv, name), admin_file)
+        return _wait_envoy(self._start(argv, name), self.admin_socket(name))
 
     def start_upstream(self) -> Envoy:
         """The canned upstream Envoy, its bootstrap checked with ``--mode validate`` first."""
         config = self.workdir / "upstream.yaml"
-        config.write_text(yaml.safe_dump(upstream_bootstrap(), sort_keys=False))
+        config.write_text(yaml.safe_dump(upstream_bootstrap(str(self.admin_socket("upstream"))), sort_keys=False))
         validate_envoy_config(config)
         return self._envoy("upstream", config)
 
@@ -205,14 +202,18 @@ class Stack:
         """``mcp-extproc serve`` on a unix socket; returns the socket once it accepts.
 
         It also serves the HTTP authorization service at :meth:`authz_socket` of the
-        returned socket, as ``up`` does for the fast tools/call routes.
+        returned socket, as ``up`` does for the fast tools/call routes. With
+        ``pipeline=None`` the server runs no stage at all (:mod:`bench.bare`: ``serve``
+        refuses a pipeline that cannot enforce the resources).
         """
         sock = self.workdir / f"{name}.sock"
-        argv = [*self.extproc_argv, "serve", "-f", str(resources), "--grpc", "", "--unix", str(sock)]
-        argv += ["--authz-http", str(self.authz_socket(sock))]
-        argv += ["--metrics", "", "--log-level", "WARNING"]
-        if pipeline is not None:
-            argv += ["--pipeline", str(pipeline)]
+        if pipeline is None:
+            argv = [sys.executable, "-m", "bench.bare", "-f", str(resources), "--unix", str(sock)]
+            argv += ["--authz-http", str(self.authz_socket(sock))]
+        else:
+            argv = [*self.extproc_argv, "serve", "-f", str(resources), "--grpc", "", "--unix", str(sock)]
+            argv += ["--authz-http", str(self.authz_socket(sock))]
+            argv += ["--metrics", "", "--log-level", "WARNING", "--pipeline", str(pipeline)]
         _wait_unix(self._start(argv, name), sock)
         return sock
 
@@ -246,7 +247,7 @@ class Stack:
         options = BootstrapOptions(
             listen_host="127.0.0.1",
             listen_port=0,
-            admin_port=0,
+            admin_socket=str(self.admin_socket(name)),
             extproc_tcp=None,
             extproc_unix=str(extproc_socket),
             access_log=False,

@@ -29,8 +29,8 @@ def _socket(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def upstream_bootstrap(listen_port: int = 0, admin_port: int = 0) -> dict[str, Any]:
-    """The canned upstream's Envoy bootstrap (port 0: Envoy picks; read it from the admin API)."""
+def upstream_bootstrap(admin_socket: str, listen_port: int = 0) -> dict[str, Any]:
+    """The canned upstream's Envoy bootstrap (port 0: Envoy picks; read it from the admin API at ``admin_socket``)."""
     hcm = {
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "canned",
@@ -74,7 +74,8 @@ def upstream_bootstrap(listen_port: int = 0, admin_port: int = 0) -> dict[str, A
     }
     return {
         "node": {"id": "bench-upstream", "cluster": "bench-upstream"},
-        "admin": {"address": _socket(admin_port)},
+        # Like every Envoy here: the admin API (no authentication) on a private unix socket.
+        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
         "static_resources": {
             "listeners": [
                 {

@@ -5,6 +5,9 @@ A tool is callable when it matches a glob of ``allowedTools`` (empty: none;
 refused with HTTP 200 and a JSON-RPC error (-32003) carrying the call's id, and
 the tool is removed from ``tools/list`` results. The batch, JSON and SSE
 machinery is :class:`plugins.lib.toolgate.ToolGate`'s.
+
+A server that allows ``"*"`` and denies nothing has nothing to refuse or hide: the
+stage skips its exchanges (and reads none of their responses).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class AllowlistStage(ToolGate[StageConfig]):
     """Refuse calls to tools outside the server's allow-list; hide them from tools/list."""
 
     name: ClassVar[str] = "allowlist"
+
+    def applies(self, ctx: Context, server: MCPServer) -> bool:
+        spec = server.spec
+        return "*" not in spec.allowed_tools or bool(spec.denied_tools)
 
     async def refuse_call(self, ctx: Context, server: MCPServer, message: Message) -> Deny | None:
         tool = message.tool_name or ""

@@ -2,6 +2,9 @@
 
 Data flow (request headers only, so a bad token never costs a body round trip)::
 
+    ?access_token= / ?id_token= in the query string (any case, percent-decoded)
+        ──▶ Deny 400, JSON-RPC -32600: tokens go in the Authorization header
+            (OAuth 2.1); the value is never logged nor explained
     GET /.well-known/oauth-protected-resource[/<server>/mcp]
         ──▶ Answer 200: RFC 9728 metadata (resource, authorization servers, scopes)
     no MCPAgent declared at all
@@ -16,6 +19,12 @@ Data flow (request headers only, so a bad token never costs a body round trip)::
         ──▶ remove Authorization: the agent's token never goes upstream
     failure ──▶ 401 + WWW-Authenticate: Bearer resource_metadata="…" [, error=…]
 
+Every URL we hand out (``resource_metadata``, the metadata's ``resource``) starts
+with the configured public origin, ``publicUrl`` (``up``/``serve --public-url``
+fill it in when the pipeline file does not), never with the request's ``Host`` or
+``X-Forwarded-Proto``, which the caller chooses. Unconfigured, it is
+:data:`UNCONFIGURED_ORIGIN`, an address that resolves nowhere.
+
 Scope checks (403 ``insufficient_scope``) belong to the rules that require
 scopes: the ``policy`` stage answers them with :func:`insufficient_scope`.
 """
@@ -24,30 +33,67 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Final
+from urllib.parse import unquote_plus
 
 import httpx
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, Verdict
+from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, StateKey, Verdict
 from extproc.config.models import MCPAgent, Trust
 from extproc.config.resources import Catalog
+from extproc.config.settings import public_origin
+from extproc.errors import ConfigError
 from extproc.mcp.codes import AUTH_UNAVAILABLE, UNAUTHENTICATED
+from extproc.mcp.spec import INVALID_REQUEST
 from plugins.lib.jwks import JwksCache, JwksUnavailable, UnknownKey
 
 log = logging.getLogger("mcp_extproc.authn")
 
 WELL_KNOWN: Final = "/.well-known/oauth-protected-resource"
+UNCONFIGURED_ORIGIN: Final = "http://public-url-not-configured.invalid"
+"""The origin named when no ``publicUrl`` is configured: ``.invalid`` never resolves (RFC 6761)."""
+URL_TOKEN_PARAMETERS: Final = frozenset({"access_token", "id_token"})
+"""Query parameters that carry a token (RFC 6750 §2.3, OpenID Connect): refused in any case."""
 
 
 class AuthnConfig(StageConfig):
-    """Configuration of the ``authn`` stage."""
+    """Configuration of the ``authn`` stage.
+
+    ``publicUrl``: the origin agents reach the gateway at (``https://mcp.example.com``);
+    ``up`` and ``serve`` set it from ``--public-url`` (``up``: ``http://<listen>`` by
+    default) when the pipeline file does not.
+    """
 
     jwks_cache_seconds: float = Field(default=300.0, gt=0, alias="jwksCacheSeconds")
     jwks_refetch_seconds: float = Field(default=10.0, ge=0, alias="jwksRefetchSeconds")
     jwks_timeout_seconds: float = Field(default=2.0, gt=0, alias="jwksTimeoutSeconds")
     leeway_seconds: float = Field(default=30.0, ge=0, alias="leewaySeconds")
+    public_url: str | None = Field(default=None, alias="publicUrl")
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return public_origin(value, "publicUrl")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class _Public:
+    """Per exchange: the origin the ``authn`` stage's challenges name (read by :func:`insufficient_scope`)."""
+
+    __slots__ = ("origin",)
+
+    def __init__(self) -> None:
+        self.origin = UNCONFIGURED_ORIGIN
+
+
+_PUBLIC: Final = StateKey("authn:public", _Public)
 
 
 class _Refused(Exception):
@@ -59,16 +105,31 @@ class _Refused(Exception):
         self.error = error
 
 
-def _scheme_host(ctx: Context) -> str:
-    scheme = ctx.request_headers.get("x-forwarded-proto") or ctx.request_headers.get(":scheme") or "http"
-    host = ctx.request_headers.get(":authority") or ctx.request_headers.get("host") or "localhost"
-    return f"{scheme}://{host}"
+def token_parameter(path: str) -> str | None:
+    """The token-carrying query parameter of ``path`` (:data:`URL_TOKEN_PARAMETERS`), if any.
+
+    Names are compared percent-decoded and in any case, split on ``&`` and ``;``
+    as servers variously do; the value is never looked at.
+    """
+    _, sep, query = path.partition("?")
+    if not sep:
+        return None
+    for field in re.split(r"[&;]", query.partition("#")[0]):
+        name = unquote_plus(field.partition("=")[0]).strip().lower()
+        if name in URL_TOKEN_PARAMETERS:
+            return name
+    return None
+
+
+def public_origin_of(ctx: Context) -> str:
+    """The configured public origin the ``authn`` stage recorded for this exchange."""
+    return ctx.state(_PUBLIC).origin
 
 
 def metadata_url(ctx: Context, server: str | None) -> str:
     """Where this server's RFC 9728 protected-resource metadata is served."""
     suffix = f"/{server}/mcp" if server else ""
-    return f"{_scheme_host(ctx)}{WELL_KNOWN}{suffix}"
+    return f"{public_origin_of(ctx)}{WELL_KNOWN}{suffix}"
 
 
 def challenge(ctx: Context, server: str | None, error: str | None = None, **params: str) -> str:
@@ -119,6 +180,22 @@ class AuthnStage(Stage[AuthnConfig]):
     """Authenticate every request with the bearer JWT of a declared ``MCPAgent``."""
 
     name: ClassVar[str] = "authn"
+    _warned_unconfigured: bool = False
+
+    @property
+    def origin(self) -> str:
+        """The public origin every URL this stage hands out starts with."""
+        configured = self.config.public_url
+        if configured is not None:
+            return configured
+        if not self._warned_unconfigured:
+            self._warned_unconfigured = True
+            log.warning(
+                "authn: no public URL configured (--public-url, or publicUrl in the authn config): "
+                "WWW-Authenticate and the protected-resource metadata name %s",
+                UNCONFIGURED_ORIGIN,
+            )
+        return UNCONFIGURED_ORIGIN
 
     async def startup(self) -> None:
         config = self.config
@@ -135,12 +212,24 @@ class AuthnStage(Stage[AuthnConfig]):
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         catalog = ctx.catalog
+        if (parameter := token_parameter(ctx.path)) is not None:
+            ctx.explain(f"authn: a token in the URL ({parameter}) is refused")
+            return Deny(
+                status=400,
+                code=INVALID_REQUEST,
+                message=(
+                    f"a token in the URL ({parameter}) is not accepted (OAuth 2.1): "
+                    "send it in the Authorization header, Authorization: Bearer <token>"
+                ),
+                reason="token_in_url",
+            )
         path = ctx.path.split("?", 1)[0]
         if path == WELL_KNOWN or path.startswith(WELL_KNOWN + "/"):
             return self._metadata(ctx, catalog, path)
         if catalog is None or not catalog.agents:
             ctx.principal = Principal(subject="anonymous")
             return None
+        ctx.state(_PUBLIC).origin = self.origin
         server = ctx.server.name if ctx.server else None
         header = ctx.request_headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -264,12 +353,13 @@ class AuthnStage(Stage[AuthnConfig]):
             return None  # no identity declared: nothing to describe (the mcp stage answers 404)
         if server_name is not None and (not rest.endswith("mcp") or server_name not in catalog.servers):
             return None
+        origin = self.origin
         if server_name is None:
             agents = sorted(catalog.agents.values(), key=lambda a: a.name)
-            resource = _scheme_host(ctx) + "/"
+            resource = origin + "/"
         else:
             agents = catalog.agents_for(server_name)
-            resource = f"{_scheme_host(ctx)}/{server_name}/mcp"
+            resource = f"{origin}/{server_name}/mcp"
         scopes = sorted(
             {
                 scope

@@ -1,33 +1,44 @@
-"""The ``credentials`` stage: the agent's credential never reaches the upstream; ours does.
+"""The ``credentials`` stage: the agent's credentials never reach the upstream; ours does.
 
 Data flow (request headers for GET/DELETE; request body for POSTs, so that a refusal
 carries the JSON-RPC id; before anything is forwarded)::
 
-    request ─▶ remove Authorization (always) and every header in ``removeHeaders``
-            ─▶ MCPServer.spec.upstreamAuth
+    request headers ─▶ remove every agent header the upstream does not need:
+                         all but FORWARDED_HEADERS, the server's spec.forwardHeaders,
+                         pseudo-headers and Envoy's own x-envoy-*; always Authorization
+                         and every header in ``removeHeaders``
+                    ─▶ MCPServer.spec.upstreamAuth
                  none               → nothing injected
                  bearer             → Secret key | environment variable | file
                  clientCredentials  → TokenCache[(server, "", scopes)] ─▶ token endpoint
-                 tokenExchange      → TokenCache[(server, principal, scopes)] ─▶ token endpoint,
+                 tokenExchange      → TokenCache[(server, principal, scopes,
+                                      sha256(subject token))] ─▶ token endpoint,
                                       subject token = ctx.principal.token (set by ``authn``)
             ─▶ Authorization: Bearer <upstream credential>
             ─▶ ctx.state(UPSTREAM_CREDENTIAL).provider: how the session keeper gets the
                same (fresh) credential later, for its own GET stream and ping answers
 
+The removals go out with the request-headers phase on every front door (ext_proc
+header mutations, ext_authz ``headers_to_remove``, ``x-envoy-auth-headers-to-remove``
+over HTTP); headers stages set later (the credential, the ``mcp`` stage's ``x-mcp-*``
+from the body) are set after them and survive.
+
 A credential that cannot be had is a denial with a JSON-RPC error and nothing is
-forwarded: 503 when the token endpoint cannot be reached or a bearer source is
+forwarded: 503 when the token endpoint cannot be reached or a credential source is
 missing, 502 when the token endpoint answers badly, 401 for token exchange without a
-validated inbound token. Messages name the server, the source and the token URL,
-never a token or secret.
+validated inbound token. The caller's message names the server and what failed
+(and, for a token endpoint, its URL and answer); where a source is unreadable, the
+file path, environment variable or Secret goes to the log line only. Never a token
+or secret, anywhere.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
@@ -46,10 +57,44 @@ from plugins.lib.tokens import (
     TokenError,
     TokenKey,
     client_credentials_form,
+    subject_token_digest,
     token_exchange_form,
 )
 
 AUTHORIZATION = "authorization"
+
+FORWARDED_HEADERS: Final = frozenset(
+    {
+        # The body and what the agent accepts back.
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "accept",
+        "accept-encoding",
+        # MCP's own headers: every ``mcp-*`` name (see _MCP_PREFIX), and the resumption cursor.
+        "last-event-id",
+        # Trace context (W3C).
+        "traceparent",
+        "tracestate",
+        "baggage",
+        # Who is asking, for the upstream's logs and its Origin check (DNS rebinding).
+        "user-agent",
+        "origin",
+        # Envoy's: the route rewrites host; the request id and scheme are Envoy's to set.
+        "host",
+        "x-request-id",
+        "x-forwarded-proto",
+    }
+)
+"""Agent request headers every upstream receives; other names go unless ``spec.forwardHeaders``
+lists them. Pseudo-headers (``:path``...) and Envoy's ``x-envoy-*`` are left to Envoy (its
+ext_proc mutation rules do not let us touch them)."""
+
+_UNTOUCHED: Final = (":", "x-envoy-")
+_MCP_PREFIX: Final = "mcp-"
+"""MCP's protocol headers: ``Mcp-Session-Id``, ``MCP-Protocol-Version``, ``Mcp-Method``,
+``Mcp-Name`` and the 2026-07-28 ``Mcp-Param-*`` headers that mirror a call's arguments
+(the server checks them against the body, so they must reach it)."""
 
 CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
 """Returns the headers that carry the upstream credential (``{}`` when there is none)."""
@@ -70,7 +115,9 @@ class CredentialsConfig(StageConfig):
     """Configuration of the ``credentials`` stage.
 
     Attributes:
-        remove_headers: more request headers to remove (``authorization`` always is).
+        remove_headers: more request headers to remove, even those the allow-list
+            (:data:`FORWARDED_HEADERS`) or the server's ``forwardHeaders`` name
+            (``authorization`` always is).
         token_timeout_s: how long one token request may take.
         refresh_before_s: refresh a token this long before it expires (at most a
             quarter of its lifetime).
@@ -84,11 +131,12 @@ class CredentialsConfig(StageConfig):
 
 
 class _Unavailable(Exception):
-    """A credential cannot be had; carries the denial to answer with."""
+    """A credential cannot be had; carries the denial to answer with and the details to log."""
 
-    def __init__(self, deny: Deny) -> None:
+    def __init__(self, deny: Deny, detail: str = "") -> None:
         super().__init__(deny.message)
         self.deny = deny
+        self.detail = detail or deny.message
 
 
 def _deny(status: int, message: str, reason: str) -> Deny:
@@ -96,8 +144,39 @@ def _deny(status: int, message: str, reason: str) -> Deny:
     return Deny(status=status, code=code, message=message, reason=reason)
 
 
+_UNREADABLE: Final = "the upstream credential could not be read"
+
+
+def _unreadable(server: MCPServer, detail: str, reason: str) -> _Unavailable:
+    """A credential source that cannot be read: the caller learns which server, the log where."""
+    message = f"no upstream credential for MCP server {server.name!r}: {_UNREADABLE}; the request was not forwarded"
+    return _Unavailable(_deny(503, message, reason), f"MCP server {server.name!r}: {detail}")
+
+
+def dropped_headers(names: Iterable[str], forward: Iterable[str] = (), remove: Iterable[str] = ()) -> tuple[str, ...]:
+    """The request headers the upstream must not receive, of those named in ``names``.
+
+    Args:
+        names: the agent's header names (lower-case), as sent.
+        forward: names the server forwards besides :data:`FORWARDED_HEADERS` (its
+            ``spec.forwardHeaders``).
+        remove: names removed whatever the lists say (``authorization`` and the
+            stage's ``removeHeaders``); they come first, sent or not.
+
+    Returns:
+        Lower-case names, each once: ``remove``, then every other name in ``names``
+        that is neither forwarded, an MCP header (``mcp-*``) nor Envoy's (a pseudo-header,
+        ``x-envoy-*``).
+    """
+    always = tuple(dict.fromkeys(h.lower() for h in remove))
+    kept = FORWARDED_HEADERS.union(h.lower() for h in forward).difference(always)
+    sent = (n.lower() for n in names)
+    dropped = (n for n in sent if n not in kept and not n.startswith(_UNTOUCHED) and not n.startswith(_MCP_PREFIX))
+    return tuple(dict.fromkeys([*always, *dropped]))
+
+
 class CredentialsStage(Stage[CredentialsConfig]):
-    """Strip the agent's credential; inject the upstream credential of the target server."""
+    """Strip the agent's credentials and every header the upstream does not need; inject ours."""
 
     name: ClassVar[str] = "credentials"
     # Headers only (the upstream credential): works the same behind one ext_authz Check.
@@ -136,30 +215,38 @@ class CredentialsStage(Stage[CredentialsConfig]):
     def _margin(self, lifetime: float) -> float:
         return min(self.settings.refresh_before_s, lifetime / 4)
 
+    def removals(self, ctx: Context) -> tuple[str, ...]:
+        """Every header of this request the upstream must not receive (see :func:`dropped_headers`)."""
+        forward = ctx.server.spec.forward_headers if ctx.server is not None else ()
+        return dropped_headers((name for name, _ in ctx.request_header_list), forward, self.remove)
+
     async def on_request_headers(self, ctx: Context) -> Verdict:
+        # Every removal goes out now, in the first phase of every front door: headers set
+        # later (the credential, x-mcp-* from the body) are set after it and survive.
+        removed = self.removals(ctx)
         if ctx.request_has_body:
-            # Strip now; inject once the body is parsed, so that a refusal carries the
-            # JSON-RPC id and a call the earlier stages deny costs no token fetch.
-            return Continue(remove_headers=self.remove)
-        return await self._inject(ctx)
+            # Inject once the body is parsed, so that a refusal carries the JSON-RPC id
+            # and a call the earlier stages deny costs no token fetch.
+            return Continue(remove_headers=removed)
+        return await self._inject(ctx, removed)
 
     async def on_request_body(self, ctx: Context) -> Verdict:
-        return await self._inject(ctx)
+        return await self._inject(ctx, ())
 
-    async def _inject(self, ctx: Context) -> Verdict:
+    async def _inject(self, ctx: Context, removed: tuple[str, ...]) -> Verdict:
         server = ctx.server
         auth = server.spec.upstream_auth if server is not None else None
         if server is None or auth is None:
-            return Continue(remove_headers=self.remove)
+            return Continue(remove_headers=removed) if removed else None
         provider = self._provider(ctx, server)
         try:
             headers = await provider()
         except _Unavailable as exc:
-            ctx.log.warning("upstream credential for %r unavailable: %s", server.name, exc.deny.message)
+            # The details (a file path, a variable's or Secret's name) go here, not to the caller.
+            ctx.log.warning("upstream credential for %r unavailable: %s", server.name, exc.detail)
             return exc.deny
         ctx.state(UPSTREAM_CREDENTIAL).provider = provider
-        removed = tuple(h for h in self.remove if h not in headers)
-        return Continue(set_headers=headers, remove_headers=removed)
+        return Continue(set_headers=headers, remove_headers=tuple(h for h in removed if h not in headers))
 
     def _provider(self, ctx: Context, server: MCPServer) -> CredentialProvider:
         """A callable giving the credential headers for this server and caller, now or later."""
@@ -199,7 +286,8 @@ class CredentialsStage(Stage[CredentialsConfig]):
                         "no_subject_token",
                     )
                 )
-            key = TokenKey(server.name, "token_exchange", subject, tuple(exchange.scopes))
+            digest = subject_token_digest(subject_token)
+            key = TokenKey(server.name, "token_exchange", subject, tuple(exchange.scopes), digest)
             form = token_exchange_form(subject_token, exchange.scopes, exchange.audience, exchange.resource)
             token = await self._token(server, key, exchange, catalog, form)
             return {AUTHORIZATION: f"Bearer {token.value}"}
@@ -223,7 +311,7 @@ class CredentialsStage(Stage[CredentialsConfig]):
                 secret = catalog.secret_value(grant.client_secret_ref)
             except ConfigError as exc:
                 self._count(server, key.grant, "config_error")
-                raise TokenError(f"client secret unavailable: {exc}", 503) from None
+                raise TokenError(_UNREADABLE, 503, f"clientSecretRef: {exc}") from None
             try:
                 token = await endpoint.request(grant.token_url, grant.client_id, secret, form)
             except TokenError as exc:
@@ -235,40 +323,37 @@ class CredentialsStage(Stage[CredentialsConfig]):
         try:
             return await self.cache.get(key, fetch)
         except TokenError as exc:
-            raise _Unavailable(
-                _deny(
-                    exc.status,
-                    f"no upstream credential for MCP server {server.name!r}: {exc}; the request was not forwarded",
-                    "token_endpoint_failed",
-                )
-            ) from None
+            message = f"no upstream credential for MCP server {server.name!r}: {exc}; the request was not forwarded"
+            detail = f"MCP server {server.name!r}: upstreamAuth {exc.detail}" if exc.detail else message
+            raise _Unavailable(_deny(exc.status, message, "token_endpoint_failed"), detail) from None
 
     def _count(self, server: MCPServer, grant: str, outcome: str) -> None:
         if self.fetches is not None:
             self.fetches.labels(server.name, grant, outcome).inc()
 
     def _bearer(self, server: MCPServer, bearer: BearerAuth, catalog: Catalog) -> str:
-        where = f"MCP server {server.name!r}: upstreamAuth.bearer"
+        where = "upstreamAuth.bearer"
         if bearer.secret_ref is not None:
+            where += ".secretRef"
             try:
                 value = catalog.secret_value(bearer.secret_ref)
             except ConfigError as exc:
-                raise _Unavailable(_deny(503, f"{where}.secretRef: {exc}", "bearer_missing")) from None
+                raise _unreadable(server, f"{where}: {exc}", "bearer_missing") from None
         elif bearer.env is not None:
+            where += f".env: environment variable {bearer.env!r}"
             value = os.environ.get(bearer.env, "")
             if not value:
-                raise _Unavailable(
-                    _deny(503, f"{where}.env: environment variable {bearer.env!r} is not set", "bearer_missing")
-                )
+                raise _unreadable(server, f"{where} is not set", "bearer_missing")
         else:
             assert bearer.file is not None
-            value = self._read_file(where, bearer.file)
+            where += f".file {bearer.file}"
+            value = self._read_file(server, where, bearer.file)
         value = value.strip()
         if not value or any(c in value for c in "\r\n"):
-            raise _Unavailable(_deny(503, f"{where}: the credential is empty or spans lines", "bearer_invalid"))
+            raise _unreadable(server, f"{where}: the credential is empty or spans lines", "bearer_invalid")
         return value
 
-    def _read_file(self, where: str, path: str) -> str:
+    def _read_file(self, server: MCPServer, where: str, path: str) -> str:
         """The file's contents, re-read when its modification time changes (rotation)."""
         try:
             mtime = Path(path).stat().st_mtime
@@ -278,6 +363,6 @@ class CredentialsStage(Stage[CredentialsConfig]):
             value = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise _Unavailable(_deny(503, f"{where}.file: cannot read {path}: {reason}", "bearer_missing")) from None
+            raise _unreadable(server, f"{where}: cannot read it: {reason}", "bearer_missing") from None
         self._files[path] = (mtime, value)
         return value

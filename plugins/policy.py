@@ -5,7 +5,11 @@ each tool of a ``tools/list`` result, so a tool the caller may not call is not
 listed)::
 
     policies = MCPToolPolicies targeting the server, plus the agent's policyRefs
-    cache[(catalog, principal, server, tool, sha256(arguments), listing)] hit? ──▶ decision
+    cache[(catalog generation, caller digest, server, tool, sha256(arguments),
+           sha256(annotations), listing)] hit? ──▶ decision
+        caller digest = sha256 of the validated token and of every Principal field a
+        decision reads (claims, scopes, agent, granted and consented trust), so a token of
+        the same subject with fewer scopes, lower consent or another claim decides afresh
     rules (policy_rules.check_rules): first matching rule per policy
         Deny rule, trust too low (200, -32003), scopes missing (403 insufficient_scope)
     Rego, per policy that has one: EmbeddedRego (compiled once per module) or RemoteOpa
@@ -15,7 +19,9 @@ listed)::
         empty ──▶ 429 + Retry-After
 
 Each decision is explained on the context (the audit line's ``rule``). The
-batch, JSON and SSE handling is :class:`plugins.lib.toolgate.ToolGate`'s.
+batch, JSON and SSE handling is :class:`plugins.lib.toolgate.ToolGate`'s. Cache keys hold
+digests only, never a token. Rate-limit buckets are per caller (``issuer|subject``), not
+per token: a fresh token does not refill them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, ClassVar, Final
 
 from pydantic import Field
 
-from extproc.api import Context, Deny, FailureMode, Principal, StageConfig
+from extproc.api import Context, Deny, FailureMode, Principal, StageConfig, StateKey
 from extproc.config.models import MCPToolPolicy, Rego
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
@@ -45,6 +51,45 @@ from plugins.lib.toolgate import ToolGate
 log = logging.getLogger("mcp_extproc.policy")
 
 _ANONYMOUS: Final = Principal(subject="anonymous")
+
+
+def _sha256(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def caller_digest(principal: Principal) -> str:
+    """A digest of everything a decision reads about the caller: the key the cache uses for it.
+
+    The validated token (its claims, scopes, consent) and the fields the ``authn`` stage
+    derived from it and the catalog (agent, granted and consented trust). Two tokens of
+    one subject that differ in anything get different digests. The token itself never
+    enters a cache key: only this digest does.
+    """
+    fields = [
+        principal.issuer,
+        principal.subject,
+        principal.agent,
+        principal.granted,
+        principal.consented,
+        sorted(principal.scopes),
+        dict(principal.claims),
+    ]
+    digest = hashlib.sha256(principal.token.encode())
+    digest.update(b"\0" + json.dumps(fields, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class _Caller:
+    """Per exchange: the caller digest, computed once for every tool of a ``tools/list``."""
+
+    __slots__ = ("digest", "principal")
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+        self.digest = ""
+
+
+_CALLER = StateKey("policy_caller", _Caller)
 
 
 class PolicyConfig(StageConfig):
@@ -156,18 +201,35 @@ class PolicyStage(ToolGate[PolicyConfig]):
         *,
         listing: bool,
     ) -> Decision:
-        digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
         generation = ctx.catalog.generation if ctx.catalog is not None else -1
-        key = (generation, principal.key, principal.agent, server.name, tool, digest, listing)
+        annotations = self._annotations.get((server.name, tool))
+        key = (
+            generation,
+            self._caller(ctx, principal),
+            server.name,
+            tool,
+            _sha256(arguments),
+            None if annotations is None else _sha256(annotations),
+            listing,
+        )
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         decision = check_rules(policies, principal, tool)
         if decision.allowed:
-            decision = await self._rego(ctx, policies, principal, server, tool, arguments, decision, listing=listing)
+            decision = await self._rego(
+                ctx, policies, principal, server, tool, arguments, decision, listing=listing, annotations=annotations
+            )
         if decision.reason != "policy_backend":
             self._cache.put(key, decision)
         return decision
+
+    @staticmethod
+    def _caller(ctx: Context, principal: Principal) -> str:
+        memo = ctx.state(_CALLER)
+        if memo.principal is not principal:
+            memo.principal, memo.digest = principal, caller_digest(principal)
+        return memo.digest
 
     async def _rego(
         self,
@@ -180,6 +242,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         ruled: Decision,
         *,
         listing: bool,
+        annotations: Mapping[str, Any] | None,
     ) -> Decision:
         explanations = list(ruled.checks)
         for policy in policies:
@@ -191,7 +254,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
                 server=server.name,
                 tool=tool,
                 arguments=arguments,
-                annotations=self._annotations.get((server.name, tool)),
+                annotations=annotations,
                 required=ruled.required,
                 policy=policy.name,
                 listing=listing,

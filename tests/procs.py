@@ -113,6 +113,31 @@ def assert_envoy_accepts(config: str, path: Path) -> None:
     assert "OK" in checked.stdout
 
 
+def admin_get(admin_socket: str | Path, path: str, *, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """``GET path`` (e.g. ``/stats?format=json``) on an Envoy admin interface at ``admin_socket``.
+
+    Every rendered bootstrap puts Envoy's admin on a unix socket (mode 0600), never on
+    TCP; this is the one way tests and benchmarks read it.
+
+    Returns:
+        The status and the body.
+
+    Raises:
+        OSError: nothing answers on the socket (yet).
+    """
+    from extproc.commands.envoy import admin_get as envoy_admin_get
+
+    return envoy_admin_get(admin_socket, path, timeout_s)
+
+
+def admin_ready(admin_socket: str | Path) -> bool:
+    """True when Envoy's admin ``/ready`` at ``admin_socket`` answers 200 (Envoy is LIVE)."""
+    try:
+        return admin_get(admin_socket, "/ready", timeout_s=1.0)[0] == 200
+    except OSError:
+        return False
+
+
 def wait_for_tcp(host: str, port: int, deadline_s: float) -> None:
     """Poll until `host:port` accepts a TCP connection.
 

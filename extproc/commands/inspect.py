@@ -4,6 +4,8 @@ Data flow::
 
     Settings ──▶ load_resources (-f) ──▶ Catalog
              ──▶ pipeline file (--pipeline, else the default) ──▶ Registry ──▶ Pipeline (built, not started)
+             ──▶ posture_problems(catalog, stages): a pipeline that cannot enforce the resources
+                 (no authn with an MCPAgent, no allowlist, …, or failureMode: open) is refused
              ──▶ every stage checks the catalog (e.g. Rego compiles): errors refuse, warnings print
     check:        a one-line summary of what was loaded
     render envoy: bootstrap_options(settings, plan) ──▶ the pure renderer ──▶ YAML
@@ -19,6 +21,7 @@ from extproc.config.settings import Settings, split_hostport
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
 from extproc.core.plan import Plan
+from extproc.core.posture import posture_problems
 from extproc.core.registry import Registry
 from extproc.errors import ConfigError
 from extproc.render.bootstrap import render_bootstrap_yaml
@@ -34,11 +37,16 @@ def checked(settings: Settings, metrics: Metrics | None) -> tuple[Catalog, Pipel
         The catalog, the pipeline and the stages' warnings.
 
     Raises:
-        ConfigError: a document is invalid or a stage finds a problem (e.g. a Rego syntax error).
+        ConfigError: a document is invalid, the pipeline cannot enforce the resources (named
+            with the pipeline file), or a stage finds a problem (e.g. a Rego syntax error).
     """
     catalog = load_resources(settings.resources)
     config = load_pipeline_config(settings.pipeline) if settings.pipeline else DEFAULT_PIPELINE
     pipeline = Registry().build_pipeline(config, metrics)
+    unenforced = posture_problems(catalog, [(spec.name, spec.failure_mode) for spec in config.stages])
+    if unenforced:
+        where = settings.pipeline or "the default pipeline"
+        raise ConfigError(f"{where}: " + f"\n{where}: ".join(unenforced))
     errors, warnings = pipeline.check_split(catalog)
     if errors:
         raise ConfigError(f"{settings.resources}: " + f"\n{settings.resources}: ".join(errors))

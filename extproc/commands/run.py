@@ -4,9 +4,15 @@ Data flow for ``up``::
 
     resources.yaml ─▶ Catalog ─▶ Pipeline ─▶ gRPC server (this process, unix socket)
                               │             + HTTP authorization service (fast routes)
-                              └─▶ render bootstrap ─▶ envoy -c bootstrap.yaml (child)
+                              └─▶ render bootstrap ─▶ envoy -c bootstrap.yaml (child; its admin
+                                  on <workdir>/envoy-admin.sock, mode 0600)
     agent ─▶ http://<listen>/<server>/mcp ─▶ Envoy ─ext_proc/ext_authz─▶ this process
                                                  └─▶ MCP server
+
+The public URL (``--public-url``; ``up``: ``http://<listen>`` by default) becomes the
+``authn`` stage's ``publicUrl`` unless the pipeline file sets one, before any stage
+starts: the URLs ``authn`` hands agents never come from the request's ``Host``.
+``serve`` with an ``MCPAgent`` and no public URL refuses to start.
 
 On SIGINT/SIGTERM Envoy is stopped first (no new exchanges), then the gRPC server
 (NOT_SERVING, ``stop(grace)``, stage shutdown). The Envoy child itself is handled by
@@ -16,6 +22,7 @@ On SIGINT/SIGTERM Envoy is stopped first (no new exchanges), then the gRPC serve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import signal
@@ -24,10 +31,12 @@ from pathlib import Path
 
 from extproc.commands import envoy
 from extproc.commands.inspect import bootstrap_options, build
-from extproc.config.settings import Settings, split_hostport
+from extproc.config.resources import Catalog
+from extproc.config.settings import Settings, public_origin, split_hostport
 from extproc.core import reload
 from extproc.core.metrics import Metrics
-from extproc.errors import ProcessError
+from extproc.core.pipeline import Pipeline
+from extproc.errors import ConfigError, ProcessError
 from extproc.frontdoor.servers import ExtProcServer, Listen
 from extproc.render.bootstrap import render_bootstrap_yaml
 
@@ -47,6 +56,33 @@ def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
         log.info("metrics at http://%s:%d/metrics", host, bound)
 
 
+def _public_url(settings: Settings, catalog: Catalog, pipeline: Pipeline, default: str | None) -> None:
+    """Give the ``authn`` stage its public origin: the pipeline file's ``publicUrl``, else
+    ``--public-url``, else ``default``. Before startup, so no request ever sees another.
+
+    Raises:
+        ConfigError: ``--public-url`` is malformed or contradicts the pipeline file's, or an
+            ``MCPAgent`` is declared and there is no public URL at all.
+    """
+    flag = public_origin(settings.public_url, "--public-url") if settings.public_url is not None else None
+    for stage in pipeline.stages:
+        if stage.name != "authn" or "public_url" not in type(stage.config).model_fields:
+            continue
+        configured: str | None = stage.config.public_url
+        if configured is not None and flag is not None and flag != configured:
+            raise ConfigError(f"--public-url {flag} contradicts the pipeline's authn publicUrl {configured}")
+        url = configured or flag or default
+        if url is None:
+            if catalog.agents:
+                raise ConfigError(
+                    "--public-url is required when an MCPAgent is declared: the origin agents reach Envoy at "
+                    "(e.g. https://mcp.example.com), for WWW-Authenticate and the protected-resource metadata"
+                )
+            continue
+        stage.config = stage.config.model_copy(update={"public_url": url})
+        log.info("public URL: %s", url)
+
+
 def _stop_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -59,6 +95,7 @@ async def serve(settings: Settings) -> int:
     """``mcp-extproc serve``: the gRPC server alone."""
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
+    _public_url(settings, catalog, pipeline, None)
     listen = Listen(tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http)
     server = ExtProcServer(pipeline, catalog, listen)
     await server.start()
@@ -80,6 +117,7 @@ async def up(settings: Settings) -> int:
     socket_path = settings.unix or str(workdir / "extproc.sock")
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
+    _public_url(settings, catalog, pipeline, public_origin(f"http://{settings.listen}", "--listen"))
     # The fast tools/call routes call our HTTP authorization service: grpc-python is the
     # slow part of a Check, not the hop (extproc.frontdoor.http_check).
     authz_socket = str(workdir / "authz.sock")
@@ -87,12 +125,15 @@ async def up(settings: Settings) -> int:
         settings, pipeline.plan, extproc_tcp=None, extproc_unix=socket_path, authz_http=authz_socket
     )
     authz_http = authz_socket if options.fast_calls else None
+    # Envoy's admin API has no authentication: a unix socket only Envoy's user may open,
+    # in this process's private (0700) work directory.
+    admin_socket = workdir / "envoy-admin.sock"
+    options = dataclasses.replace(options, admin_socket=str(admin_socket))
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
-    admin_file = workdir / "admin-address"
     stop = _stop_signals()
     # Envoy is forked before gRPC starts its threads; it connects to the socket lazily.
-    child = await envoy.start(bootstrap, admin_file, settings.envoy_log_level)
+    child = await envoy.start(bootstrap, settings.envoy_log_level)
     assert child.stdout is not None
     forward = asyncio.create_task(envoy.forward(child.stdout, "[envoy]"))
     server = ExtProcServer(pipeline, catalog, Listen(tcp=None, unix=socket_path, authz_http=authz_http))
@@ -102,7 +143,8 @@ async def up(settings: Settings) -> int:
         await server.start()
         _serve_metrics(settings, metrics)
         watcher = _watch(settings, server, metrics)
-        await envoy.wait_ready(admin_file, child, 30)
+        await envoy.wait_ready(admin_socket, child, 30)
+        log.info("envoy admin at unix:%s", admin_socket)
         for name in catalog.servers:
             log.info("ready: MCP server %r at http://%s:%d/%s/mcp", name, host, port, name)
         log.info("front door: %s", settings.front_door)

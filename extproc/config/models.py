@@ -7,7 +7,7 @@ aliases are the camelCase names users write.
 Kinds::
 
     MCPServer      an upstream MCP server: url, tool globs, allowed agents,
-                   upstream credential, keepalive, production mode
+                   upstream credential, forwarded headers, keepalive, production mode
     MCPToolPolicy  rules over the tools of target servers: allow/deny globs,
                    required trust and scopes, rate limit, Rego
     MCPAgent       a workload: pod selector, servers it may use, inbound JWT
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Final, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from extproc.mcp.headers import DERIVED_HEADERS
 
 API_VERSION = "mcp.extproc.io/v1alpha1"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -187,6 +189,16 @@ class GatewayExposure(Model):
     hostnames: list[str] = Field(default_factory=list)
 
 
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"), AfterValidator(str.lower)]
+"""An HTTP header name (an RFC 9110 token), lower-cased."""
+NOT_FORWARDABLE: Final = ("authorization", *sorted(DERIVED_HEADERS))
+"""Header names ``forwardHeaders`` may not list: the agent's credential and the gateway's own ``x-mcp-*``."""
+_NOT_FORWARDABLE_CEL: Final = f"self.all(h, !h.matches('^(?i:{'|'.join(NOT_FORWARDABLE)})$'))"
+_NOT_FORWARDABLE_WHY: Final = (
+    f"{', '.join(NOT_FORWARDABLE)} cannot be forwarded: the gateway always sets or removes them"
+)
+
+
 class MCPServerSpec(Model):
     """An upstream MCP server reached over Streamable HTTP.
 
@@ -201,6 +213,10 @@ class MCPServerSpec(Model):
             always removed).
         keepalive: whether the session keeper answers the server's pings.
         production_mode: requires an https URL and an OAuth upstream credential.
+        forward_headers: request headers the agent sends that the server receives, besides
+            those every server does (content type, accept, the MCP headers, trace context,
+            user agent, origin); all others are removed. HTTP header names, lower-cased;
+            never authorization or the x-mcp-* headers the gateway sets.
     """
 
     url: HttpUrl
@@ -210,6 +226,13 @@ class MCPServerSpec(Model):
     upstream_auth: UpstreamAuth | None = Field(default=None, alias="upstreamAuth")
     keepalive: Keepalive = Keepalive.AUTO
     production_mode: bool = Field(default=False, alias="productionMode")
+    forward_headers: list[HeaderName] = Field(
+        default_factory=list,
+        alias="forwardHeaders",
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": _NOT_FORWARDABLE_CEL, "message": _NOT_FORWARDABLE_WHY}]
+        },
+    )
     gateway: GatewayExposure | None = None
     """Cluster only: also expose the server on a Gateway (Envoy Gateway)."""
 
@@ -220,6 +243,14 @@ class MCPServerSpec(Model):
             if not glob.strip():
                 raise ValueError("tool globs must not be empty strings")
         return value
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name in NOT_FORWARDABLE:
+                raise ValueError(f"{name!r} cannot be forwarded: the gateway always sets or removes it")
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _production(self) -> Self:

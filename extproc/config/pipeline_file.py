@@ -4,6 +4,14 @@ Versioned and Kubernetes-free: the same model is what the controller renders int
 sidecar's ``pipeline.yaml``. Stage configurations are validated later, against each
 stage's ``Config`` model, when the registry finds the stage
 (:meth:`extproc.core.registry.Registry.plan`).
+
+Data flow::
+
+    pipeline.yaml ──strict_yaml.load (a key written twice is refused)──▶ PipelineConfig.model_validate
+                  ──▶ PipelineConfig{version, stages: [StageSpec{name, config, failureMode}]}
+
+Whether the stages can enforce the resources is checked with the catalog, by
+:func:`extproc.core.posture.posture_problems`.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from extproc.config import strict_yaml
 from extproc.errors import ConfigError
 
 
@@ -62,12 +71,14 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline configuration file (YAML).
 
     Raises:
-        ConfigError: naming the file and the field.
+        ConfigError: naming the file and the field (or the line of a key written twice).
     """
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = strict_yaml.load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except strict_yaml.RepeatedKeyError as exc:
+        raise ConfigError(exc.located(str(path), documents=False)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:

@@ -3,12 +3,15 @@
 The same documents drive ``mcp-extproc up`` on a laptop and the controller in a
 cluster. Locally they sit in one multi-document YAML file::
 
-    file ──yaml.safe_load_all──▶ documents ──validate(kind)──▶ Catalog{servers, policies, agents, secrets, config maps}
-                                                       ──▶ reference_problems (refused locally)
+    file ──strict_yaml.load_all (a key written twice is refused)──▶ documents
+         ──validate(kind)──▶ Catalog{servers, policies, agents, secrets, config maps}
+         ──▶ reference_problems (refused locally)
 
 Every error names the file, the document's position, its kind and name, and the
 field that was wrong, e.g. ``resources.yaml: document 2 (MCPServer "demo"):
-spec.url: must be an http:// or https:// URL``.
+spec.url: must be an http:// or https:// URL``, or for a key written twice
+``resources.yaml: document 1 (MCPServer 'demo'): line 8, column 3: spec.deniedTools:
+the key 'deniedTools' is repeated (first at line 7, column 3); …``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from extproc.config import strict_yaml
 from extproc.config.models import (
     API_VERSION,
     KINDS,
@@ -289,7 +293,8 @@ def load_resources(path: str | Path) -> Catalog:
     """Load and validate a multi-document YAML file of resources.
 
     Raises:
-        ConfigError: the file cannot be read, is not YAML, or a document is invalid.
+        ConfigError: the file cannot be read, is not YAML, writes a mapping key twice, or a
+            document is invalid.
     """
     source = str(path)
     try:
@@ -297,7 +302,9 @@ def load_resources(path: str | Path) -> Catalog:
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = list(strict_yaml.load_all(text))
+    except strict_yaml.RepeatedKeyError as exc:
+        raise ConfigError(exc.located(source, documents=True)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

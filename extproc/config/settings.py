@@ -7,9 +7,10 @@ defaults too (``cli`` reads them from here; they are written nowhere else).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from extproc.errors import ConfigError
 
@@ -40,6 +41,11 @@ class Settings:
             (request-side yes/no).
         reload_interval_s: how often the resource file is checked for changes
             (0 disables reloads).
+        public_url: the origin agents reach Envoy at (``https://mcp.example.com``),
+            ``--public-url``: the ``authn`` stage's ``WWW-Authenticate`` challenges and
+            RFC 9728 metadata name it, never the request's ``Host``. ``None``: ``up``
+            uses ``http://<listen>``; ``serve`` refuses to start when an ``MCPAgent``
+            is declared (unless the pipeline's ``authn`` config sets ``publicUrl``).
     """
 
     resources: Path
@@ -55,6 +61,7 @@ class Settings:
     envoy_log_level: str = "warning"
     front_door: Literal["auto", "ext_proc", "ext_authz"] = "auto"
     reload_interval_s: float = 1.0
+    public_url: str | None = None
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:
@@ -63,3 +70,27 @@ def split_hostport(value: str, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{flag}: expected host:port (e.g. 127.0.0.1:10000), got {value!r}")
     return host.strip("[]"), int(port)
+
+
+_ORIGIN: Final = re.compile(
+    r"(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
+    r"(?::(?P<port>[0-9]{1,5}))?/?",
+    re.IGNORECASE,
+)
+
+
+def public_origin(value: str, flag: str) -> str:
+    """An http(s) origin (``https://mcp.example.com[:port]``), lower-cased, without a trailing ``/``.
+
+    Nothing but a scheme, a host and a port: the value is written into a quoted
+    ``WWW-Authenticate`` parameter, so anything else (a path, a query, a quote,
+    a space) is refused, naming ``flag``.
+    """
+    found = _ORIGIN.fullmatch(value)
+    if found is None or int(found["port"] or 0) > 65535:
+        raise ConfigError(
+            f"{flag}: expected an http or https origin such as https://mcp.example.com "
+            f"(scheme, host, optional port; no path, query or fragment), got {value!r}"
+        )
+    port = f":{found['port']}" if found["port"] else ""
+    return f"{found['scheme'].lower()}://{found['host'].lower()}{port}"

@@ -16,6 +16,9 @@ pipeline phase, and the pipeline's outcome into the matching
            BUFFERED otherwise, NONE when nobody asked for it)
     ProcessingRequest.response_body   ─▶ chunk        ─▶ run(RESPONSE_BODY)
         ─▶ BodyResponse (chunk replaced) | ImmediateResponse
+    response phase first (no request headers: Envoy's own local reply, e.g. a
+    malformed path or a refused upgrade) ─▶ plain HeadersResponse / BodyResponse /
+        TrailersResponse: the reply goes out with its own status, untouched
 
 A denial is always an ``ImmediateResponse`` with a JSON-RPC error body, never
 an aborted gRPC stream: Envoy treats a failed stream per
@@ -99,8 +102,14 @@ class Processor:
             return await self._request_headers(request.request_headers)
         ctx = self.ctx
         if ctx is None:
-            # Envoy always starts with request headers unless they were skipped by
-            # configuration; refuse rather than guess (fail closed).
+            if which in _RESPONSE_PHASES:
+                # Envoy answered on its own before the request reached this filter (a
+                # malformed path, a refused upgrade, ...): the stream starts with the
+                # local reply's response. Nothing was forwarded and no stage has a
+                # request to judge, so the reply goes out as Envoy wrote it.
+                return _pass_through(which)
+            # A request body or trailers before the request headers: refuse rather than
+            # guess (fail closed).
             deny = Deny(code=INTERNAL_ERROR, message="mcp-extproc: phase without request headers", reason="protocol")
             return immediate(deny, None)
         if which == "request_body":
@@ -230,6 +239,18 @@ class Processor:
             return
         self._decided = True
         record(self.pipeline.metrics, ctx, decision, reason)
+
+
+_RESPONSE_PHASES = frozenset({"response_headers", "response_body", "response_trailers"})
+
+
+def _pass_through(which: str) -> pb.ProcessingResponse:
+    """The plain "carry on" answer for a response phase: nothing changed."""
+    if which == "response_headers":
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if which == "response_body":
+        return pb.ProcessingResponse(response_body=pb.BodyResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 _PLAIN = (str, bool, int, float, type(None))

@@ -5,11 +5,15 @@ body and its headers and returns either an :class:`McpRequest` or the
 :class:`Rejection` of the first rung that failed:
 
 1. size: the body fits ``max_bytes`` (else 413);
-2. syntax: UTF-8 JSON, no ``NaN``/``Infinity``, no repeated object keys;
+2. syntax: UTF-8 JSON, no ``NaN``/``Infinity``, no repeated object keys
+   (:mod:`extproc.mcp.strict_json`, shared with the response readers that must be certain);
 3. shape: one object, or a non-empty array (a batch);
 4. batches: only in revisions 2024-11-05 and 2025-03-26, never modern;
 5. envelope: every element is a JSON-RPC 2.0 request, notification or response;
-6. ``tools/call`` names its tool (``params.name``), arguments are an object;
+6. ``tools/call`` names its tool (``params.name``), arguments are an object; no
+   method or tool name holds a control character or a lone surrogate
+   (:func:`unsafe_text`): the ``x-mcp-*`` headers derived from them could not carry it
+   (-32600 for a method, -32602 for a tool name, HTTP 400, with the request's id);
 7. per-request version: a request sent with a 2026-07-28 ``MCP-Protocol-Version``
    carries its protocol version in ``params._meta``; one without it is malformed
    and refused with ``-32602`` Invalid params (HTTP 400), as the specification
@@ -30,6 +34,7 @@ live in :mod:`extproc.mcp.headers` and are re-exported here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -52,6 +57,7 @@ from extproc.mcp.spec import (
     PARSE_ERROR,
     PROTOCOL_VERSION_META_KEY,
 )
+from extproc.mcp.strict_json import DuplicateKeyError, strict_loads
 
 __all__ = [
     "BATCH_PROTOCOL_VERSIONS",
@@ -67,6 +73,7 @@ __all__ = [
     "header_hints",
     "parse_message",
     "parse_request",
+    "unsafe_text",
 ]
 
 DEFAULT_MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
@@ -252,27 +259,21 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "number")
 
 
-class _DuplicateKeyError(ValueError):
-    pass
+_UNSAFE_TEXT: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):  # a parser differential waiting to happen: first copy or last?
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return obj
+def unsafe_text(value: str) -> str | None:
+    """Why ``value`` cannot name a tool or method (a control character, a lone surrogate), or ``None``.
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _decode(body: bytes) -> Any:
-    return json.loads(body.decode("utf-8"), object_pairs_hook=_pairs_hook, parse_constant=_reject_constant)
+    Such names cannot travel in the ``x-mcp-*`` headers derived from them (a header
+    value holds no NUL, CR or LF, and a lone surrogate has no UTF-8 encoding).
+    """
+    found = _UNSAFE_TEXT.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    what = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+    return f"it holds {what} (U+{ord(char):04X} at index {found.start()})"
 
 
 def _meta_version(element: object) -> tuple[bool, Any]:
@@ -305,13 +306,13 @@ def parse_request(
     if len(body) > max_bytes:
         return Rejection(413, INVALID_REQUEST, f"request body of {len(body)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        decoded = _decode(body)
+        decoded = strict_loads(body)
     except UnicodeDecodeError as e:
         return Rejection(400, PARSE_ERROR, f"request body is not valid UTF-8 (bad byte at offset {e.start})")
     except json.JSONDecodeError as e:
         where = f"line {e.lineno} column {e.colno} (char {e.pos})"
         return Rejection(400, PARSE_ERROR, f"request body is not valid JSON: {e.msg} at {where}")
-    except _DuplicateKeyError as e:
+    except DuplicateKeyError as e:
         key = quote(e.args[0])
         msg = f"request body repeats the key {key} in one JSON object; each key may appear only once"
         return Rejection(400, INVALID_REQUEST, msg)
@@ -341,7 +342,11 @@ def _validate(decoded: Any, headers: Mapping[str, str]) -> McpRequest | Rejectio
             raw_id = element.get("id") if isinstance(element, dict) else None
             return Rejection(400, INVALID_REQUEST, f"{where} is not valid: {message}", _id_or_none(raw_id))
         messages.append(message)
-    for message in messages:
+    for index, message in enumerate(messages):
+        if message.method is not None and (why := unsafe_text(message.method)) is not None:
+            where = f"batch element {index}" if is_batch else "request body"
+            msg = f"{where} is not valid: method {quote(message.method)} is not a method name: {why}"
+            return Rejection(400, INVALID_REQUEST, msg, message.id)
         if (rejection := _tools_call_rejection(message)) is not None:
             return rejection
     first = messages[0]
@@ -406,6 +411,9 @@ def _tools_call_rejection(message: Message) -> Rejection | None:
     if not isinstance(name, str) or not name:
         got = quote(name)
         msg = f"tools/call needs params.name, the name of the tool to call, as a non-empty string; got {got}"
+        return Rejection(400, INVALID_PARAMS, msg, message.id)
+    if (why := unsafe_text(name)) is not None:
+        msg = f"tools/call params.name {quote(name)} is not a tool name: {why}"
         return Rejection(400, INVALID_PARAMS, msg, message.id)
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):

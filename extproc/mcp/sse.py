@@ -16,7 +16,20 @@ Parsing follows the WHATWG HTML "event stream" rules: lines end in ``\\r\\n``,
 ``\\n`` or ``\\r``; one space after the field colon is dropped; data lines are
 joined with ``\\n``; a leading UTF-8 byte order mark is ignored; text is decoded
 as UTF-8 with replacement, one complete line at a time, so a character split
-across chunks decodes whole.
+across chunks decodes whole; an event with a line that was not valid UTF-8 is
+marked :attr:`~SseEvent.lossy`, so that a reader that must be certain of what
+it read can refuse it.
+
+At end of stream, :meth:`SseDecoder.flush` hands back the unfinished tail as
+bytes (per the rules it is never dispatched), while :meth:`SseDecoder.finish`
+reads it as events, as if its blank line had come: a reader that filters what
+agents see must read what a lenient client might dispatch (say, an event whose
+blank line is a lone ``\\r`` at the very end, which some clients take for a
+line end)::
+
+    chunk ─▶ feed ─▶ complete events (raw bytes, data, event, id, lossy)
+    end   ─▶ flush ─▶ the tail's bytes, as they are
+          └▶ finish ─▶ the tail as events, terminated
 """
 
 from __future__ import annotations
@@ -48,12 +61,14 @@ class SseEvent:
         data: The ``data`` field values joined with ``"\\n"`` (``""`` when none).
         event: The last ``event`` field value, or ``None``.
         id: The last ``id`` field value, or ``None`` (values holding NUL are ignored).
+        lossy: A field line of the event was not valid UTF-8 (decoded with replacement).
     """
 
     raw: bytes
     data: str
     event: str | None
     id: str | None
+    lossy: bool = False
 
     @property
     def is_comment_only(self) -> bool:
@@ -95,12 +110,14 @@ class SseDecoder:
         self._data: list[str] = []
         self._event: str | None = None
         self._id: str | None = None
+        self._lossy = False
 
     def _reset(self) -> None:
         self._buf = bytearray()
         self._scan = self._line_start = 0
         self._at_stream_start = True
         self._data, self._event, self._id = [], None, None
+        self._lossy = False
 
     @property
     def pending(self) -> bytes:
@@ -155,6 +172,26 @@ class SseDecoder:
         self._reset()
         return tail
 
+    def finish(self) -> list[SseEvent]:
+        """End the stream: the unfinished tail as events, as if its blank line had come; then reset.
+
+        Each event's :attr:`~SseEvent.raw` is the tail's bytes plus the line end(s)
+        that complete it, so passing it on sends a complete event. Empty when
+        nothing was pending. A tail holding no field (a comment, a stray ``\\r``)
+        comes back as one comment-only event.
+
+        Raises:
+            SseTooLarge: The tail outgrew ``max_event_bytes`` once terminated.
+        """
+        if not self._buf:
+            self._reset()
+            return []
+        events = self.feed(b"\n")
+        if self._buf:
+            events += self.feed(b"\n")
+        self._reset()
+        return events
+
     def _take_line(self, line: bytes | bytearray) -> bool:
         """Apply one complete line to the current event; return whether it was blank."""
         if self._at_stream_start:
@@ -164,7 +201,12 @@ class SseDecoder:
             return True
         if line.startswith(b":"):
             return False
-        name, colon, value = line.decode("utf-8", errors="replace").partition(":")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", errors="replace")
+            self._lossy = True
+        name, colon, value = text.partition(":")
         if colon and value.startswith(" "):
             value = value[1:]
         if name == "data":
@@ -176,8 +218,9 @@ class SseDecoder:
         return False
 
     def _dispatch(self, raw: bytes) -> SseEvent:
-        event = SseEvent(raw, "\n".join(self._data), self._event, self._id)
+        event = SseEvent(raw, "\n".join(self._data), self._event, self._id, self._lossy)
         self._data, self._event, self._id = [], None, None
+        self._lossy = False
         return event
 
 

@@ -4,7 +4,9 @@ Data flow::
 
     Catalog + BootstrapOptions + PhaseNeeds
         ──▶ plain dict (one listener, one route per MCPServer, one cluster each,
-            the ext_proc filter pointing at our gRPC server)
+            the ext_proc filter pointing at our gRPC server; the limits, timeouts,
+            overload manager and private admin of :mod:`extproc.render.hardening`;
+            a JSON access log line per request)
         ──▶ json_format.ParseDict(Bootstrap)   ← typed check: a wrong field name or
                                                  type fails here, not in Envoy
         ──▶ dict (``render_bootstrap``) / YAML (``render_bootstrap_yaml``)
@@ -17,6 +19,10 @@ have no timeout (``timeout: 0s``) and the connection manager's stream idle
 timeout is long (default one hour). The ext_proc filter fails closed
 (``failure_mode_allow: false``): with the extension server down, Envoy answers
 5xx and the upstream sees nothing.
+
+Access log: one JSON object per request (Envoy escapes every value, so a tool name
+with spaces or quotes stays one value and forges no field), the path without its
+query string, the request id Envoy generated (the one in the audit line).
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ import yaml
 
 # Imported for their side effect: registering the types packed into Any fields.
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.overload.v3 import overload_pb2  # noqa: F401
 from envoy.config.route.v3 import route_components_pb2  # noqa: F401
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.mcp.v3 import mcp_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2  # noqa: F401
+from envoy.extensions.resource_monitors.cgroup_memory.v3 import cgroup_memory_pb2  # noqa: F401
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
@@ -42,7 +52,7 @@ from google.protobuf import json_format
 
 from extproc.config.resources import Catalog
 from extproc.errors import ConfigError
-from extproc.render.fast_routes import call_routes, native_mcp_filter, oversized_route, without_authz
+from extproc.render.fast_routes import call_routes, native_mcp_filter, oversized_route, unsized_route, without_authz
 from extproc.render.filters import (
     authz_http_cluster,
     ext_authz_filter,
@@ -52,6 +62,7 @@ from extproc.render.filters import (
     local_replies,
     socket_address,
 )
+from extproc.render.hardening import admin, connection_limits, overload_manager
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 from extproc.render.routes import not_found_route, server_cluster, server_route, well_known_route
 from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
@@ -59,15 +70,28 @@ from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 _T: Final = "type.googleapis.com/"
 
 
-def _access_log_format(namespace: str) -> str:
-    return (
-        '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
-        f"mcp_server=%DYNAMIC_METADATA({namespace}:server)% "
-        f"mcp_method=%DYNAMIC_METADATA({namespace}:method)% "
-        f"mcp_tool=%DYNAMIC_METADATA({namespace}:tool)% "
-        f"principal=%DYNAMIC_METADATA({namespace}:principal)% "
-        "duration_ms=%DURATION% upstream=%UPSTREAM_HOST%\n"
-    )
+def access_log_format(namespace: str) -> dict[str, str]:
+    """The access log line's fields: a JSON object, each value escaped by Envoy.
+
+    ``path`` is the path the agent sent (before the route's rewrite: Envoy's own
+    ``x-envoy-original-path``, a client's is removed on arrival) without its query
+    string: a query can carry a token, and it is never logged.
+    """
+    return {
+        "time": "%START_TIME%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%PATH(NQ:ORIG_OR_PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "flags": "%RESPONSE_FLAGS%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "mcp_server": f"%DYNAMIC_METADATA({namespace}:server)%",
+        "mcp_method": f"%DYNAMIC_METADATA({namespace}:method)%",
+        "mcp_tool": f"%DYNAMIC_METADATA({namespace}:tool)%",
+        "principal": f"%DYNAMIC_METADATA({namespace}:principal)%",
+        "duration_ms": "%DURATION%",
+        "upstream": "%UPSTREAM_HOST%",
+    }
 
 
 def _access_logger(namespace: str, metadata_filter: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -75,7 +99,7 @@ def _access_logger(namespace: str, metadata_filter: dict[str, Any] | None = None
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
             "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            "log_format": {"text_format_source": {"inline_string": _access_log_format(namespace)}},
+            "log_format": {"json_format": access_log_format(namespace)},
         },
     }
     if metadata_filter is not None:
@@ -108,6 +132,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         route = server_route(server, options)
         if "legacy" in fast_calls:
             routes.append(not_fast(oversized_route(route, server.name, options.max_request_bytes)))
+            routes.append(not_fast(unsized_route(route, server.name)))
         routes.extend(call_routes(route, server.name, fast_calls))
         routes.append(not_fast(route))
     routes += [not_fast(well_known_route()), not_fast(not_found_route(catalog, options))]
@@ -118,11 +143,15 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         }
     )
     hcm: dict[str, Any] = {
-        "local_reply_config": local_replies(carried_statuses=bool(fast_calls and options.authz_http_unix)),
+        "local_reply_config": local_replies(
+            max_request_bytes=options.max_request_bytes,
+            carried_statuses=bool(fast_calls and options.authz_http_unix),
+        ),
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mcp",
         "stream_idle_timeout": f"{options.stream_idle_timeout_s}s",
         "request_timeout": "0s",
+        **connection_limits(options),
         "route_config": {
             "name": "mcp",
             "virtual_hosts": [
@@ -155,21 +184,13 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             ]
         else:
             hcm["access_log"] = [_access_logger(METADATA_NAMESPACE)]
+    bootstrap: dict[str, Any] = {"node": {"id": "mcp-extproc", "cluster": "mcp-extproc"}}
+    admin_interface = admin(options)
+    if admin_interface is not None:
+        bootstrap["admin"] = admin_interface
     return {
-        "node": {"id": "mcp-extproc", "cluster": "mcp-extproc"},
-        "admin": {"address": socket_address("127.0.0.1", options.admin_port)},
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": _T
-                        + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": options.max_connections,
-                    },
-                }
-            ]
-        },
+        **bootstrap,
+        "overload_manager": overload_manager(options),
         "static_resources": {
             "listeners": [
                 {
@@ -206,7 +227,9 @@ def render_bootstrap(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOpti
     return result
 
 
-_MAP_FIELDS: Final = frozenset({"typed_per_filter_config", "context_extensions", "typed_extension_protocol_options"})
+_MAP_FIELDS: Final = frozenset(
+    {"typed_per_filter_config", "context_extensions", "typed_extension_protocol_options", "json_format"}
+)
 
 
 def _sorted_maps(value: Any, key: str = "") -> Any:
@@ -227,6 +250,7 @@ def render_bootstrap_yaml(catalog: Catalog, needs: PhaseNeeds, options: Bootstra
 __all__ = [
     "BootstrapOptions",
     "PhaseNeeds",
+    "access_log_format",
     "bootstrap_dict",
     "render_bootstrap",
     "render_bootstrap_yaml",

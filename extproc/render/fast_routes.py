@@ -15,6 +15,12 @@ remove headers (the upstream credential). The ``auto`` front door renders::
              the era the route promised); ext_proc is off on these routes
       route "N oversized" (first; Content-Length over the limit): Envoy's MCP filter off,
           so the mcp stage answers 413 from the headers, before the upload
+      route "N unsized" (next; a POST without Content-Length: chunked, or HTTP/2):
+          Envoy's MCP filter off too, ext_proc as on "N". Envoy's MCP filter stops
+          reading at the limit and holds the stream, while ext_proc waits for the whole
+          body: a chunked upload over the limit would hang (or reach a stage cut
+          short). Without it, ext_proc gets the body, or Envoy refuses it past the
+          buffer limit (413, turned into a JSON-RPC -32600 by the local replies)
       route "N" (everything else: tools/list, initialize, GET, DELETE, ...)
           ─▶ ext_proc, exactly as with the ``ext_proc`` front door; ext_authz is off
              on this and every other route
@@ -120,6 +126,30 @@ def oversized_route(route: dict[str, Any], server: str, max_request_bytes: int) 
     return big
 
 
+def unsized_route(route: dict[str, Any], server: str) -> dict[str, Any]:
+    """A route for POSTs that announce no length (chunked, HTTP/2): Envoy's MCP filter off, ext_proc on.
+
+    Only a body whose length is known up front (at most the limit: a longer one took
+    :func:`oversized_route`) meets Envoy's MCP filter, which never sees more than it
+    may buffer. Placed after the oversized route and before the fast routes, so an
+    unsized ``tools/call`` goes through ext_proc.
+    """
+    unsized = copy.deepcopy(route)
+    unsized["name"] = f"{server} unsized"
+    unsized["match"] = {
+        "path": route["match"]["path"],
+        "headers": [
+            {"name": ":method", "string_match": {"exact": "POST"}},
+            {"name": "content-length", "present_match": False},
+        ],
+    }
+    unsized.setdefault("typed_per_filter_config", {})[MCP_FILTER] = {
+        "@type": _T + "envoy.config.route.v3.FilterConfig",
+        "disabled": True,
+    }
+    return unsized
+
+
 def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> list[dict[str, Any]]:
     """The fast routes for ``server``, placed before its ordinary ``route`` (whose action they copy)."""
     routes = []
@@ -149,5 +179,6 @@ __all__ = [
     "native_mcp_filter",
     "oversized_route",
     "promised_era",
+    "unsized_route",
     "without_authz",
 ]

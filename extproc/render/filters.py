@@ -4,7 +4,8 @@ Split from :mod:`extproc.render.bootstrap`, which assembles them: the ext_proc f
 (its ``processing_mode`` from the stages' :class:`~extproc.render.options.PhaseNeeds`),
 the ext_authz filter (one ``Check`` with the body), the cluster that reaches our
 gRPC server (TCP or unix socket, HTTP/2), and the local replies that turn Envoy's
-own upstream-failure answers into JSON-RPC errors.
+own upstream-failure answers, and its 413 for a body past the buffer limit, into
+JSON-RPC errors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Final
 
 from extproc.config.settings import split_hostport
 from extproc.errors import ConfigError
-from extproc.mcp.spec import INTERNAL_ERROR
+from extproc.mcp.spec import INTERNAL_ERROR, INVALID_REQUEST
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 from extproc.render.wire import (
     AUTHZ_HTTP_CLUSTER,
@@ -46,11 +47,23 @@ _UPSTREAM_FAILURE_BODY: Final = json.dumps(
 """A JSON-RPC error whose message Envoy fills in (its ``%...%`` operators)."""
 
 
-def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
-    """Envoy's own answers for an unreachable or failing MCP server, as JSON-RPC errors.
+PAYLOAD_TOO_LARGE_DETAILS: Final = "request_payload_too_large"
+"""Envoy's response code details when a buffering filter (ext_proc, ext_authz) overflows the buffer limit."""
 
-    Only replies carrying an upstream-failure flag are rewritten; the stages' own
-    JSON-RPC answers (ext_proc immediate responses) are left exactly as they are.
+
+def _payload_too_large_body(max_request_bytes: int) -> str:
+    message = f"request body exceeds the {max_request_bytes}-byte limit"
+    error = {"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}
+    return json.dumps(error, separators=(",", ":"))
+
+
+def local_replies(*, max_request_bytes: int, carried_statuses: bool = False) -> dict[str, Any]:
+    """Envoy's own answers for an unreachable or failing MCP server or a body past the limit, as JSON-RPC errors.
+
+    Only replies carrying an upstream-failure flag, and Envoy's own 413 (response code
+    details ``request_payload_too_large``: a body without Content-Length that outgrew
+    the buffer), are rewritten; the stages' own JSON-RPC answers (ext_proc immediate
+    responses, the ``mcp`` stage's 413 among them) are left exactly as they are.
     With ``carried_statuses``, the HTTP authorization service's carrier statuses
     (:data:`extproc.render.wire.CARRIED_STATUS`) are turned back into the real ones.
     """
@@ -69,6 +82,22 @@ def local_replies(*, carried_statuses: bool = False) -> dict[str, Any]:
                     # strings, and a JSON-RPC error code must be a number. The operators used
                     # here never contain quotes or backslashes.
                     "text_format_source": {"inline_string": _UPSTREAM_FAILURE_BODY},
+                    "content_type": "application/json",
+                },
+            },
+            {
+                "filter": {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                            "expression": f"response.code_details == '{PAYLOAD_TOO_LARGE_DETAILS}'",
+                        },
+                    }
+                },
+                "body_format_override": {
+                    # No % in the body: nothing for Envoy's formatter to expand.
+                    "text_format_source": {"inline_string": _payload_too_large_body(max_request_bytes)},
                     "content_type": "application/json",
                 },
             },

@@ -1,4 +1,10 @@
-"""What the renderer is told: where things listen, and which phases the stages need. Pure."""
+"""What the renderer is told: where things listen, and which phases the stages need. Pure.
+
+Data flow::
+
+    Settings / ControllerSettings ──(extproc.commands.inspect, controller.render.sidecar)──▶
+        BootstrapOptions + PhaseNeeds ──▶ extproc.render.bootstrap (the pure renderer)
+"""
 
 from __future__ import annotations
 
@@ -29,11 +35,17 @@ class BootstrapOptions:
 
     Attributes:
         listen_host / listen_port: where agents connect.
-        admin_port: Envoy's admin interface (always bound to 127.0.0.1; 0 = any free port).
+        admin_socket: Envoy's admin interface on this unix socket, mode 0600 (only the
+            user Envoy runs as may connect: the admin API has no authentication, and
+            anything on a loopback TCP port is open to every process sharing the host's
+            or pod's network); ``None``: no admin interface at all.
         extproc_tcp: the gRPC server as ``host:port``, or ``None`` with ``extproc_unix``.
         extproc_unix: the gRPC server's unix socket path.
         max_request_bytes: request size limit (Envoy's buffer limit follows it).
         stream_idle_timeout_s: how long a stream (GET/SSE) may stay silent.
+        request_headers_timeout_s: how long a client may take to send its request
+            headers (from their first byte); a slow or stalled client is then
+            answered 408 and its connection freed.
         message_timeout_ms: how long Envoy waits for one ext_proc answer.
         access_log: write an access log line per request to stdout.
         max_connections: Envoy's limit on open downstream connections.
@@ -49,11 +61,12 @@ class BootstrapOptions:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 10000
-    admin_port: int = 0
+    admin_socket: str | None = None
     extproc_tcp: str | None = "127.0.0.1:50051"
     extproc_unix: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     stream_idle_timeout_s: int = 3600
+    request_headers_timeout_s: int = 10
     message_timeout_ms: int = 2000
     access_log: bool = True
     max_connections: int = 10000

@@ -1,4 +1,4 @@
-"""Upstream OAuth tokens: fetch, cache per (server, subject, scopes), refresh early, single flight.
+"""Upstream OAuth tokens: fetch, cache per (server, subject token, scopes), refresh early, single flight.
 
 Data flow::
 
@@ -12,6 +12,9 @@ Data flow::
 Two grants are spoken (:func:`client_credentials_form`, :func:`token_exchange_form`):
 OAuth 2.1 client credentials (with RFC 8707 ``resource`` and ``audience``) and
 RFC 8693 token exchange, whose subject token is the agent's validated inbound token.
+An exchanged token is cached under a digest of the subject token it was exchanged for
+(:func:`subject_token_digest`), never under the subject alone: another token of the same
+subject (fewer scopes, another audience, revoked consent) is exchanged on its own.
 
 Failures become :class:`TokenError` with the HTTP status the agent should see (503
 when the endpoint cannot be reached, 502 when it answers badly). No message, log line
@@ -22,6 +25,7 @@ HTTP status and the OAuth ``error`` code only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,11 +43,18 @@ DEFAULT_LIFETIME_S: Final = 300.0
 
 
 class TokenError(ExtProcError):
-    """A token could not be obtained; ``status`` is the HTTP status to answer the agent with."""
+    """A token could not be obtained.
 
-    def __init__(self, message: str, status: int) -> None:
+    Attributes:
+        status: the HTTP status to answer the agent with.
+        detail: what the log line says besides the message (e.g. which Secret is
+            missing), for the operator's eyes only; never a token or secret.
+    """
+
+    def __init__(self, message: str, status: int, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +68,28 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class TokenKey:
-    """What a cached token is for: one server, one subject (``""`` for client credentials), scopes."""
+    """What a cached token is for.
+
+    Attributes:
+        server: the MCPServer's name.
+        grant: ``client_credentials`` or ``token_exchange``.
+        subject: the caller (``issuer|subject``; ``""`` for client credentials), for reading.
+        scopes: the scopes asked for.
+        subject_token: for token exchange, :func:`subject_token_digest` of the inbound
+            token exchanged (``""`` for client credentials). A digest: keys may be
+            printed, tokens never.
+    """
 
     server: str
     grant: str
     subject: str
     scopes: tuple[str, ...]
+    subject_token: str = ""
+
+
+def subject_token_digest(token: str) -> str:
+    """The SHA-256 of a subject token, hex: what :class:`TokenKey` holds instead of the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def client_credentials_form(scopes: list[str], audience: str | None, resource: str | None) -> dict[str, str]:

@@ -8,13 +8,25 @@ Data flow::
     request body ─▶ tools/call a subclass refuses
                       single request → its Deny (status, JSON-RPC error, same id);
                                        the upstream never sees it
+                      notification   → not forwarded, never answered (202, no body)
                       batch          → the refused elements are cut out of the batch
-                                       the upstream receives; their errors are held
-                                       and merged into the response
-                 ─▶ tools/list → remember its id, ask for the response body
-    response body ─▶ (plugins.lib.rewrite) JSON or SSE: drop hidden tools from the
-                       tools/list result; held batch errors are appended (JSON) or
-                       sent as extra events at the end of the stream (SSE)
+                                       the upstream receives; the errors of refused
+                                       requests are held and merged into the response
+                                       (a refused notification gets none)
+                 ─▶ tools/list → read the response
+    GET (a standalone stream, or a resumption with Last-Event-ID that replays stored
+        events) ─▶ read the response: a replayed tools/list result is filtered too
+    response body ─▶ (plugins.lib.rewrite, failing closed) JSON or SSE: every message
+                       shaped like a tools/list result (``result.tools`` a list), whatever
+                       its id, loses its hidden tools; held batch errors are appended
+                       (JSON) or sent as extra events at the end of the stream (SSE);
+                       what cannot be read with certainty is refused (502 for JSON, error
+                       events in place of an SSE event), never passed on
+
+Why any id: clients match answers loosely (the TypeScript SDK looks up
+``Number(id)``, so ``"1"`` answers request ``1``), so a result is filtered by its
+shape, not by whether its id is one we asked. The ids of the exchange's requests
+are tracked only to answer those still unanswered when an SSE event is refused.
 
 Upstream compression would hide the body from us, so requests whose response
 we read go out without ``accept-encoding``; a compressed answer anyway is
@@ -31,20 +43,39 @@ from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig
 from extproc.config.resources import MCPServer
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object
-from plugins.lib.rewrite import ResponseRewriter, dumps
+from extproc.mcp.spec import INTERNAL_ERROR
+from plugins.lib.rewrite import FailClosed, ResponseRewriter, Unreadable, dumps
 from plugins.mcp_stage import derived_headers
 
 C = TypeVar("C", bound=StageConfig)
+
+
+def _key(value: Any) -> tuple[str, Any]:
+    """An id compared as JSON compares it: ``1``, ``"1"`` and ``true`` are three ids."""
+    return type(value).__name__, value
 
 
 @dataclass
 class _Exchange:
     """Per-exchange state of one gate."""
 
-    list_ids: set[Any] = field(default_factory=set)
+    reads: bool = False
+    pending: dict[tuple[str, Any], Any] = field(default_factory=dict)
     held_errors: list[dict[str, Any]] = field(default_factory=list)
     response: ResponseRewriter = field(default_factory=ResponseRewriter)
     removed: int = 0
+
+    def read_response(self, ctx: Context, *, stream: bool = False) -> None:
+        """Read this exchange's response, failing closed."""
+        self.reads = True
+        self.response.fail_closed = FailClosed(self.refusals, stream=stream)
+        ctx.want_response_body()
+
+    def refusals(self, message: str) -> list[Any]:
+        """Errors for the requests still unanswered (then answered): what stands in for an unreadable answer."""
+        errors = [error_object(id_, INTERNAL_ERROR, message) for id_ in self.pending.values()]
+        self.pending.clear()
+        return errors
 
 
 class ToolGate(Stage[C]):
@@ -77,14 +108,23 @@ class ToolGate(Stage[C]):
     # -- hooks ------------------------------------------------------------------------------
 
     def needs_response(self, ctx: Context) -> bool | None:
-        if ctx.http_method in ("GET", "DELETE"):
-            return False  # GET streams and DELETE never carry a tools/list result
+        if ctx.http_method == "DELETE":
+            return False
         if ctx.server is not None and not self.applies(ctx, ctx.server):
             return False
+        if ctx.http_method == "GET":
+            return True  # a resumed stream may replay a stored tools/list result
         hints = ctx.hints
         if hints is not None and hints.era is Era.MODERN and hints.method is not None:
             return hints.method == "tools/list"
         return None
+
+    async def on_request_headers(self, ctx: Context) -> Verdict:
+        server = ctx.server
+        if ctx.http_method != "GET" or server is None or not ctx.sees_responses or not self.applies(ctx, server):
+            return None
+        ctx.state(self._state_key).read_response(ctx, stream=True)
+        return Continue(remove_headers=("accept-encoding",))
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         request, server = ctx.mcp, ctx.server
@@ -92,28 +132,41 @@ class ToolGate(Stage[C]):
             return None
         state = ctx.state(self._state_key)
         denied: list[tuple[int, Deny]] = []
+        lists = False
         for index, message in enumerate(request.messages):
             if message.method == "tools/call" and message.tool_name is not None:
                 deny = await self.refuse_call(ctx, server, message)
                 if deny is not None:
                     denied.append((index, deny))
-            elif message.method == "tools/list" and message.id is not None:
-                state.list_ids.add(message.id)
+            elif message.method == "tools/list":
+                lists = True
         if denied and not request.is_batch:
             deny = denied[0][1]
             ctx.log.info("%s: refused tools/call of %r on %r", self.name, request.messages[0].tool_name, server.name)
+            if request.messages[0].kind == "notification":
+                return _unanswered(deny)
             return deny
         if denied:
             return self._cut_batch(ctx, request, server, denied, state)
-        if state.list_ids:
-            ctx.want_response_body()
+        if lists:
+            self._expect(ctx, request, state)
             return Continue(remove_headers=("accept-encoding",))
         return None
+
+    def _expect(self, ctx: Context, forwarded: McpRequest, state: _Exchange) -> None:
+        """Read the response to ``forwarded``, its requests' ids pending until answered."""
+        state.pending = {_key(m.id): m.id for m in forwarded.messages if m.kind == "request"}
+        state.read_response(ctx)
 
     def _cut_batch(
         self, ctx: Context, request: McpRequest, server: MCPServer, denied: list[tuple[int, Deny]], state: _Exchange
     ) -> Verdict:
-        errors = [error_object(request.messages[i].id, deny.code, deny.message, deny.data) for i, deny in denied]
+        # JSON-RPC 2.0: a notification is never answered, not even with an error.
+        errors = [
+            error_object(request.messages[i].id, deny.code, deny.message, deny.data)
+            for i, deny in denied
+            if request.messages[i].kind == "request"
+        ]
         cut = {i for i, _ in denied}
         keep = [i for i in range(len(request.messages)) if i not in cut]
         if not any(request.messages[i].kind == "request" for i in keep):
@@ -121,6 +174,8 @@ class ToolGate(Stage[C]):
             if keep:
                 ctx.log.warning("batch: every request was denied; %d notification(s) not forwarded", len(keep))
             first = denied[0][1]
+            if not errors:
+                return _unanswered(first)
             return Deny(
                 status=200,
                 code=first.code,
@@ -131,7 +186,7 @@ class ToolGate(Stage[C]):
         kept = request.keep(keep)
         ctx.mcp = kept
         state.held_errors.extend(errors)
-        ctx.want_response_body()
+        self._expect(ctx, kept, state)
         # The upstream's x-mcp-* headers describe what it receives, not what was cut.
         headers, metadata = derived_headers(kept, server.name)
         stale = tuple(h for h in (X_MCP_METHOD, X_MCP_TOOL) if h not in headers)
@@ -145,24 +200,33 @@ class ToolGate(Stage[C]):
     async def on_response_body(self, ctx: Context, chunk: bytes) -> Verdict:
         server = ctx.server
         state = ctx.state(self._state_key)
-        if server is None or not (state.list_ids or state.held_errors):
+        if server is None or not state.reads:
             return None
 
         async def filter_tools(message: Any) -> Any:
-            return await self._maybe_filter(ctx, message, server, state)
+            return await self._filter(ctx, message, server, state)
 
-        body = await state.response.rewrite(
-            ctx, chunk, filter_tools if state.list_ids else None, reader="mcp-extproc", extra=state.held_errors
-        )
+        body = await state.response.rewrite(ctx, chunk, filter_tools, reader="mcp-extproc", extra=state.held_errors)
         return body if body is None or isinstance(body, Deny) else Continue(body=body)
 
-    async def _maybe_filter(self, ctx: Context, message: Any, server: MCPServer, state: _Exchange) -> Any:
-        """A tools/list response with hidden tools removed; ``message`` itself when none were."""
-        if not (isinstance(message, dict) and message.get("id") in state.list_ids and "result" in message):
+    async def _filter(self, ctx: Context, message: Any, server: MCPServer, state: _Exchange) -> Any:
+        """``message`` with hidden tools removed if it is shaped like a tools/list result; itself when none were.
+
+        Raises:
+            Unreadable: a result's ``tools`` is there but not a list.
+        """
+        if not isinstance(message, dict):
             return message
-        result = message["result"]
-        if not isinstance(result, dict) or not isinstance(tools := result.get("tools"), list):
+        if "method" not in message and "id" in message:
+            state.pending.pop(_key(message["id"]), None)
+        result = message.get("result")
+        if not isinstance(result, dict) or "tools" not in result:
             return message
+        tools = result["tools"]
+        if not isinstance(tools, list):
+            kinds: dict[type, str] = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}
+            kind = kinds.get(type(tools), "a number")
+            raise Unreadable(f"a result's tools is {kind}, not a list")
         kept = []
         for tool in tools:
             name = tool.get("name") if isinstance(tool, dict) else None
@@ -173,3 +237,8 @@ class ToolGate(Stage[C]):
         if not removed:
             return message
         return {**message, "result": {**result, "tools": kept}}
+
+
+def _unanswered(deny: Deny) -> Deny:
+    """``deny`` for what gets no answer (notifications only): 202 with no body, as an upstream accepts them."""
+    return Deny(status=202, code=deny.code, message=deny.message, reason=deny.reason, body=b"")

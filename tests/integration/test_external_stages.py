@@ -189,7 +189,10 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {"address": policy_at, "servers": ["policy", "policysse"]},
         ]
         pipeline = write_pipeline(
-            tmp / "pipeline.yaml", {"name": "mcp"}, {"name": "external", "config": {"services": services}}
+            tmp / "pipeline.yaml",
+            {"name": "mcp"},
+            {"name": "allowlist"},
+            {"name": "external", "config": {"services": services}},
         )
         gateway, base, _metrics = start_gateway(tmp / "resources.yaml", tmp, "--pipeline", str(pipeline))
         procs.append(gateway)
@@ -260,7 +263,7 @@ async def test_a_service_that_went_down_fails_closed_by_default_and_open_when_co
 def run_up(tmp: Path, services: list[dict[str, Any]], **config: Any) -> subprocess.CompletedProcess[str]:
     (tmp / "resources.yaml").write_text(yaml.safe_dump(resource_doc("py", 1, PY_TOOLS)))
     external = {"name": "external", "config": {"services": services, **config}}
-    pipeline = write_pipeline(tmp / "p.yaml", {"name": "mcp"}, external)
+    pipeline = write_pipeline(tmp / "p.yaml", {"name": "mcp"}, {"name": "allowlist"}, external)
     argv = [sys.executable, "-m", "extproc", "up", "-f", str(tmp / "resources.yaml"), "--pipeline", str(pipeline)]
     argv += ["--listen", f"127.0.0.1:{free_port()}", "--metrics", ""]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from extproc.render.bootstrap import render_bootstrap_yaml
 from extproc.render.options import BootstrapOptions
 from tests.agents import raw_post
 from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
-from tests.procs import Proc, assert_envoy_accepts, free_port, start_pyserver
+from tests.procs import Proc, admin_get, admin_ready, assert_envoy_accepts, free_port, start_pyserver
 from tests.upstreams.pyserver import read_records
 
 pytestmark = pytest.mark.integration
@@ -57,16 +59,15 @@ async def test_extension_server_down_fails_closed(tmp_path: Path, upstream: tupl
     needs = Registry().build_pipeline(DEFAULT_PIPELINE).needs
     port = free_port()
     bootstrap = tmp_path / "envoy.yaml"
-    options = BootstrapOptions(listen_port=port, extproc_tcp=None, extproc_unix=str(tmp_path / "nobody.sock"))
-    bootstrap.write_text(render_bootstrap_yaml(catalog, needs, options))
-    admin = tmp_path / "admin"
-    envoy = Proc(
-        [envoy_binary(), "-c", str(bootstrap), "--use-dynamic-base-id", "--admin-address-path", str(admin)],
-        name="envoy",
-        log_dir=tmp_path,
+    admin = tmp_path / "admin.sock"
+    options = BootstrapOptions(
+        listen_port=port, extproc_tcp=None, extproc_unix=str(tmp_path / "nobody.sock"), admin_socket=str(admin)
     )
+    bootstrap.write_text(render_bootstrap_yaml(catalog, needs, options))
+    envoy = Proc([envoy_binary(), "-c", str(bootstrap), "--use-dynamic-base-id"], name="envoy", log_dir=tmp_path)
     try:
         envoy.wait_for_line(r"starting main dispatch loop", 30)
+        assert admin_ready(admin)
         reply = await raw_post(f"http://127.0.0.1:{port}/py/mcp", CALL)
     finally:
         envoy.stop()
@@ -84,6 +85,42 @@ def test_up_stops_cleanly_on_sigterm(tmp_path: Path, upstream: tuple[Path, Path]
     assert envoy_pids() & started == set(), "Envoy outlived `up`"
     log = proc.log_path.read_text()
     assert "gRPC server stopped" in log
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (from /proc: its socket inodes in LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_up_serves_envoys_admin_on_a_private_unix_socket_only(tmp_path: Path, upstream: tuple[Path, Path]) -> None:
+    """Envoy's admin API (no authentication) is a 0600 unix socket: no TCP port but the agents' listener."""
+    resources, _record = upstream
+    proc, base, _metrics = start_gateway(resources, tmp_path)
+    try:
+        admin = Path(proc.wait_for_line(r"envoy admin at unix:(\S+)", 10).group(1))
+        assert admin.stat().st_mode & 0o777 == 0o600
+        status, body = admin_get(admin, "/listeners?format=json")
+        assert status == 200
+        [listener] = json.loads(body)["listener_statuses"]
+        port = int(base.rsplit(":", 1)[1])
+        assert listener["local_address"]["socket_address"]["port_value"] == port
+        [envoy] = envoy_pids(proc.popen.pid)
+        assert _listening_tcp_ports(envoy) == {port}
+    finally:
+        proc.stop()
 
 
 def test_envoy_dies_with_a_killed_up(tmp_path: Path, upstream: tuple[Path, Path]) -> None:

@@ -12,7 +12,9 @@ become temporary directories, the ports free ones, and the metrics port 0.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -31,7 +32,7 @@ from controller.render.sidecar import CONFIG_DIR
 from extproc.commands.envoy import envoy_binary
 from tests.agents import legacy_session, raw_post
 from tests.idp import Idp, agent_doc, rsa_key, running_idp
-from tests.procs import Proc, free_port, start_pyserver
+from tests.procs import Proc, admin_get, admin_ready, free_port, start_pyserver
 from tests.upstreams.pyserver import read_records
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,7 @@ UPSTREAM_TOKEN = "sidecar-upstream-token"
 class Pod:
     url: str
     admin: str
+    """The sidecar Envoy's admin unix socket."""
     idp: Idp
     records: Path
 
@@ -104,13 +106,6 @@ def _connects(path: str) -> bool:
         return True
 
 
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     tmp = tmp_path_factory.mktemp("sidecar")
@@ -123,7 +118,7 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
         try:
             upstream, port = start_pyserver("legacy-json", records)
             procs.append(upstream)
-            settings = ControllerSettings(sidecar_port=free_port(), admin_port=free_port(), socket_dir=str(socket_dir))
+            settings = ControllerSettings(sidecar_port=free_port(), socket_dir=str(socket_dir))
             [(view, rendered)] = render_documents(_documents(port, idp.jwks_uri), settings).values()
             assert not rendered.problems, rendered.problems
             _files(rendered.objects, config_dir)
@@ -135,8 +130,12 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             _until(lambda: _connects(settings.socket_path), serve, "the extension server's socket")
             front = Proc([envoy_binary(), *_local(envoy["args"], config_dir)], name="sidecar-envoy", log_dir=tmp)
             procs.append(front)
-            admin = f"http://127.0.0.1:{settings.admin_port}"
-            _until(lambda: _answers(f"{admin}/ready"), front, "the sidecar Envoy")
+            admin = settings.admin_socket_path
+            _until(lambda: admin_ready(admin), front, "the sidecar Envoy")
+            assert Path(admin).stat().st_mode & 0o777 == 0o600  # the admin API answers its own UID only
+            # The startup probe the pod spec carries finds it ready too (over the admin socket).
+            probe = envoy["startupProbe"]["exec"]["command"]
+            assert subprocess.run([sys.executable, *probe[1:]], check=False, timeout=10).returncode == 0
             yield Pod(f"http://127.0.0.1:{settings.sidecar_port}/tools/mcp", admin, idp, records)
         finally:
             for proc in reversed(procs):
@@ -144,7 +143,9 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
 
 
 def _counter(admin: str, name: str) -> int:
-    stats = httpx.get(f"{admin}/stats", params={"format": "json", "filter": f"^{name}$"}, timeout=5).json()["stats"]
+    status, body = admin_get(admin, f"/stats?format=json&filter=^{name}$")
+    assert status == 200, body
+    stats: list[dict[str, Any]] = json.loads(body)["stats"]
     return sum(int(s.get("value", 0)) for s in stats)
 
 

@@ -190,8 +190,10 @@ async def test_responses_nobody_reads_pass_untouched() -> None:
     body = b'{"jsonrpc":"2.0","id":7,"result":{"content":[]}}'
     reply = await called.respond(body=body)
     assert reply.body == body and Phase.RESPONSE_BODY not in reply.verdicts
-    stream = await harness.get()
-    assert not stream.response_phases  # a GET stream never carries a tools/list result
+    # A GET may replay a tools/list result, so it is read where tools are hidden; on a server
+    # that allows every tool and denies none there is nothing to hide.
+    stream = await StageHarness(stage("allowlist"), stages_before=["mcp"]).get()
+    assert not stream.response_phases
     assert (
         await stream.respond(headers={"content-type": "text/event-stream"}, chunks=[b": hi\n\n"])
     ).body == b": hi\n\n"

@@ -16,6 +16,11 @@ Modes (how requests of the *legacy* era are served):
   (progress notifications then have no per-request stream to travel on).
 - `modern`: stateless, SSE-capable; the server a 2026-07-28 client talks to.
 
+With `--event-store`, a stateful mode keeps every SSE event in memory
+(`MemoryEventStore`): streams of 2025-11-25 clients open with a priming event whose
+id a GET with `Last-Event-ID` resumes from, and the events that followed it (a
+`tools/list` result, say) are replayed on that GET.
+
 Every mode also answers 2026-07-28 requests: the SDK's session manager routes a POST
 whose `MCP-Protocol-Version` header names a non-handshake revision to its stateless
 modern handler, whatever `stateless_http` says. The era is therefore chosen by the
@@ -48,7 +53,9 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypedDict, cast, get_args
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import JSONRPCMessage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.upstreams.serving import bind_loopback, serve_ready
@@ -101,13 +108,36 @@ def build_server() -> MCPServer[Any]:
     return srv
 
 
-def build_app(mode: Mode) -> ASGIApp:
-    """Build the Starlette app serving `/mcp` in `mode`."""
+class MemoryEventStore(EventStore):
+    """Every event of every stream, in memory, for resumability: a GET with Last-Event-ID replays what followed."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, str, JSONRPCMessage | None]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        event_id = f"{stream_id}_{len(self._events)}"
+        self._events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        found = [i for i, (event_id, _, _) in enumerate(self._events) if event_id == last_event_id]
+        if not found:
+            return None
+        stream_id = self._events[found[0]][1]
+        for event_id, stream, message in self._events[found[0] + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+def build_app(mode: Mode, *, event_store: bool = False) -> ASGIApp:
+    """Build the Starlette app serving `/mcp` in `mode` (resumable with `event_store`)."""
     srv = build_server()
     return srv.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=mode == "modern",
         json_response=mode == "legacy-json",
+        event_store=MemoryEventStore() if event_store else None,
         # DNS-rebinding protection would answer 421 to any Host a proxy forwards that is
         # not 127.0.0.1:*/localhost:*; this server only ever binds loopback.
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
@@ -198,12 +228,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = pick a free one)")
     parser.add_argument("--mode", choices=MODES, default="legacy-sse", help="how legacy-era requests are served")
     parser.add_argument("--record", type=Path, default=None, help="append one JSON line per HTTP request here")
+    parser.add_argument("--event-store", action="store_true", help="keep SSE events in memory for resumption")
     return parser.parse_args(argv)
 
 
-async def serve(mode: Mode, port: int, record: Path | None) -> None:
+async def serve(mode: Mode, port: int, record: Path | None, *, event_store: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, printing `READY <port>` once connections are accepted."""
-    app = build_app(mode)
+    app = build_app(mode, event_store=event_store)
     if record is not None:
         app = RecordingMiddleware(app, record)
     # Open SSE streams (GET streams, long tool calls) would otherwise hold shutdown forever.
@@ -214,7 +245,7 @@ async def serve(mode: Mode, port: int, record: Path | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point; see the module docstring."""
     args = _parse_args(argv)
-    asyncio.run(serve(cast(Mode, args.mode), args.port, args.record))
+    asyncio.run(serve(cast(Mode, args.mode), args.port, args.record, event_store=args.event_store))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.api import Principal
-from extproc.config.pipeline_file import DEFAULT_PIPELINE
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig, StageSpec
 from extproc.config.resources import Catalog, parse_documents
 from extproc.core.pipeline import Pipeline
 from extproc.core.registry import Registry
@@ -219,12 +219,15 @@ async def test_consent_comes_from_the_claim_else_the_grant(
     assert (exchange.principal.granted, exchange.principal.consented) == ("medium", consented)
 
 
-async def test_protected_resource_metadata(pipeline: Pipeline, catalog_with_agent: Catalog, idp: Idp) -> None:
+async def test_protected_resource_metadata(catalog_with_agent: Catalog, idp: Idp) -> None:
+    # The resource is the configured public URL's, never the request's Host (forged here).
+    specs = [StageSpec(name="authn", config={"publicUrl": "https://gw.test"}), *DEFAULT_PIPELINE.stages[1:]]
+    pipeline = Registry().build_pipeline(PipelineConfig(stages=specs))
     exchange = Exchange(pipeline, catalog_with_agent)
-    response = await exchange.headers("/.well-known/oauth-protected-resource/demo/mcp", **{":authority": "gw.test"})
+    response = await exchange.headers("/.well-known/oauth-protected-resource/demo/mcp", **{":authority": "evil.test"})
     assert response.immediate_response.status.code == 200
     document = json.loads(response.immediate_response.body)
-    assert document["resource"] == "http://gw.test/demo/mcp"
+    assert document["resource"] == "https://gw.test/demo/mcp"
     assert document["authorization_servers"] == [idp.issuer]
     assert document["bearer_methods_supported"] == ["header"]
     root = await Exchange(pipeline, catalog_with_agent).headers("/.well-known/oauth-protected-resource")
