@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from tests.agents import legacy_session, raw_post
-from tests.idp import Idp, agent_doc, running_idp
+from tests.idp import Idp, agent_doc
 from tests.integration.conftest import metric_value, start_gateway
 from tests.procs import start_pyserver
 from tests.upstreams.pyserver import read_records
@@ -30,12 +29,6 @@ pytestmark = pytest.mark.integration
 
 UPSTREAM_TOKEN = "reload-posture-upstream-token"
 """A made-up token: the test upstream ignores it."""
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[Idp]:
-    with running_idp() as running:
-        yield running
 
 
 def documents(port: int, agents: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -8,33 +8,16 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import Registry
-from tests.idp import Idp, running_idp
+from tests.idp import Idp
 from tests.policies import REGO, call, catalog_of, policy_doc, refused, send
 from tests.procs import start_opa_standin
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[Idp]:
-    with running_idp() as running:
-        yield running
-
-
-@pytest.fixture
-async def pipeline() -> AsyncIterator[Pipeline]:
-    built = Registry().build_pipeline(DEFAULT_PIPELINE)
-    await built.startup()
-    yield built
-    await built.shutdown()
 
 
 def standin_count(port: int) -> int:

@@ -7,7 +7,7 @@ would send the agent (status, WWW-Authenticate, JSON-RPC error).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -35,14 +35,6 @@ def idp() -> Iterator[Idp]:
 @pytest.fixture
 def catalog_with_agent(idp: Idp) -> Catalog:
     return parse_documents([SERVER_DOC, OTHER_SERVER, agent_doc("agent", idp.jwks_uri, ["demo"])], "test")
-
-
-@pytest.fixture
-async def pipeline() -> AsyncIterator[Pipeline]:
-    built = Registry().build_pipeline(DEFAULT_PIPELINE)
-    await built.startup()
-    yield built
-    await built.shutdown()
 
 
 class Exchange:

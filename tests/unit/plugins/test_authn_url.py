@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,11 @@ from extproc.core.registry import Registry
 from extproc.errors import ConfigError
 from extproc.testing import DEFAULT_RESOURCES, StageHarness
 from plugins.authn import UNCONFIGURED_ORIGIN, AuthnConfig, AuthnStage, token_parameter
-from tests.idp import Idp, agent_doc, running_idp
+from tests.idp import Idp, agent_doc
 
 SECRET = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.c2lnbmF0dXJlLXRoYXQtbXVzdC1ub3QtbGVhaw"
 FORGED = {":authority": "evil.example", "host": "evil.example", "x-forwarded-proto": "gopher", ":scheme": "gopher"}
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[Idp]:
-    with running_idp() as running:
-        yield running
 
 
 def _resources(idp: Idp, *extra: dict[str, Any]) -> list[dict[str, Any]]:

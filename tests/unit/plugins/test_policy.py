@@ -9,37 +9,20 @@ signed tokens; the assertions are on what the agent would get back.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from extproc.config.pipeline_file import DEFAULT_PIPELINE
 from extproc.config.resources import parse_documents
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
-from extproc.core.registry import Registry
 from extproc.core.reload import try_reload
-from tests.idp import Idp, running_idp
+from tests.idp import Idp
 from tests.messages import body_msg, headers_msg
 from tests.policies import REGO, SERVER, call, catalog_of, policy_doc, refused, send
 from tests.procs import free_port
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[Idp]:
-    with running_idp() as running:
-        yield running
-
-
-@pytest.fixture
-async def pipeline() -> AsyncIterator[Pipeline]:
-    built = Registry().build_pipeline(DEFAULT_PIPELINE)
-    await built.startup()
-    yield built
-    await built.shutdown()
 
 
 @pytest.mark.parametrize(

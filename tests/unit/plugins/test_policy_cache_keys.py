@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +28,13 @@ import pytest
 import uvicorn
 
 from extproc.api import Principal
-from extproc.config.pipeline_file import DEFAULT_PIPELINE, StageSpec
+from extproc.config.pipeline_file import StageSpec
 from extproc.config.resources import API_VERSION, Catalog, parse_documents
 from extproc.core.pipeline import Pipeline
 from extproc.core.registry import Registry
 from extproc.testing import StageHarness
 from plugins.policy import caller_digest
-from tests.idp import AUDIENCE, ISSUER, Idp, agent_doc, running_idp
+from tests.idp import AUDIENCE, ISSUER, Idp, agent_doc
 from tests.messages import body_msg, headers_msg
 from tests.policies import call, catalog_of, policy_doc, refused, send
 from tests.upstreams.oauth_server import TOKEN_EXCHANGE, AuthServer, build_app
@@ -45,20 +45,6 @@ import rego.v1
 default allow := true
 allow := false if { input.principal.claims.department == "sales" }
 """
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[Idp]:
-    with running_idp() as running:
-        yield running
-
-
-@pytest.fixture
-async def pipeline() -> AsyncIterator[Pipeline]:
-    built = Registry().build_pipeline(DEFAULT_PIPELINE)
-    await built.startup()
-    yield built
-    await built.shutdown()
 
 
 def _scope_policy() -> dict[str, Any]:
