@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         "--unix", default=_DEFAULT["unix"], help="reach the extension server over this unix socket instead"
     )
     render.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    render.add_argument(
+        "--admin-socket",
+        metavar="PATH",
+        default=_DEFAULT["admin_socket"],
+        help="Envoy's admin interface on this unix socket (mode 0600); without it the bootstrap has none",
+    )
     render.add_argument("--stream-idle-timeout", type=int, default=_DEFAULT["stream_idle_timeout_s"])
     render.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
 

@@ -81,6 +81,7 @@ def bootstrap_options(
         front_door="ext_authz" if settings.front_door == "ext_authz" else "ext_proc",
         fast_calls=plan.fast_call_eras if settings.front_door == "auto" else frozenset(),
         authz_http_unix=authz_http,
+        admin_socket=settings.admin_socket,
     )
 
 

@@ -46,6 +46,10 @@ class Settings:
             RFC 9728 metadata name it, never the request's ``Host``. ``None``: ``up``
             uses ``http://<listen>``; ``serve`` refuses to start when an ``MCPAgent``
             is declared (unless the pipeline's ``authn`` config sets ``publicUrl``).
+        admin_socket: ``render envoy --admin-socket``: Envoy's admin interface on this
+            unix socket (mode 0600); ``None``: the rendered bootstrap has no admin
+            interface (it has no authentication, so never on TCP). ``up`` always puts
+            one in its private directory.
     """
 
     resources: Path
@@ -62,6 +66,7 @@ class Settings:
     front_door: Literal["auto", "ext_proc", "ext_authz"] = "auto"
     reload_interval_s: float = 1.0
     public_url: str | None = None
+    admin_socket: str | None = None
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:

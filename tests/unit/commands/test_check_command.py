@@ -47,3 +47,17 @@ def test_a_missing_reference_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     orphan["spec"] = {"targetRefs": [{"name": "nope"}]}
     assert main(["check", "-f", str(write(tmp_path, SERVER_DOC, orphan))]) == 2
     assert "MCPToolPolicy 'demo-policy': spec.targetRefs[0]: no MCPServer named 'nope'" in capsys.readouterr().err
+
+
+def test_render_envoy_puts_the_admin_interface_on_a_private_socket_or_nowhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Envoy's admin API has no authentication: never on TCP, only on a 0600 unix socket when asked.
+    resources = tmp_path / "resources.yaml"
+    resources.write_text(yaml.safe_dump(SERVER_DOC))
+    socket = str(tmp_path / "admin.sock")
+    assert main(["render", "envoy", "-f", str(resources), "--admin-socket", socket]) == 0
+    admin = yaml.safe_load(capsys.readouterr().out)["admin"]
+    assert admin["address"] == {"pipe": {"path": socket, "mode": 0o600}}
+    assert main(["render", "envoy", "-f", str(resources)]) == 0
+    assert "admin" not in yaml.safe_load(capsys.readouterr().out)
