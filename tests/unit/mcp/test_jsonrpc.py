@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -27,20 +27,7 @@ from extproc.mcp import (
     parse_message,
     parse_request,
 )
-
-MODERN: Final = "2026-07-28"
-LEGACY: Final = "2025-11-25"
-
-
-def body(obj: Any) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def request(method: str, params: dict[str, Any] | None = None, id: Any = 1) -> dict[str, Any]:
-    obj: dict[str, Any] = {"jsonrpc": "2.0", "id": id, "method": method}
-    if params is not None:
-        obj["params"] = params
-    return obj
+from tests.unit.mcp.bodies import LEGACY, MODERN, body, request
 
 
 def call(name: str, arguments: dict[str, Any] | None = None, id: Any = 1) -> dict[str, Any]:

@@ -14,8 +14,7 @@ which these tests hold the codec to.
 
 from __future__ import annotations
 
-import json
-from typing import Any, Final
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -31,20 +30,7 @@ from mcp_types import CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS
 
 from extproc.mcp import Era, McpRequest, Rejection, http_status_for, parse_request
-
-MODERN: Final = "2026-07-28"
-LEGACY: Final = "2025-11-25"
-
-
-def body(obj: Any) -> bytes:
-    return json.dumps(obj).encode()
-
-
-def request(method: str, params: dict[str, Any] | None = None, id: Any = 1) -> dict[str, Any]:
-    obj: dict[str, Any] = {"jsonrpc": "2.0", "id": id, "method": method}
-    if params is not None:
-        obj["params"] = params
-    return obj
+from tests.unit.mcp.bodies import LEGACY, MODERN, body, request
 
 
 def full_meta(**extra: Any) -> dict[str, Any]:
