@@ -1,71 +1,112 @@
-"""The ``session`` stage: legacy MCP sessions are bound to their principal and kept alive.
+"""The ``session`` stage: gateway-signed session ids, and legacy sessions kept alive.
 
-Legacy era only (2025-03-26 … 2025-11-25); 2026-07-28 has no sessions and no ping,
-so its requests pass untouched and are never kept.
+The agent never sees the upstream's ``Mcp-Session-Id``: on ``initialize`` the gateway
+hands out its own, a JWS naming the upstream id, the server and the principal
+(:mod:`plugins.lib.session_ids`), and swaps it back on every request. Any process
+holding the key set (``--session-key-file``) can serve any session: ``up`` after a
+restart, every replica of ``serve``.
 
 Data flow::
 
-    initialize ──response 200 + Mcp-Session-Id──▶ bind (server, session) → principal
-    request with Mcp-Session-Id (POSTs checked once the body is parsed: errors carry the id)
-        unknown session or another principal ──▶ 404, JSON-RPC error; nothing forwarded
+    initialize ──response 2xx + Mcp-Session-Id: U──▶ agent gets S = sign(U, server, principal)
+    any other response carrying Mcp-Session-Id ──▶ the agent's S, or removed (never U)
+    request with Mcp-Session-Id S, whatever protocol version it declares (POSTs checked
+    once the body is parsed, so errors carry the id; a second copy of the header: 400,
+    from the ``mcp`` stage)
+        not ours, tampered, expired, another server or another principal
+            ──▶ 404, JSON-RPC error; nothing forwarded
+        valid ──▶ forwarded with Mcp-Session-Id: U, and (legacy only):
         POST  ──response 2xx──▶ keeper.keep (spec.keepalive Auto/Always; not Never)
         tools/call on the auto front door's fast route (one ext_authz Check, no
-              response) ──▶ binding checked, keeper.keep from the request
+              response) ──▶ keeper.keep from the request
         GET   ──▶ keeper.step_aside (its GET closes before the agent's reaches the
-                  server); the response body is streamed through us only so that we
-                  hear when the agent's stream ends (on_exchange_end) ──▶ keeper.take_over
-        DELETE ──▶ keeper.stop, then unbind once the upstream agrees
-        any response 404 ──▶ the upstream forgot the session: keeper.stop, unbind
+                  server); the agent's stream is read through us: pings on it are
+                  answered by the keeper and replaced by an SSE comment, the messages
+                  kept while the keeper held the stream go out first; when the stream
+                  ends (on_exchange_end) ──▶ keeper.take_over
+        DELETE ──▶ keeper.stop
+        response 404 (or a 400 whose error names the session) ──▶ the upstream lost the
+              session: keeper.stop, and the agent gets 404 with its JSON-RPC id
 
-Behind the ext_authz front door (no response phases) the stage does nothing: it
-never sees a session being issued. The principal is ``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no
-``authn`` stage runs. See :mod:`plugins.lib.keeper` for the keeper itself.
+Behind the ext_authz front door (no response phases) the stage cannot see a session
+being issued: upstream ids pass as they are and nothing is kept. The principal is
+``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no ``authn`` stage
+runs. See :mod:`plugins.lib.keeper` for the keeper itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
-from extproc.api import Context, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.api import Context, Continue, Deny, FailureMode, Stage, StageConfig, StateKey, Verdict
 from extproc.config.models import Keepalive
 from extproc.config.resources import MCPServer
+from extproc.config.session_keys import SessionKeys, load_key_set
 from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.jsonrpc import Era
 from extproc.mcp.spec import INVALID_REQUEST
+from extproc.mcp.sse import SseDecoder, SseTooLarge
 from plugins.credentials import UPSTREAM_CREDENTIAL
-from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper
+from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper, server_request
+from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
 
 ANONYMOUS = "anonymous"
+PING_REMOVED = b": mcp-extproc answered a ping of the server\n\n"
+"""What replaces a ping on the agent's stream (a comment: every client skips it)."""
+
+log = logging.getLogger("mcp_extproc.session")
+
+_WHY: dict[str, str] = {
+    "malformed": "it is not a session id this gateway issued",
+    "unknown_key": "it was signed with a key this gateway no longer has",
+    "bad_signature": "its signature does not verify",
+    "expired": "it has expired",
+    "other_server": "it belongs to another MCP server",
+    "session_principal_mismatch": "it belongs to another caller",
+}
 
 
 class SessionConfig(StageConfig):
     """Configuration of the ``session`` stage.
 
     Attributes:
-        idle_timeout_s: stop keeping a session the agent has not used for this long.
-        max_sessions: bound on remembered session bindings (least recently used go first).
+        idle_timeout_s: stop keeping a session the agent has not used for this long
+            (an MCPServer's ``keepaliveIdleSeconds`` overrides it).
+        max_sessions: bound on kept sessions (the least recently used go first).
         backoff_initial_s / backoff_max_s: the keeper's reconnect delays (jittered).
+        key_file: the session key set (a JWKS file, created when missing); ``up`` and
+            ``serve`` fill it from ``--session-key-file``. ``None``: a key in memory.
+        max_age_s: how long a session id stays valid after ``initialize``.
     """
 
-    idle_timeout_s: float = Field(default=3600.0, gt=0, alias="idleTimeoutSeconds")
+    idle_timeout_s: float = Field(default=1800.0, gt=0, alias="idleTimeoutSeconds")
     max_sessions: int = Field(default=100_000, gt=0, alias="maxSessions")
     backoff_initial_s: float = Field(default=0.2, gt=0, alias="backoffInitialSeconds")
     backoff_max_s: float = Field(default=30.0, gt=0, alias="backoffMaxSeconds")
+    key_file: str | None = Field(default=None, alias="keyFile")
+    max_age_s: float = Field(default=DEFAULT_MAX_AGE_S, gt=0, alias="maxSessionAgeSeconds")
 
 
 @dataclass
 class _Exchange:
+    token: str | None = None
     session_id: str | None = None
     agent_stream: bool = False
     handed_back: bool = False
+    check_lost: bool = False
+    unread: bool = False
+    decoder: SseDecoder | None = None
+    kept_events: list[bytes] = field(default_factory=list)
 
 
 _STATE = StateKey("session", _Exchange)
@@ -75,19 +116,34 @@ def _caller(ctx: Context) -> str:
     return ctx.principal.key if ctx.principal is not None else ANONYMOUS
 
 
+def _agent(ctx: Context) -> str | None:
+    return ctx.principal.agent if ctx.principal is not None else None
+
+
 def _legacy(ctx: Context) -> bool:
     if ctx.hints is not None and ctx.hints.era is Era.MODERN:
         return False
     return not (ctx.mcp is not None and ctx.mcp.era is Era.MODERN)
 
 
+def _names_the_session(body: bytes) -> bool:
+    """True for a JSON-RPC error body that says the session is unknown (some servers send 400)."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    error = message.get("error") if isinstance(message, dict) else None
+    text = error.get("message") if isinstance(error, dict) else None
+    return isinstance(text, str) and "session" in text.lower()
+
+
 class SessionStage(Stage[SessionConfig]):
-    """Bind legacy sessions to principals; keep heartbeating upstream sessions alive."""
+    """Sign and verify session ids; keep heartbeating upstream sessions alive."""
 
     name: ClassVar[str] = "session"
     requires: ClassVar[tuple[str, ...]] = ("mcp",)
     # A tools/call's response is not needed: on the auto front door's fast route the
-    # binding is checked and the keeper (re)started from the request (see _admit); a
+    # id is verified and the keeper (re)started from the request (see _admit); a
     # session the upstream lost shows as a 404 on the keeper's own GET.
     calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
 
@@ -97,7 +153,7 @@ class SessionStage(Stage[SessionConfig]):
         """``clock`` is the keeper's time (the real clock unless a test passes a fake)."""
         super().__init__(config, failure_mode)
         self.settings = config
-        self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.ids = SessionIds(SessionKeys.ephemeral(), max_age_s=config.max_age_s)
         self.refused: Counter | None = None
         self._client = httpx.AsyncClient(
             # Reads never time out: the GET stream may be quiet for a long time.
@@ -123,17 +179,27 @@ class SessionStage(Stage[SessionConfig]):
             clock,
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
 
     def bind_metrics(self, registry: CollectorRegistry) -> None:
         self.keeper.metrics = KeeperMetrics(registry)
         self.refused = Counter(
             "mcp_extproc_session_refused",
-            "Requests refused for naming a session of another principal, or one this gateway never saw.",
+            "Requests refused for a session id that is not valid here or belongs to another principal.",
             ["server", "reason"],
             registry=registry,
         )
 
     async def startup(self) -> None:
+        if self.config.key_file is not None:
+            keys = load_key_set(Path(self.config.key_file), create=True)
+            self.ids = SessionIds(keys, max_age_s=self.config.max_age_s)
+            log.info("session ids signed with key %s of %s", keys.signing.kid, keys.source)
+        else:
+            log.warning(
+                "session ids are signed with a key held in memory: sessions will not survive a restart "
+                "or reach another replica (give --session-key-file)"
+            )
         self._sweeper = asyncio.create_task(self.keeper.sweep(), name="keeper-sweep")
 
     async def shutdown(self) -> None:
@@ -141,19 +207,29 @@ class SessionStage(Stage[SessionConfig]):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for task in list(self._answering):
+            task.cancel()
         await self.keeper.close()
         await self._client.aclose()
         await self._answers.aclose()
 
     def needs_response(self, ctx: Context) -> bool | None:
-        if not _legacy(ctx):
-            return False
-        return not (ctx.http_method == "GET" and MCP_SESSION_ID not in ctx.request_headers)
+        if MCP_SESSION_ID in ctx.request_headers:
+            return True
+        return _legacy(ctx) and ctx.http_method != "GET"
 
-    def _refuse(self, server: str, reason: str, message: str) -> Deny:
+    def _refuse(self, ctx: Context, server: str, reason: str) -> Deny:
         if self.refused is not None:
             self.refused.labels(server, reason).inc()
-        return Deny(status=404, code=INVALID_REQUEST, message=message, reason=reason)
+        if reason == "session_principal_mismatch":
+            ctx.log.warning("refused a request for a session of %r opened by another principal", server)
+        return Deny(
+            status=404,
+            code=INVALID_REQUEST,
+            message=f"session not found: this Mcp-Session-Id is not valid for MCP server {server!r} "
+            f"({_WHY.get(reason, reason)}); send initialize to start a session",
+            reason=reason,
+        )
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         if ctx.request_has_body:
@@ -165,45 +241,40 @@ class SessionStage(Stage[SessionConfig]):
 
     async def _admit(self, ctx: Context) -> Verdict:
         if not ctx.sees_responses and not ctx.fast_call:
-            # ext_authz front door: we never see the initialize response that issues the
-            # session id, so sessions can be neither bound nor kept (README: front doors).
-            # The auto door's fast tools/call route is different: its sessions were opened
-            # through ext_proc, in this process.
+            # ext_authz front door: we never see the initialize response, so no id of
+            # ours was ever issued; upstream ids pass (README: front doors).
             return None
         server = ctx.server
-        session_id = ctx.request_headers.get(MCP_SESSION_ID)
-        if server is None or not session_id or not _legacy(ctx):
+        token = ctx.request_headers.get(MCP_SESSION_ID)
+        if server is None or not token:
             return None
-        key = (server.name, session_id)
-        owner = self.owners.get(key)
-        if owner is None:
-            return self._refuse(
-                server.name,
-                "unknown_session",
-                f"session not found: MCP server {server.name!r} has no session with this Mcp-Session-Id "
-                "opened through this gateway; send initialize to start one",
-            )
-        if owner != _caller(ctx):
-            ctx.log.warning("refused a request for a session of %r opened by another principal", server.name)
-            return self._refuse(
-                server.name,
-                "session_principal_mismatch",
-                f"session not found: this Mcp-Session-Id of MCP server {server.name!r} belongs to another caller",
-            )
-        self.owners.move_to_end(key)
+        try:
+            claims = self.ids.verify(token, server.name)
+        except BadSessionId as exc:
+            return self._refuse(ctx, server.name, exc.reason)
+        if not claims.belongs_to(_caller(ctx), _agent(ctx)):
+            return self._refuse(ctx, server.name, "session_principal_mismatch")
         state = ctx.state(_STATE)
-        state.session_id = session_id
+        state.token, state.session_id = token, claims.upstream_id
+        upstream = Continue(set_headers={MCP_SESSION_ID: claims.upstream_id})
+        if _legacy(ctx):
+            await self._keep_alive(ctx, server, state)
+        return upstream
+
+    async def _keep_alive(self, ctx: Context, server: MCPServer, state: _Exchange) -> None:
+        session_id = state.session_id
+        assert session_id is not None
         keeper = self.keeper
         if ctx.http_method == "GET":
             if keeper.get(server.name, session_id) is None and self._keeps(server.name, server.spec.keepalive):
                 # The agent opens its stream before we kept the session: keep it now, so
                 # that the stream is taken over when the agent's ends.
-                self._keep(ctx, server, session_id)
+                await self._keep(ctx, server, session_id)
             if keeper.get(server.name, session_id) is not None:
                 state.agent_stream = True
                 await keeper.step_aside(server.name, session_id)
-                # Keep the ext_proc stream open for the life of the agent's GET, so that
-                # on_exchange_end tells us when it ends.
+                # Read the agent's stream: its pings are answered here, and its end
+                # (on_exchange_end) hands the stream back to the keeper.
                 ctx.want_response_body()
         elif ctx.http_method == "DELETE":
             await keeper.stop(server.name, session_id, "delete")
@@ -215,69 +286,137 @@ class SessionStage(Stage[SessionConfig]):
                 and self._keeps(server.name, server.spec.keepalive)
             ):
                 # No response phase will show us this call's 2xx: keep the session now
-                # (after an idle expiry, say); a session the upstream forgot answers the
-                # keeper's GET with 404, and the keeper stops.
-                self._keep(ctx, server, session_id)
-        return None
+                # (after an idle expiry or a restart, say); a session the upstream forgot
+                # answers the keeper's GET with 404, and the keeper stops.
+                await self._keep(ctx, server, session_id)
 
     async def on_response_headers(self, ctx: Context) -> Verdict:
         server = ctx.server
-        if server is None or not _legacy(ctx):
+        if server is None:
             return None
-        status = ctx.response_status or 0
         state = ctx.state(_STATE)
-        keeper = self.keeper
+        issued = ctx.response_headers.get(MCP_SESSION_ID)
         if state.session_id is None:
-            issued = ctx.response_headers.get(MCP_SESSION_ID)
+            if not issued:
+                return None
             is_initialize = ctx.mcp is not None and any(m.method == "initialize" for m in ctx.mcp.messages)
-            if issued and is_initialize and 200 <= status < 300:
-                self._bind((server.name, issued), _caller(ctx))
-            return None
-        session_id = state.session_id
+            if is_initialize and 200 <= (ctx.response_status or 0) < 300 and _legacy(ctx):
+                token = self.ids.mint(issued, server.name, _caller(ctx), _agent(ctx))
+                return Continue(set_headers={MCP_SESSION_ID: token})
+            return Continue(remove_headers=(MCP_SESSION_ID,))  # an upstream id never reaches the agent
+        echoed = Continue(set_headers={MCP_SESSION_ID: state.token}) if issued and state.token else None
+        status = ctx.response_status or 0
         if status == 404:
-            self.owners.pop((server.name, session_id), None)
-            await keeper.stop(server.name, session_id, "lost")
-            return None
-        if ctx.http_method == "DELETE":
-            if 200 <= status < 300:
-                self.owners.pop((server.name, session_id), None)
-            return None
+            return await self._lost(ctx, server, state.session_id)
+        if status == 400 and ctx.response_content_type == "application/json":
+            state.check_lost = True  # some servers answer an unknown session with 400: read why
+            ctx.want_response_body()
+            return echoed
+        if not _legacy(ctx) or ctx.http_method == "DELETE":
+            return echoed
         if state.agent_stream:
             if status != 200:  # the agent's stream did not open: hand the stream back now
                 state.handed_back = True
-                keeper.take_over(server.name, session_id)
-            return None
+                self.keeper.take_over(server.name, state.session_id)
+            else:
+                state.kept_events = self.keeper.take_pending(server.name, state.session_id)
+            return echoed
         if 200 <= status < 300 and self._keeps(server.name, server.spec.keepalive):
-            self._keep(ctx, server, session_id)
-        return None
+            await self._keep(ctx, server, state.session_id)
+        return echoed
 
-    def _keep(self, ctx: Context, server: MCPServer, session_id: str) -> None:
-        self.keeper.keep(
+    async def _lost(self, ctx: Context, server: MCPServer, session_id: str) -> Deny:
+        await self.keeper.stop(server.name, session_id, "lost")
+        if self.refused is not None:
+            self.refused.labels(server.name, "upstream_session_lost").inc()
+        return Deny(
+            status=404,
+            code=INVALID_REQUEST,
+            message=f"session not found: MCP server {server.name!r} no longer knows this session; "
+            "send initialize to start a new one",
+            reason="upstream_session_lost",
+        )
+
+    async def _keep(self, ctx: Context, server: MCPServer, session_id: str) -> None:
+        keeper = self.keeper
+        if keeper.get(server.name, session_id) is None and len(keeper.sessions) >= self.settings.max_sessions:
+            oldest = min(keeper.sessions.values(), key=lambda kept: kept.last_used)
+            await keeper.stop(oldest.server, oldest.session_id, "evicted")
+        keeper.keep(
             server.name,
             server.spec.url,
             session_id,
             ctx.request_headers.get(MCP_PROTOCOL_VERSION),
             ctx.state(UPSTREAM_CREDENTIAL).provider,
+            server.spec.keepalive_idle_s,
         )
 
     def _keeps(self, server: str, keepalive: Keepalive) -> bool:
         if keepalive is Keepalive.NEVER:
             return False
-        keeper = self.keeper
         # Auto stops trying a server once it said it has no GET stream (405); Always keeps trying.
-        return not (keepalive is Keepalive.AUTO and server in keeper.no_get_servers)
+        return not (keepalive is Keepalive.AUTO and server in self.keeper.no_get_servers)
 
     async def on_response_body(self, ctx: Context, chunk: bytes) -> Verdict:
-        return None  # read only to keep the agent's GET exchange open (see on_request_headers)
+        state = ctx.state(_STATE)
+        server = ctx.server
+        if server is None or state.session_id is None:
+            return None
+        if state.check_lost:
+            if _names_the_session(chunk):
+                return await self._lost(ctx, server, state.session_id)
+            return None
+        if not state.agent_stream or state.unread:
+            return None
+        out = bytearray(b"".join(state.kept_events))
+        if state.kept_events:
+            self.keeper.delivered(server.name, len(state.kept_events))
+            state.kept_events = []
+        out += self._answer_pings(ctx, server, state, chunk)
+        return None if out == chunk else Continue(body=bytes(out))
+
+    def _answer_pings(self, ctx: Context, server: MCPServer, state: _Exchange, chunk: bytes) -> bytes:
+        """The agent's stream with every ping answered by the keeper and replaced by a comment."""
+        assert state.session_id is not None
+        if state.decoder is None:
+            state.decoder = SseDecoder()
+        out = bytearray()
+        try:
+            events = state.decoder.feed(chunk)
+        except SseTooLarge:
+            state.unread = True  # too big to read: pass the rest through untouched
+            return state.decoder.flush() + chunk
+        kept = self.keeper.get(server.name, state.session_id)
+        for event in events:
+            message = _message(event.data)
+            if kept is not None and server_request(message) == "ping":
+                assert isinstance(message, dict)
+                task = asyncio.create_task(self.keeper.answer_ping(kept, message["id"]))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+                out += PING_REMOVED
+            else:
+                out += event.raw
+        if ctx.end_of_stream:
+            out += state.decoder.flush()
+        return bytes(out)
 
     async def on_exchange_end(self, ctx: Context) -> None:
         state = ctx.state(_STATE)
-        if state.agent_stream and not state.handed_back and state.session_id and ctx.server is not None:
+        if ctx.server is None or not state.session_id:
+            return
+        if state.kept_events:  # the agent's stream ended before it carried them
+            self.keeper.give_back(ctx.server.name, state.session_id, state.kept_events)
+            state.kept_events = []
+        if state.agent_stream and not state.handed_back:
             state.handed_back = True
             self.keeper.take_over(ctx.server.name, state.session_id)
 
-    def _bind(self, key: tuple[str, str], caller: str) -> None:
-        self.owners[key] = caller
-        self.owners.move_to_end(key)
-        while len(self.owners) > self.settings.max_sessions:
-            self.owners.popitem(last=False)
+
+def _message(data: str) -> object:
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

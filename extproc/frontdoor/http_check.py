@@ -20,8 +20,8 @@ is answered wait their turn)::
                    would read as allow / service failure: see extproc.render.wire.CARRIED_STATUS), headers, body
 
 Envoy copies to the upstream request only the response headers that the bootstrap's
-``allowed_upstream_headers`` names (:data:`extproc.render.wire.UPSTREAM_HEADERS`): ``authorization`` and
-``x-*`` but not ``x-envoy-*``, never this response's own ``content-length``. A stage
+``allowed_upstream_headers`` names (:data:`extproc.render.wire.UPSTREAM_HEADERS`): ``authorization``,
+``mcp-session-id`` and ``x-*`` but not ``x-envoy-*``, never this response's own ``content-length``. A stage
 that sets any other header on a fast-route call gets the call refused (500), never
 silently forwarded without it. The answer is written here (:func:`_response`): a
 status line, ``content-length`` and the headers, each name an HTTP token and each value
@@ -124,7 +124,7 @@ class AuthzHttpServer:
             outcome = Deny(
                 code=INTERNAL_ERROR,
                 message=f"a stage set the header(s) {', '.join(unsendable)}, which the fast tools/call route "
-                "forwards only for authorization and x-* names with values free of CR, LF and NUL; "
+                "forwards only for authorization, mcp-session-id and x-* names with values free of CR, LF and NUL; "
                 "the call was not forwarded",
                 reason="header_not_forwardable",
             )

@@ -80,6 +80,10 @@ CONTENT_LENGTH: Final[str] = "content-length"
 ROUTING_HEADERS: Final[frozenset[str]] = frozenset({MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION})
 """Headers that mirror the body; each may appear at most once in a request."""
 
+SINGLE_HEADERS: Final[frozenset[str]] = ROUTING_HEADERS | {MCP_SESSION_ID}
+"""Headers a request may carry at most once: the routing headers and ``Mcp-Session-Id``
+(which copy a server reads is its own business; the gateway refuses to guess)."""
+
 DERIVED_HEADERS: Final[frozenset[str]] = frozenset({X_MCP_METHOD, X_MCP_TOOL, X_MCP_SERVER})
 """Headers this server sets from the parsed request; any copy an agent sends is dropped."""
 
@@ -165,7 +169,7 @@ def header_hints(headers: Mapping[str, str]) -> HeaderHints:
 
 
 def find_duplicated_routing_header(header_list: Iterable[tuple[str, str]]) -> str | None:
-    """Return the (lower-case) name of a routing header sent more than once, else ``None``.
+    """Return the (lower-case) name of a header of :data:`SINGLE_HEADERS` sent more than once, else ``None``.
 
     Takes the raw header lines: a folded mapping hides duplicates, and readers
     that take the first copy and readers that take the last would disagree.
@@ -173,7 +177,7 @@ def find_duplicated_routing_header(header_list: Iterable[tuple[str, str]]) -> st
     seen: set[str] = set()
     for name, _ in header_list:
         key = name.lower()
-        if key in ROUTING_HEADERS:
+        if key in SINGLE_HEADERS:
             if key in seen:
                 return key
             seen.add(key)

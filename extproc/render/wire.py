@@ -18,6 +18,11 @@ SERVER_METADATA_KEY: Final = "x-mcp-server"
 CALL_ERA_KEY: Final = "x-mcp-call"
 """ext_authz context extension of a fast route: the era of ``tools/call`` the route promised."""
 
+PEER_ATTRIBUTE: Final = "connection.uri_san_peer_certificate"
+"""The Envoy attribute ext_proc is asked for when an MCPAgent declares a service account: the
+first URI SAN (SPIFFE ID) of the client certificate Envoy verified; ext_authz sends the same
+as ``source.principal``."""
+
 MCP_FILTER: Final = "envoy.filters.http.mcp"
 EXT_AUTHZ_FILTER: Final = "envoy.filters.http.ext_authz"
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
@@ -28,10 +33,11 @@ AUTHZ_HTTP_CLUSTER: Final = "mcp_extproc_authz_http"
 """The cluster that reaches our HTTP authorization service."""
 
 UPSTREAM_HEADERS: Final = (
-    "authorization|x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
+    "authorization|mcp-session-id|x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
 )
 """HTTP authorization answer headers Envoy copies onto the upstream request (RE2, whole name):
-``authorization`` and ``x-*`` but not ``x-envoy-*``."""
+``authorization``, ``mcp-session-id`` (the upstream's own id, for the gateway's signed one)
+and ``x-*`` but not ``x-envoy-*``."""
 METADATA_HEADERS: Final = ("server", "method", "tool", "principal", "decision")
 """HTTP authorization answer headers Envoy turns into dynamic metadata (the access log reads them)."""
 REMOVE_HEADER: Final = "x-envoy-auth-headers-to-remove"

@@ -10,18 +10,29 @@ stream)::
 
     start(session) ─▶ task: GET upstream url (Mcp-Session-Id, MCP-Protocol-Version,
                             the upstream credential)
-                        200 ─▶ read SSE events (bounded) ─▶ {"method": "ping", "id": X}
+                        200 ─▶ read SSE events (bounded) ─▶
+                               {"method": "ping", "id": X}
                                  ─▶ POST {"jsonrpc":"2.0","id":X,"result":{}} (same headers)
+                               another request (elicitation, sampling, roots: the agent
+                               cannot see it) ─▶ POST an error answer at once, so the tool
+                                 that asked fails fast instead of hanging
+                               anything else (notifications) ─▶ kept for the agent
+                                 (at most max_pending events of max_pending_bytes each;
+                                 overflow counted and logged), handed to its next GET
                         404 / 405 ─▶ stop (session gone / server has no GET stream)
-                        409, errors, stream ended ─▶ reconnect after a jittered backoff
+                        409 ─▶ another process (a replica) holds the stream: stand by,
+                               retry every standby_s and at the session's next request
+                        errors, stream ended ─▶ reconnect after a jittered backoff
     agent opens its own GET ─▶ step_aside: cancel the task (its GET is closed first, so
-                               the server sees one stream at a time)
+                               the server sees one stream at a time); take_pending
+                               gives the kept messages to that stream
     agent's GET ends        ─▶ take_over: start a new task
     DELETE, idle expiry     ─▶ stop
 
-The keeper never sends anything but GETs and ping answers: an agent's call is never
-replayed. Other server requests on the stream (sampling, elicitation) are left
-unanswered; they are the agent's to answer.
+Pings on the agent's own stream are answered here too (answer_ping, called by the
+``session`` stage), so a ping is never lost because the agent's stream closed. The
+keeper never sends anything but GETs, ping answers and refusals of server requests:
+an agent's call is never replayed.
 
 Idle expiry and the reconnect backoff read time from a :class:`Clock`
 (:class:`SystemClock` unless one is passed), so tests run them on fake time.
@@ -35,6 +46,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -43,14 +55,20 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
+from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, SseTooLarge
 
 log = logging.getLogger("mcp_extproc.keeper")
 
 CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
 
-MAX_EVENT_BYTES: Final = 64 * 1024
-"""Largest SSE event the keeper buffers; a bigger one drops the stream (and reconnects)."""
+MAX_EVENT_BYTES: Final = 1024 * 1024
+"""Largest SSE event the keeper reads; a bigger one drops the stream (and reconnects)."""
+
+UNSEEN_REQUEST: Final = (
+    "the agent is not connected to this session's stream, so it cannot answer; mcp-extproc answered for it"
+)
+"""The error message of a server request the keeper refuses for the agent."""
 
 
 class Clock(Protocol):
@@ -91,12 +109,18 @@ class KeeperSettings:
         backoff_initial_s / backoff_max_s: reconnect delays (full jitter, doubling).
         request_timeout_s: connect/write timeout of the keeper's requests (reads on the
             GET stream never time out: a quiet stream is fine).
+        standby_s: how often to retry a stream another process holds (409).
+        max_pending / max_pending_bytes: bound on the messages kept for the agent per
+            session (count, and size of each); what does not fit is counted and logged.
     """
 
-    idle_timeout_s: float = 3600.0
+    idle_timeout_s: float = 1800.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     request_timeout_s: float = 10.0
+    standby_s: float = 3.0
+    max_pending: int = 256
+    max_pending_bytes: int = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -112,6 +136,12 @@ class KeptSession:
     agent_streams: int = 0
     task: asyncio.Task[None] | None = None
     stopped: bool = False
+    idle_timeout_s: float | None = None
+    """This session's idle timeout (its server's), else the keeper's."""
+    standby: bool = False
+    """Another process holds the stream (the last GET got 409)."""
+    pending: deque[bytes] = field(default_factory=deque)
+    """SSE events for the agent, received while the keeper held the stream."""
 
 
 class KeeperMetrics:
@@ -140,6 +170,13 @@ class KeeperMetrics:
             "mcp_extproc_keeper_sessions_stopped",
             "Sessions the keeper stopped keeping, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.messages = Counter(
+            "mcp_extproc_keeper_messages",
+            "Messages the upstream sent on a stream the keeper held, by outcome "
+            "(kept, delivered, overflow, too_large, refused_request, lost).",
+            ["server", "outcome"],
             registry=registry,
         )
 
@@ -182,6 +219,7 @@ class SessionKeeper:
         session_id: str,
         protocol_version: str | None,
         credential: CredentialProvider | None,
+        idle_timeout_s: float | None = None,
     ) -> KeptSession:
         """Start keeping a session (or refresh what we know of it); returns it."""
         key = (server, session_id)
@@ -195,17 +233,30 @@ class SessionKeeper:
             kept.protocol_version = protocol_version
         if credential is not None:
             kept.credential = credential
+        if idle_timeout_s is not None:
+            kept.idle_timeout_s = idle_timeout_s
         if kept.task is None and kept.agent_streams == 0:
             self._start(kept)
+        else:
+            self._wake(kept)
         return kept
 
     def touch(self, server: str, session_id: str, protocol_version: str | None = None) -> None:
-        """The agent used the session: push back idle expiry."""
+        """The agent used the session: push back idle expiry; retry a stream held elsewhere now."""
         kept = self.get(server, session_id)
         if kept is not None:
             kept.last_used = self.clock.now()
             if protocol_version:
                 kept.protocol_version = protocol_version
+            self._wake(kept)
+
+    def _wake(self, kept: KeptSession) -> None:
+        """A standing-by session retries its GET at once (its holder may be gone)."""
+        if kept.standby and kept.task is not None and kept.agent_streams == 0:
+            kept.task.cancel()
+            kept.task = None
+            kept.standby = False
+            self._start(kept)
 
     async def step_aside(self, server: str, session_id: str) -> None:
         """The agent opens its own GET stream: close ours first and stay away until it ends."""
@@ -226,6 +277,27 @@ class SessionKeeper:
         if kept.agent_streams == 0 and kept.task is None and not kept.stopped:
             self._start(kept)
 
+    def take_pending(self, server: str, session_id: str) -> list[bytes]:
+        """The SSE events kept for the agent, handed to its stream (see :meth:`give_back`)."""
+        kept = self.get(server, session_id)
+        if kept is None or not kept.pending:
+            return []
+        events = list(kept.pending)
+        kept.pending.clear()
+        return events
+
+    def give_back(self, server: str, session_id: str, events: list[bytes]) -> None:
+        """Events taken for an agent stream that ended before it sent them: keep them again."""
+        kept = self.get(server, session_id)
+        if kept is None:
+            self.metrics.messages.labels(server, "lost").inc(len(events))
+            return
+        kept.pending.extendleft(reversed(events))
+
+    def delivered(self, server: str, count: int) -> None:
+        """``count`` kept events went out on the agent's stream."""
+        self.metrics.messages.labels(server, "delivered").inc(count)
+
     async def stop(self, server: str, session_id: str, reason: str) -> None:
         """Stop keeping a session and forget it (DELETE, upstream 404, idle expiry)."""
         kept = self.sessions.pop((server, session_id), None)
@@ -234,17 +306,25 @@ class SessionKeeper:
         kept.stopped = True
         self.metrics.kept.dec()
         self.metrics.stopped.labels(reason).inc()
+        if kept.pending:
+            self.metrics.messages.labels(server, "lost").inc(len(kept.pending))
+            log.warning(
+                "%d kept messages of a session of %r were never delivered (%s)", len(kept.pending), server, reason
+            )
         await self._cancel(kept)
         log.info("stopped keeping a session of %r (%s)", server, reason)
 
+    def _idle(self, kept: KeptSession) -> float:
+        return kept.idle_timeout_s if kept.idle_timeout_s is not None else self.settings.idle_timeout_s
+
     async def sweep(self) -> None:
-        """Forever: stop keeping sessions idle for longer than ``idle_timeout_s`` (one task for all)."""
-        period = max(0.5, min(60.0, self.settings.idle_timeout_s / 4))
+        """Forever: stop keeping sessions idle for longer than their idle timeout (one task for all)."""
         while True:
-            await self.clock.sleep(period)
+            shortest = min((self._idle(k) for k in self.sessions.values()), default=self.settings.idle_timeout_s)
+            await self.clock.sleep(max(0.5, min(60.0, shortest / 4)))
             now = self.clock.now()
             for kept in list(self.sessions.values()):
-                if now - kept.last_used > self.settings.idle_timeout_s and kept.agent_streams == 0:
+                if now - kept.last_used > self._idle(kept) and kept.agent_streams == 0:
                     await self.stop(kept.server, kept.session_id, "idle")
 
     async def close(self) -> None:
@@ -257,6 +337,7 @@ class SessionKeeper:
 
     async def _cancel(self, kept: KeptSession) -> None:
         task, kept.task = kept.task, None
+        kept.standby = False
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -268,15 +349,19 @@ class SessionKeeper:
         first = True
         try:
             while not kept.stopped:
-                if self.clock.now() - kept.last_used > self.settings.idle_timeout_s:
+                if self.clock.now() - kept.last_used > self._idle(kept):
                     asyncio.get_running_loop().call_soon(self._stop_soon, kept, "idle")
                     return
-                if not first:
+                if kept.standby:
+                    # A replica holds the stream: ask again now and then (and at the next request).
+                    await self.clock.sleep(self.clock.jitter(self.settings.standby_s / 2, self.settings.standby_s))
+                elif not first:
                     self.metrics.reconnects.labels(kept.server).inc()
                     await self.clock.sleep(self.clock.jitter(0, delay))
                     delay = min(delay * 2, self.settings.backoff_max_s)
                 first = False
                 outcome = await self._hold(kept)
+                kept.standby = outcome == 409
                 if outcome in (404, 405):
                     if outcome == 404:
                         self.metrics.lost.labels(kept.server).inc()
@@ -315,7 +400,7 @@ class SessionKeeper:
                     return reply.status_code
                 self.metrics.holding.inc()
                 try:
-                    await self._read(kept, reply, headers)
+                    await self._read(kept, reply)
                 finally:
                     self.metrics.holding.dec()
                 return 200
@@ -323,7 +408,7 @@ class SessionKeeper:
             log.info("keeper: GET stream of %r ended: %s", kept.server, type(exc).__name__)
             return 0
 
-    async def _read(self, kept: KeptSession, reply: httpx.Response, headers: dict[str, str]) -> None:
+    async def _read(self, kept: KeptSession, reply: httpx.Response) -> None:
         decoder = SseDecoder(max_event_bytes=MAX_EVENT_BYTES)
         async for chunk in reply.aiter_raw():
             for event in decoder.feed(chunk):
@@ -332,22 +417,67 @@ class SessionKeeper:
                 try:
                     message = json.loads(event.data)
                 except ValueError:
-                    continue
-                if isinstance(message, dict) and message.get("method") == "ping" and "id" in message:
-                    await self._pong(kept, message["id"], headers)
+                    message = None
+                if server_request(message) is not None:
+                    await self._answer_for_agent(kept, message)
+                else:
+                    self._keep_for_agent(kept, event.raw)
 
-    async def _pong(self, kept: KeptSession, ping_id: object, headers: dict[str, str]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", "id": ping_id, "result": {}}, separators=(",", ":"))
-        try:
-            fresh = await self._headers(kept)  # a token may have been refreshed since the GET
-        except Exception:
-            fresh = headers
-        reply = await self.answers.post(
-            kept.url,
-            content=body,
-            headers={**fresh, "content-type": "application/json", "accept": "application/json, text/event-stream"},
+    async def _answer_for_agent(self, kept: KeptSession, message: dict[str, object]) -> None:
+        if message.get("method") == "ping":
+            await self.answer_ping(kept, message["id"])
+            return
+        self.metrics.messages.labels(kept.server, "refused_request").inc()
+        log.warning(
+            "keeper: refused a %r request of %r: the agent is not on the session's stream",
+            message.get("method"),
+            kept.server,
         )
-        if reply.status_code < 300:
-            self.metrics.pings.labels(kept.server).inc()
+        error = {"code": INTERNAL_ERROR, "message": UNSEEN_REQUEST}
+        await self._post(kept, {"jsonrpc": "2.0", "id": message["id"], "error": error}, "refusal")
+
+    def _keep_for_agent(self, kept: KeptSession, raw: bytes) -> None:
+        settings = self.settings
+        if len(raw) > settings.max_pending_bytes:
+            outcome = "too_large"
+        elif len(kept.pending) >= settings.max_pending:
+            outcome = "overflow"
         else:
-            log.warning("keeper: the ping answer to %r got HTTP %d", kept.server, reply.status_code)
+            kept.pending.append(raw if raw.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) else raw + b"\n\n")
+            self.metrics.messages.labels(kept.server, "kept").inc()
+            return
+        self.metrics.messages.labels(kept.server, outcome).inc()
+        log.warning("keeper: dropped a message of %r for the agent (%s)", kept.server, outcome.replace("_", " "))
+
+    async def answer_ping(self, kept: KeptSession, ping_id: object) -> None:
+        """Answer the upstream's ping ``ping_id`` for the agent (from our stream or the agent's)."""
+        await self._post(kept, {"jsonrpc": "2.0", "id": ping_id, "result": {}}, "ping answer")
+
+    async def _post(self, kept: KeptSession, message: dict[str, object], what: str) -> None:
+        body = json.dumps(message, separators=(",", ":"))
+        try:
+            headers = await self._headers(kept)  # a token may have been refreshed since the GET
+            reply = await self.answers.post(
+                kept.url,
+                content=body,
+                headers={
+                    **headers,
+                    "content-type": "application/json",
+                    "accept": "application/json, text/event-stream",
+                },
+            )
+        except Exception as exc:
+            log.warning("keeper: the %s to %r could not be sent: %s", what, kept.server, type(exc).__name__)
+            return
+        if reply.status_code >= 300:
+            log.warning("keeper: the %s to %r got HTTP %d", what, kept.server, reply.status_code)
+        elif what == "ping answer":
+            self.metrics.pings.labels(kept.server).inc()
+
+
+def server_request(message: object) -> str | None:
+    """The method of a JSON-RPC request from the server (it has an id and a method), else ``None``."""
+    if not isinstance(message, dict):
+        return None
+    method = message.get("method")
+    return method if isinstance(method, str) and "id" in message else None

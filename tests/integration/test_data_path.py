@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from mcp.shared.exceptions import MCPError
 
@@ -195,9 +196,12 @@ async def test_get_stream_and_delete_pass_through(gateway: Gateway) -> None:
             headers={**headers, "content-type": "application/json", "accept": "application/json, text/event-stream"},
         )
     assert after.status_code == 404  # the session is gone upstream: the DELETE got through
+    # The upstream receives its own session id, never the gateway's signed one.
+    upstream_id = jwt.decode(headers["mcp-session-id"], options={"verify_signature": False})["sid"]
     methods = [(r["method"], r["headers"].get("mcp-session-id")) for r in gateway.received("py")]
-    assert ("GET", headers["mcp-session-id"]) in methods
-    assert ("DELETE", headers["mcp-session-id"]) in methods
+    assert ("GET", upstream_id) in methods
+    assert ("DELETE", upstream_id) in methods
+    assert not any(session == headers["mcp-session-id"] for _, session in methods)
 
 
 async def test_progress_streams_before_the_result(gateway: Gateway) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
 
@@ -49,9 +50,12 @@ class Setup:
         return metric_value(self.metrics, name, **labels)
 
     async def session(self, session_id: str) -> dict[str, Any]:
+        """The heartbeat server's state of the session the agent knows as ``session_id``
+        (the gateway's signed id: its ``sid`` claim is the upstream's own)."""
+        upstream_id = jwt.decode(session_id, options={"verify_signature": False})["sid"]
         async with httpx.AsyncClient() as client:
             found: list[dict[str, Any]] = (await client.get(f"{self.heartbeat}/admin/sessions")).json()
-        return next(s for s in found if s["id"] == session_id)
+        return next(s for s in found if s["id"] == upstream_id)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,18 @@ class Agent:
         async with self.client.stream("GET", self.url, headers=headers) as reply:
             yield reply
 
+    async def drop_at_first_ping(self, reply: httpx.Response) -> list[str]:
+        """Read the stream until a ping (or the gateway's note that it answered one) arrives;
+        return the lines read. The caller then drops the stream without answering."""
+        lines: list[str] = []
+        async for line in reply.aiter_lines():
+            lines.append(line)
+            if line.startswith(":") and "answered a ping" in line:
+                return lines
+            if line.startswith("data:") and json.loads(line[5:]).get("method") == "ping":
+                return lines
+        return lines
+
     async def answer_first_ping(self, reply: httpx.Response) -> None:
         """Read the stream until a ping arrives, answer it like an SDK client would."""
         async for line in reply.aiter_lines():
@@ -146,7 +162,10 @@ async def until(check: Callable[[], Any], deadline_s: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_keeper_keeps_a_session_whose_agent_dropped_its_stream(setup: Setup) -> None:
+async def test_keeper_keeps_a_session_whose_agent_dropped_its_stream_with_a_ping_unanswered(setup: Setup) -> None:
+    """The agent's own stream carries a ping; the agent drops the stream without answering.
+    The gateway answered that ping itself (and showed the agent a comment instead), so the
+    server's 2 s ping timeout never fires."""
     async with httpx.AsyncClient(timeout=30) as client:
         agent = Agent(client, setup.url("hb"))
         session_id = await agent.initialize()
@@ -158,7 +177,8 @@ async def test_keeper_keeps_a_session_whose_agent_dropped_its_stream(setup: Setu
         await until(lambda: keeper_holds(1))  # the keeper opened the session's GET stream
         async with agent.get_stream() as stream:
             assert stream.status_code == 200  # the keeper stepped aside: no 409
-            await agent.answer_first_ping(stream)
+            seen = await agent.drop_at_first_ping(stream)
+        assert not any(line.startswith("data:") for line in seen), seen  # the ping never reached the agent
         await until(lambda: keeper_holds(3))  # the agent's stream was #2; the keeper took over
         await asyncio.sleep(IDLE_S)  # the agent goes quiet; the server keeps pinging
         reply = await agent.call_echo("still here")
@@ -190,7 +210,8 @@ async def test_without_keepalive_the_session_is_reaped(setup: Setup) -> None:
         await until(closed, IDLE_S)
         reply = await agent.call_echo("anyone?")
     assert reply.status_code == 404
-    assert reply.json()["error"]["message"] == "Session not found"
+    # A tools/call takes the fast route (no response phase): the server's own 404, with the id.
+    assert reply.json()["error"]["message"] == "Session not found" and reply.json()["id"] == agent.next_id
     assert (await setup.session(session_id))["gets"] == 1  # nobody but the agent ever opened a stream
 
 
@@ -244,8 +265,9 @@ async def test_a_call_on_the_fast_route_keeps_the_session_again_after_an_idle_ex
         async with httpx.AsyncClient(timeout=30) as client:
 
             async def state() -> dict[str, Any]:
+                upstream_id = jwt.decode(session_id, options={"verify_signature": False})["sid"]
                 found: list[dict[str, Any]] = (await client.get(admin)).json()
-                return next(s for s in found if s["id"] == session_id)
+                return next(s for s in found if s["id"] == upstream_id)
 
             agent = Agent(client, f"{base}/hb/mcp")
             session_id = await agent.initialize()

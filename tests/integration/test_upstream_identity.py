@@ -158,8 +158,32 @@ async def test_a_session_is_refused_to_another_principal(setup: Setup) -> None:
 
     made_up = await post(url, alice, echo(7, "guess"), "0" * 32)
     assert made_up.status_code == 404
-    assert "opened through this gateway" in made_up.json()["error"]["message"]
+    assert "not a session id this gateway issued" in made_up.json()["error"]["message"]
     assert setup.checks() == checks + 3
+
+    # A refreshed token (new bytes, same issuer and subject) keeps the session; the id names
+    # the principal, not the token.
+    refreshed = setup.token_for("alice")
+    assert refreshed != alice
+    again = await post(url, refreshed, echo(8, "refreshed"), session)
+    assert again.status_code == 200, again.text
+    # Declaring 2026-07-28 (no sessions there) does not skip the check: bob is still refused,
+    # and nothing reaches the upstream.
+    call = echo(9, "bob as modern")
+    call["params"]["_meta"] = {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}
+    headers = {
+        **BASE_HEADERS,
+        "authorization": f"Bearer {bob}",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "echo",
+        "mcp-session-id": session,
+    }
+    async with httpx.AsyncClient(timeout=30) as client:
+        modern = await client.post(url, content=json.dumps(call), headers=headers)
+    assert modern.status_code == 404, modern.text
+    assert "belongs to another caller" in modern.json()["error"]["message"]
+    assert not [r for r in setup.received("sessions") if "bob as modern" in json.dumps(r["body"])]
 
 
 async def test_token_exchange_sends_the_exchanged_token_upstream(setup: Setup) -> None:

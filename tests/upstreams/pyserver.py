@@ -29,8 +29,10 @@ legacy era is served. A modern response is JSON unless the handler emits a notif
 (e.g. progress) first, in which case it commits to SSE.
 
 Tools: `echo(text)`, `add(a, b)`, `delete_everything()` (the tool allow-list tests
-deny, so the record shows it never arrived) and `slow_count(steps, delay)`, which
-reports progress once per step before returning.
+deny, so the record shows it never arrived), `slow_count(steps, delay)`, which
+reports progress once per step before returning, and `push_unrelated(count, delay)` /
+`pushed_outcomes()`: notifications and an `elicitation/create` sent later on the
+session's standalone stream, and what became of the elicitation.
 
 With `--record FILE`, every HTTP request is appended to FILE as one JSON line as soon
 as its body has arrived (before the MCP handler runs)::
@@ -48,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict, cast, get_args
@@ -79,7 +82,7 @@ class Record(TypedDict):
 
 
 def build_server() -> MCPServer[Any]:
-    """Build the `MCPServer` with the four test tools registered."""
+    """Build the `MCPServer` with the test tools registered."""
     srv: MCPServer[Any] = MCPServer(name="pyserver", version="0.1.0", log_level="WARNING")
 
     @srv.tool()
@@ -104,6 +107,38 @@ def build_server() -> MCPServer[Any]:
             await asyncio.sleep(delay)
             await ctx.report_progress(step, steps, f"step {step}/{steps}")
         return f"counted to {steps}"
+
+    pushed: list[str] = []
+    background: set[asyncio.Task[None]] = set()
+
+    @srv.tool()
+    async def push_unrelated(ctx: Context[Any, Any], count: int = 3, delay: float = 1.0) -> str:
+        """After `delay` s, send `count` log notifications and one `elicitation/create`
+        related to no request (they travel on the session's standalone GET stream);
+        `pushed` tells what became of the elicitation."""
+        session = ctx.session
+
+        async def push() -> None:
+            await asyncio.sleep(delay)
+            for n in range(1, count + 1):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    await session.send_log_message("info", f"unrelated {n}")
+            try:
+                result = await session.elicit("unrelated question", {"type": "object", "properties": {}})
+                pushed.append(f"answered: {result.action}")
+            except Exception as exc:  # the client's (or the gateway's) error answer
+                pushed.append(f"error: {exc}")
+
+        task = asyncio.create_task(push())
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return "scheduled"
+
+    @srv.tool()
+    def pushed_outcomes() -> list[str]:
+        """What became of the elicitations `push_unrelated` sent, in order."""
+        return pushed
 
     return srv
 

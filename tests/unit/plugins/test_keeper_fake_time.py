@@ -204,7 +204,7 @@ def credential_source() -> tuple[list[str], Callable[[], Any]]:
     return issued, credential
 
 
-async def test_a_ping_on_the_stream_is_answered_with_the_session_headers_and_the_upstream_credential() -> None:
+async def test_pings_are_answered_server_requests_refused_and_notifications_kept_for_the_agent() -> None:
     sampling = _event({"jsonrpc": "2.0", "id": "s-1", "method": "sampling/createMessage", "params": {}})
     note = _event({"jsonrpc": "2.0", "method": "notifications/message", "params": {}})
     upstream = Upstream(Stream([ping("p-1"), sampling, note, b": keepalive\n\n", ping(7)]))
@@ -212,7 +212,7 @@ async def test_a_ping_on_the_stream_is_answered_with_the_session_headers_and_the
     issued, credential = credential_source()
     async with keeper_of(upstream, clock) as (keeper, metric):
         keeper.keep("demo", URL, "sess-1", VERSION, credential)
-        await settle(lambda: len(upstream.posts) == 2, "both pings answered")
+        await settle(lambda: len(upstream.posts) == 3, "both pings answered, the sampling request refused")
         await settle()
         (get,) = upstream.gets
         assert get.url == URL
@@ -220,18 +220,26 @@ async def test_a_ping_on_the_stream_is_answered_with_the_session_headers_and_the
         assert get.headers["mcp-protocol-version"] == VERSION
         assert get.headers["authorization"] == "Bearer up-1"
         assert get.headers["accept"] == "text/event-stream"
-        # Only pings are answered (the sampling request is the agent's), with the same id.
+        # Pings get a result with the same id; the sampling request, which the agent cannot
+        # see while the keeper holds the stream, an error at once (the tool fails fast).
+        refusal, message = answered(upstream)[1], "the agent is not connected to this session's stream"
         assert answered(upstream) == [
             b'{"jsonrpc":"2.0","id":"p-1","result":{}}',
+            refusal,
             b'{"jsonrpc":"2.0","id":7,"result":{}}',
         ]
+        assert json.loads(refusal)["id"] == "s-1" and message in json.loads(refusal)["error"]["message"]
+        # The notification is kept for the agent's next GET, byte for byte; the comment is not.
+        assert keeper.take_pending("demo", "sess-1") == [note] and keeper.take_pending("demo", "sess-1") == []
+        assert metric("mcp_extproc_keeper_messages_total", server="demo", outcome="kept") == 1
+        assert metric("mcp_extproc_keeper_messages_total", server="demo", outcome="refused_request") == 1
         for number, post in enumerate(upstream.posts, start=2):
             assert post.url == URL
             assert post.headers["mcp-session-id"] == "sess-1"
             assert post.headers["mcp-protocol-version"] == VERSION
             assert post.headers["authorization"] == f"Bearer up-{number}"  # fetched again: may have been refreshed
             assert post.headers["content-type"] == "application/json"
-        assert issued == ["up-1", "up-2", "up-3"]
+        assert issued == ["up-1", "up-2", "up-3", "up-4"]
         assert metric("mcp_extproc_keeper_pings_answered_total", server="demo") == 2
         assert metric("mcp_extproc_keeper_streams") == 1 and upstream.open == 1
         assert clock.sleeps == []  # held, never reconnected
@@ -252,8 +260,8 @@ async def test_a_404_or_405_on_the_get_stops_keeping_the_session(status: int, re
         assert ("demo" in keeper.no_get_servers) is (status == 405)
 
 
-async def test_409_and_errors_reconnect_with_jittered_doubling_backoff_bounded_by_backoff_max_s() -> None:
-    upstream = Upstream(409, Fail(), 503, 409, 409, Stream(hold=False), 404)
+async def test_errors_reconnect_with_jittered_doubling_backoff_bounded_by_backoff_max_s() -> None:
+    upstream = Upstream(Fail(), 503, Fail(), 500, Fail(), Stream(hold=False), 404)
     clock = FakeClock()
     async with keeper_of(upstream, clock, backoff_initial_s=1.0, backoff_max_s=5.0) as (keeper, metric):
         keeper.keep("demo", URL, "sess-1", VERSION, None)
@@ -265,8 +273,28 @@ async def test_409_and_errors_reconnect_with_jittered_doubling_backoff_bounded_b
         assert metric("mcp_extproc_keeper_reconnects_total", server="demo") == 6
 
 
+async def test_a_409_stands_by_retrying_every_standby_s_and_at_the_sessions_next_request() -> None:
+    """409: another process (a replica) holds the stream. No doubling backoff: the holder may die."""
+    upstream = Upstream(409, 409, 409, then=Stream())
+    clock = FakeClock(auto=False)
+    async with keeper_of(upstream, clock, standby_s=4.0, backoff_max_s=30.0) as (keeper, metric):
+        keeper.keep("demo", URL, "sess-1", VERSION, None)
+        await settle(lambda: clock.sleeping == 1, "standing by after the first 409")
+        assert clock.jitters == [(2.0, 4.0)] and clock.sleeps == [3.0]
+        await clock.advance(3.0)
+        await settle(lambda: len(upstream.gets) == 2 and clock.sleeping == 1, "second 409, standing by again")
+        assert clock.sleeps == [3.0, 3.0]  # never more than standby_s, however often
+        keeper.touch("demo", "sess-1")  # the agent's next request: try again now, not in 3 s
+        await settle(lambda: len(upstream.gets) == 3, "retried at the request")
+        await settle(lambda: clock.sleeping == 1, "third 409")
+        await clock.advance(3.0)
+        await settle(lambda: upstream.open == 1, "the holder is gone: the stream is ours")
+        assert len(upstream.gets) == 4 and metric("mcp_extproc_keeper_streams") == 1
+        assert (metric("mcp_extproc_keeper_reconnects_total", server="demo") or 0) == 0
+
+
 async def test_a_reconnecting_session_not_used_for_idle_timeout_s_stops_itself() -> None:
-    upstream = Upstream(then=409)
+    upstream = Upstream(then=503)
     clock = FakeClock()
     async with keeper_of(upstream, clock, idle_timeout_s=10.0, backoff_initial_s=4.0, backoff_max_s=4.0) as (
         keeper,
