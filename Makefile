@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The TypeScript external stage example: its own package.json/lock, compiled with tsc.
 TS_STAGE := examples/external-ts/dist/stage.js
 
-.PHONY: demo test lint unit integration bench venv node stage-package clean crds
+.PHONY: demo test lint unit integration bench venv node stage-package clean crds chromium
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -17,12 +17,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 node: node_modules/.installed $(TS_STAGE)
+# Playwright MCP never downloads a browser: the tests run it on Debian's chromium.
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(TS_STAGE): examples/external-ts/package.json examples/external-ts/package-lock.json examples/external-ts/tsconfig.json examples/external-ts/src/stage.ts
 	cd examples/external-ts && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+# The browser the real Playwright MCP drives in tests/integration/test_playwright.py:
+# Debian's chromium, installed (without recommends) when it is missing.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
 # The example in-process stage package, installed like any third-party stage (found by entry point).
 stage-package: $(VENV)/.stage-package
@@ -40,7 +50,7 @@ lint: venv stage-package
 	$(BIN)/mypy --strict examples/stage-package/mcp_stage_example examples/stage-package/tests
 	$(BIN)/lint-imports
 
-test: venv node stage-package lint conformance
+test: venv node chromium stage-package lint conformance
 	$(BIN)/pytest
 
 # The MCP conformance suite (pinned in package.json, run on the Node.js of the `node` npm
@@ -53,7 +63,7 @@ conformance: venv node
 unit: venv
 	$(BIN)/pytest tests/unit
 
-integration: venv node stage-package
+integration: venv node chromium stage-package
 	$(BIN)/pytest tests/integration
 
 # The memory measurement runs the gateway from a venv holding only the runtime dependencies,

@@ -67,7 +67,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOOK_NAMES",
     "POLICY_DENIED",
+    "WORKLOAD_ISSUER",
     "Answer",
     "Bookkeeping",
     "Context",
@@ -198,14 +199,21 @@ Verdict: TypeAlias = Continue | Deny | Answer | None
 """What a hook returns: no opinion, carry on (with mutations), refuse, or answer directly."""
 
 
+WORKLOAD_ISSUER: Final = "workload"
+"""The issuer of a principal the deployment identified (a sidecar serves one agent), not a token."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling, as established by the ``authn`` stage.
 
     Attributes:
-        subject: the token's ``sub`` (``"anonymous"`` when no agent is declared).
-        issuer: the token's ``iss`` (``""`` when anonymous).
-        agent: the name of the ``MCPAgent`` the token was matched to, if any.
+        subject: the token's ``sub`` (``"anonymous"`` when no agent is declared); without
+            a token, the mTLS peer's SPIFFE ID, or the name of the agent the deployment
+            serves (:data:`WORKLOAD_ISSUER`).
+        issuer: the token's ``iss`` (``""`` when anonymous); without a token,
+            ``spiffe://<trust domain>`` or :data:`WORKLOAD_ISSUER`.
+        agent: the name of the ``MCPAgent`` the caller was matched to, if any.
         claims: every claim of the validated token.
         scopes: the token's scopes (``scope``/``scp`` claims).
         granted: the trust level the agent is granted (``low``/``medium``/``high``).
@@ -313,6 +321,10 @@ class Context:
         log: a logger bound to this exchange's request id.
         principal: the caller, set by the ``authn`` stage (``None`` before it
             runs or when it is not configured).
+        peer: the URI SAN (a SPIFFE ID) of the client certificate Envoy verified on
+            the agent's connection, as Envoy reports it (ext_proc's
+            ``connection.uri_san_peer_certificate`` attribute, ext_authz's
+            ``source.principal``); ``None`` without mTLS. Never taken from a request header.
         book: the pipeline's own bookkeeping (:class:`Bookkeeping`); not for stages.
     """
 
@@ -328,6 +340,7 @@ class Context:
         "log",
         "mcp",
         "path",
+        "peer",
         "principal",
         "request_has_body",
         "request_header_list",
@@ -368,6 +381,7 @@ class Context:
         self.end_of_stream = False
         self.log = log or logging.getLogger("mcp_extproc.exchange")
         self.principal: Principal | None = None
+        self.peer: str | None = None
         self.book = Bookkeeping()
         self._state: dict[str, Any] = {}
 

@@ -9,7 +9,16 @@ Data flow (request headers only, so a bad token never costs a body round trip)::
         ──▶ Answer 200: RFC 9728 metadata (resource, authorization servers, scopes)
     no MCPAgent declared at all
         ──▶ ctx.principal = anonymous (local development; logged once at startup)
-    Authorization: Bearer <jwt>
+    no Authorization header at all: the deployment may say who is calling
+        ──▶ ctx.peer (the SPIFFE ID of the client certificate Envoy verified, from
+            Envoy's connection attributes) = an agent's serviceAccount identity
+            ──▶ ctx.principal = Principal(the SPIFFE ID, agent)
+        ──▶ else ``workloadAgent`` configured (a sidecar: the pod is that agent)
+            ──▶ ctx.principal = Principal(the agent's name, issuer "workload", agent)
+        ──▶ the agent must reference this server (else 403); nothing else identifies:
+            401 below. No request header ever names the caller (X-Forwarded-Client-Cert
+            and the like are never read).
+    Authorization: Bearer <jwt>   (always validated when present, and it wins)
         ──▶ unverified iss ──▶ agents with that issuer (none: 401)
         ──▶ JWKS key by kid (cache, rotation; endpoint down: 503)
         ──▶ PyJWT: signature, alg allow-list (asymmetric only), iss, aud, exp, nbf
@@ -41,7 +50,18 @@ from urllib.parse import unquote_plus
 import httpx
 from pydantic import Field, field_validator
 
-from extproc.api import Answer, Context, Continue, Deny, Principal, Stage, StageConfig, StateKey, Verdict
+from extproc.api import (
+    WORKLOAD_ISSUER,
+    Answer,
+    Context,
+    Continue,
+    Deny,
+    Principal,
+    Stage,
+    StageConfig,
+    StateKey,
+    Verdict,
+)
 from extproc.config.models import MCPAgent, Trust
 from extproc.config.resources import Catalog
 from extproc.config.settings import public_origin
@@ -65,6 +85,11 @@ class AuthnConfig(StageConfig):
     ``publicUrl``: the origin agents reach the gateway at (``https://mcp.example.com``);
     ``up`` and ``serve`` set it from ``--public-url`` (``up``: ``http://<listen>`` by
     default) when the pipeline file does not.
+
+    ``workloadAgent``: the ``MCPAgent`` (one without ``spec.identity``) that every caller
+    without an ``Authorization`` header is, because the deployment only lets that agent
+    in: the controller sets it in an injected sidecar's pipeline, ``up`` (and ``check``)
+    when the file's only agent declares no identity.
     """
 
     jwks_cache_seconds: float = Field(default=300.0, gt=0, alias="jwksCacheSeconds")
@@ -72,6 +97,7 @@ class AuthnConfig(StageConfig):
     jwks_timeout_seconds: float = Field(default=2.0, gt=0, alias="jwksTimeoutSeconds")
     leeway_seconds: float = Field(default=30.0, ge=0, alias="leewaySeconds")
     public_url: str | None = Field(default=None, alias="publicUrl")
+    workload_agent: str | None = Field(default=None, alias="workloadAgent")
 
     @field_validator("public_url")
     @classmethod
@@ -164,6 +190,43 @@ def token_scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
+def workload_problems(catalog: Catalog, workload_agent: str | None) -> list[str]:
+    """What is wrong with who may call without a token: ``workloadAgent`` and the agents without ``spec.identity``.
+
+    An agent without an identity is identified only by the deployment: it must be the
+    ``workloadAgent`` (one per extension server). Everywhere else (a gateway, ``up``
+    with several agents) nothing could tell its callers apart, so a JWT is required.
+    """
+    problems: list[str] = []
+    if workload_agent is not None:
+        agent = catalog.agents.get(workload_agent)
+        if agent is None:
+            problems.append(f"workloadAgent {workload_agent!r}: no MCPAgent of that name is declared")
+        elif agent.spec.identity is not None:
+            problems.append(
+                f"workloadAgent {workload_agent!r}: MCPAgent {workload_agent!r} declares spec.identity, so its "
+                "callers must prove it; workloadAgent names an agent without spec.identity"
+            )
+    for name, agent in sorted(catalog.agents.items()):
+        if agent.spec.identity is None and name != workload_agent:
+            problems.append(
+                f"MCPAgent {name!r} declares no spec.identity, and this extension server does not serve it alone: "
+                "a JWT is required (spec.identity.jwt) on a gateway and with several MCPAgents; only a sidecar, "
+                "or up with this one MCPAgent, identifies its caller without one (authn's workloadAgent)"
+            )
+    for name, server in sorted(catalog.servers.items()):
+        auth = server.spec.upstream_auth
+        if auth is None or auth.token_exchange is None:
+            continue
+        for agent in catalog.agents_for(name):
+            if agent.jwt is None:
+                problems.append(
+                    f"warning: MCPServer {name!r} exchanges the caller's token (upstreamAuth.tokenExchange), but "
+                    f"MCPAgent {agent.name!r} declares no spec.identity.jwt: its calls there without a JWT get 401"
+                )
+    return problems
+
+
 def _trust(agent: MCPAgent, claims: dict[str, Any]) -> tuple[str, str]:
     granted = agent.spec.trust.granted
     claim = agent.spec.trust.consent_claim
@@ -177,7 +240,7 @@ def _trust(agent: MCPAgent, claims: dict[str, Any]) -> tuple[str, str]:
 
 
 class AuthnStage(Stage[AuthnConfig]):
-    """Authenticate every request with the bearer JWT of a declared ``MCPAgent``."""
+    """Authenticate every request: a declared ``MCPAgent``'s bearer JWT, else the agent the deployment identifies."""
 
     name: ClassVar[str] = "authn"
     _warned_unconfigured: bool = False
@@ -206,9 +269,10 @@ class AuthnStage(Stage[AuthnConfig]):
         await self._client.aclose()
 
     def check(self, catalog: Catalog) -> list[str]:
+        problems = workload_problems(catalog, self.config.workload_agent)
         if not catalog.agents:
-            return ["warning: no MCPAgent declared: requests are not authenticated (anonymous principal)"]
-        return []
+            problems.append("warning: no MCPAgent declared: requests are not authenticated (anonymous principal)")
+        return problems
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         catalog = ctx.catalog
@@ -231,6 +295,10 @@ class AuthnStage(Stage[AuthnConfig]):
             return None
         ctx.state(_PUBLIC).origin = self.origin
         server = ctx.server.name if ctx.server else None
+        if "authorization" not in ctx.request_headers:
+            known = self._without_token(ctx, catalog)
+            if known is not None:
+                return known
         header = ctx.request_headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -267,6 +335,33 @@ class AuthnStage(Stage[AuthnConfig]):
         ctx.explain(f"authn: {principal.subject!r} as MCPAgent {principal.agent!r}")
         return Continue(remove_headers=("authorization",), metadata={"principal": principal.subject})
 
+    def _without_token(self, ctx: Context, catalog: Catalog) -> Verdict:
+        """A caller without a token whom the deployment identifies; ``None``: nobody (then 401)."""
+        if ctx.peer is not None:
+            agent = next((a for _, a in sorted(catalog.agents.items()) if a.spiffe_id == ctx.peer), None)
+            if agent is None or agent.spec.identity is None:
+                ctx.explain(f"authn: the mTLS peer {ctx.peer!r} is no MCPAgent's serviceAccount")
+                return None
+            issuer = f"spiffe://{agent.spec.identity.trust_domain}"
+            subject, how = ctx.peer, f"mTLS peer {ctx.peer!r}"
+        elif (name := self.config.workload_agent) is not None:
+            agent = catalog.agents.get(name)
+            if agent is None or agent.spec.identity is not None:
+                return None  # refused by check(); never a principal the resources do not vouch for
+            issuer, subject, how = WORKLOAD_ISSUER, agent.name, "the workload this extension server serves"
+        else:
+            return None
+        if ctx.server is not None and not any(r.name == ctx.server.name for r in agent.spec.mcp_server_refs):
+            message = f"MCPAgent {agent.name!r} does not reference MCPServer {ctx.server.name!r}"
+            ctx.explain(f"authn: {message}")
+            return Deny(status=403, code=UNAUTHENTICATED, message=message, reason="forbidden_agent")
+        granted, consented = _trust(agent, {})
+        ctx.principal = Principal(
+            subject=subject, issuer=issuer, agent=agent.name, granted=granted, consented=consented
+        )
+        ctx.explain(f"authn: MCPAgent {agent.name!r} as {how}")
+        return Continue(metadata={"principal": subject})
+
     async def _authenticate(self, ctx: Context, catalog: Catalog, token: str) -> Principal:
         import jwt  # on first use: PyJWT and cryptography weigh about 9 MB, needless without agents
 
@@ -276,7 +371,7 @@ class AuthnStage(Stage[AuthnConfig]):
         except jwt.PyJWTError:
             raise _Refused("the bearer token is not a well-formed JWT") from None
         issuer = unverified.get("iss")
-        candidates = [a for _, a in sorted(catalog.agents.items()) if a.spec.identity.jwt.issuer == issuer]
+        candidates = [a for _, a in sorted(catalog.agents.items()) if a.jwt is not None and a.jwt.issuer == issuer]
         if not candidates:
             raise _Refused("the token's issuer is not trusted by any MCPAgent")
         alg = header.get("alg")
@@ -286,7 +381,8 @@ class AuthnStage(Stage[AuthnConfig]):
         claims: dict[str, Any] | None = None
         last: _Refused | None = None
         for agent in candidates:
-            ident = agent.spec.identity.jwt
+            ident = agent.jwt
+            assert ident is not None
             if alg not in ident.algorithms:
                 last = _Refused(f"the token's algorithm {alg!r} is not accepted; accepted: {ident.algorithms}")
                 continue
@@ -370,7 +466,7 @@ class AuthnStage(Stage[AuthnConfig]):
         )
         document = {
             "resource": resource,
-            "authorization_servers": sorted({a.spec.identity.jwt.issuer for a in agents}),
+            "authorization_servers": sorted({a.jwt.issuer for a in agents if a.jwt is not None}),
             "bearer_methods_supported": ["header"],
             "scopes_supported": scopes,
         }

@@ -248,6 +248,14 @@ class SessionStage(Stage[SessionConfig]):
         token = ctx.request_headers.get(MCP_SESSION_ID)
         if server is None or not token:
             return None
+        if "," in token:
+            # Envoy joins repeated headers with ", "; our ids (base64url and dots) never hold one.
+            return Deny(
+                status=400,
+                code=INVALID_REQUEST,
+                message="the mcp-session-id header was sent more than once; send it once",
+                reason="duplicate_header",
+            )
         try:
             claims = self.ids.verify(token, server.name)
         except BadSessionId as exc:

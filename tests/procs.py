@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 EVERYTHING_SCRIPT: Final = REPO_ROOT / "node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+PLAYWRIGHT_SCRIPT: Final = REPO_ROOT / "node_modules/@playwright/mcp/cli.js"
+CHROMIUM: Final = Path("/usr/bin/chromium")
 
 DEFAULT_START_DEADLINE_S: Final = 20.0
 _POLL_INTERVAL_S: Final = 0.02
@@ -380,6 +382,58 @@ def start_everything(*, log_dir: Path | None = None, deadline_s: float = DEFAULT
             raise
         return proc, port
     raise RuntimeError(f"server-everything found no free port in {_PORT_RACE_ATTEMPTS} attempts: {last_error}")
+
+
+def start_playwright(
+    *,
+    log_dir: Path,
+    port: int = 0,
+    chromium: Path = CHROMIUM,
+    env: Mapping[str, str] | None = None,
+    deadline_s: float = DEFAULT_START_DEADLINE_S,
+) -> tuple[Proc, int]:
+    """Start the official Playwright MCP (npm ``@playwright/mcp``) over Streamable HTTP on 127.0.0.1.
+
+    It drives Debian's chromium (``make chromium`` installs it), headless and without the
+    sandbox (tests run as root), each HTTP session in its own in-memory browser context
+    (``--isolated``). ``--allowed-hosts '*'`` turns off its Host header check, which would
+    refuse requests that come through Envoy (whose route rewrites ``Host``). It runs in
+    ``log_dir`` and writes its snapshot files under ``log_dir/playwright-output``, never in
+    the repository. Port 0 (the default) lets it choose, and its ``Listening on`` line
+    says which.
+
+    Args:
+        log_dir: Working directory, output directory and process log.
+        port: TCP port to listen on; 0 lets the server choose.
+        chromium: The browser executable.
+        env: Complete environment; None inherits this process's.
+        deadline_s: Seconds to wait for it to listen.
+
+    Returns:
+        The process and its port on 127.0.0.1 (``/mcp`` is the endpoint).
+
+    Raises:
+        FileNotFoundError: ``node``, ``npm ci``'s ``@playwright/mcp`` or the browser is missing.
+    """
+    node = shutil.which("node")
+    if node is None:
+        raise FileNotFoundError("node is not on PATH; Playwright MCP needs Node.js 20 or newer")
+    if not PLAYWRIGHT_SCRIPT.is_file():
+        raise FileNotFoundError(f"{PLAYWRIGHT_SCRIPT} is missing; run `npm ci` in {REPO_ROOT}")
+    if not chromium.is_file():
+        raise FileNotFoundError(f"{chromium} is missing; run `make chromium` (Debian's chromium package)")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [node, str(PLAYWRIGHT_SCRIPT), "--port", str(port), "--host", "127.0.0.1", "--allowed-hosts", "*"]
+    argv += ["--headless", "--browser", "chromium", "--executable-path", str(chromium), "--no-sandbox"]
+    argv += ["--isolated", "--output-dir", str(log_dir / "playwright-output")]
+    proc = Proc(argv, name="playwright-mcp", env=env, cwd=log_dir, log_dir=log_dir)
+    try:
+        bound = int(proc.wait_for_line(r"Listening on http://\S+:(\d+)", deadline_s).group(1))
+        wait_for_tcp("127.0.0.1", bound, deadline_s)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, bound
 
 
 def start_ready_server(

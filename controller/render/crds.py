@@ -57,6 +57,13 @@ _MODEL_RULES: Final[dict[type[BaseModel], list[dict[str, str]]]] = {
     models.BearerAuth: [_exactly_one("secretRef", "env", "file")],
     models.UpstreamAuth: [_exactly_one("bearer", "clientCredentials", "tokenExchange")],
     models.Rego: [_exactly_one("module", "configMapRef", "remote")],
+    models.Identity: [
+        {
+            "rule": "has(self.jwt) || has(self.serviceAccount)",
+            "message": "set jwt, serviceAccount or both; an agent the deployment identifies (a sidecar) leaves "
+            "identity out",
+        }
+    ],
     models.MCPServerSpec: [
         {
             "rule": "!has(self.productionMode) || !self.productionMode || self.url.startsWith('https://')",

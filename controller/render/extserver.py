@@ -5,8 +5,11 @@ Data flow::
     the namespace's MCPServers used by a Gateway or an Istio agent (+ their policies)
         ──▶ ConfigMap mcp-extproc  (resources.yaml, pipeline.yaml; resources.yaml in
                                     Secret mcp-extproc instead when it holds Secrets)
-        ──▶ Deployment mcp-extproc (``mcp-extproc serve --grpc 0.0.0.0:<port>``)
-        ──▶ Service mcp-extproc    (gRPC, the EnvoyExtensionPolicy / EnvoyFilter target)
+        ──▶ Deployment mcp-extproc (``mcp-extproc serve --grpc 0.0.0.0:<port>``, 2 replicas spread
+                                    over nodes, every one mounting the namespace's session
+                                    key Secret: any replica serves any session)
+        ──▶ Service mcp-extproc    (gRPC, the EnvoyExtensionPolicy / EnvoyFilter target: the
+                                    proxies balance streams over its ready endpoints)
 
 Owned by every MCPServer it serves: it goes away with the last of them.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from controller.render import session_keys
 from controller.render.meta import EXTPROC_NAME, ControllerSettings, object_meta, owner_ref
 from controller.render.sidecar import CONFIG_DIR, documents, dump_documents, serve_args
 from controller.render.view import NamespaceView
@@ -68,7 +72,9 @@ def extension_server(
     container = {
         "name": "extproc",
         "image": settings.image,
-        "args": serve_args("--grpc", f"0.0.0.0:{settings.grpc_port}", "--metrics", "0.0.0.0:9464"),
+        "args": serve_args(
+            "--grpc", f"0.0.0.0:{settings.grpc_port}", "--metrics", "0.0.0.0:9464", *session_keys.args(settings)
+        ),
         "ports": [
             {"name": "grpc", "containerPort": settings.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
@@ -83,7 +89,10 @@ def extension_server(
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            session_keys.mount(settings),
+        ],
     }
     objects.append(
         {
@@ -91,15 +100,24 @@ def extension_server(
             "kind": "Deployment",
             "metadata": meta(),
             "spec": {
-                "replicas": 2,
+                "replicas": settings.shared_replicas,
                 "selector": {"matchLabels": labels},
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
+                        # One replica per node where the cluster allows: losing a node leaves one serving.
+                        "topologySpreadConstraints": [
+                            {
+                                "maxSkew": 1,
+                                "topologyKey": "kubernetes.io/hostname",
+                                "whenUnsatisfiable": "ScheduleAnyway",
+                                "labelSelector": {"matchLabels": labels},
+                            }
+                        ],
                         "automountServiceAccountToken": False,
                         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                         "containers": [container],
-                        "volumes": [{"name": "config", "projected": {"sources": sources}}],
+                        "volumes": [{"name": "config", "projected": {"sources": sources}}, session_keys.volume()],
                     },
                 },
             },

@@ -7,7 +7,8 @@ Data flow::
             rewritten to the server's own path, backend = that Service and port
     all those routes ──▶ EnvoyExtensionPolicy mcp-extproc: ext_proc to the shared
         extension server's Service (request body buffered, responses' headers sent,
-        per-exchange mode override allowed, fail closed)
+        per-exchange mode override allowed, fail closed; a replica whose connection
+        fails is ejected from the Service's endpoints at once: passive health check)
 
 The extension server finds the MCPServer from the path ``/<server>/mcp``, which
 ext_proc sees before the route's rewrite. Only in-cluster Service URLs can be
@@ -104,6 +105,20 @@ def extension_policy(view: NamespaceView, servers: list[MCPServer], settings: Co
                     },
                     "messageTimeout": "2s",
                     "failOpen": False,
+                    # The Service's replicas are endpoints of one cluster; one whose connection
+                    # fails (killed, its node gone) is ejected at once, before its readiness
+                    # probe takes it out of the Service (as `render envoy` does with replicas).
+                    "backendSettings": {
+                        "healthCheck": {
+                            "passive": {
+                                "splitExternalLocalOriginErrors": True,
+                                "consecutiveLocalOriginFailures": 1,
+                                "interval": "1s",
+                                "baseEjectionTime": "5s",
+                                "maxEjectionPercent": 50,
+                            }
+                        }
+                    },
                 }
             ],
         },

@@ -7,12 +7,15 @@ Data flow::
         ──first agent (by name) whose selector matches the pod's labels──▶
             volumes:         mcp-extproc-socket (emptyDir: the extension server's unix sockets
                              and Envoy's admin socket, mounted by the sidecars only),
-                             mcp-extproc-config (projected: ConfigMap + optional Secret mcp-agent-<agent>)
+                             mcp-extproc-config (projected: ConfigMap + optional Secret mcp-agent-<agent>),
+                             mcp-extproc-session-keys (Secret mcp-extproc-session-keys: the
+                             namespace's session key set, mounted by mcp-extproc only)
             initContainers:  [mcp-egress-init (iptables, only with egress.sidecarOnly)],
                              mcp-extproc, mcp-envoy (native sidecars: restartPolicy Always,
                              started before the app containers)
                              (mcp-extproc: serve --public-url http://127.0.0.1:<sidecar_port>,
-                             the address the agent uses, which authn's challenges name)
+                             the address the agent uses, which authn's challenges name;
+                             --session-key-file <socket_dir>/session-keys/jwks.json)
             env (every app container): MCP_EXTPROC_URL, MCP_SERVER_<NAME>_URL
             annotation:      mcp.extproc.io/injected: <agent>
         ──▶ RFC 6902 JSON patch
@@ -27,6 +30,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from controller.render import session_keys
 from controller.render.meta import INJECT_ANNOTATION, INJECTED_ANNOTATION, ControllerSettings, agent_object_name
 from controller.render.sidecar import CONFIG_DIR, serve_args
 from extproc.config.models import LabelSelector, MCPAgent
@@ -136,13 +140,14 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             "127.0.0.1:9464",
             "--public-url",
             sidecar_url(settings),
+            *session_keys.args(settings),
         ),
         "startupProbe": _probe_exec(
             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({settings.socket_path!r})"
         ),
         "resources": resources,
         "securityContext": _sidecar_security(settings),
-        "volumeMounts": mounts,
+        "volumeMounts": [*mounts, session_keys.mount(settings)],
     }
     envoy = {
         "name": ENVOY_CONTAINER,
@@ -217,6 +222,7 @@ def injection_patch(
                 ]
             },
         },
+        session_keys.volume(),
     ]
     if "volumes" not in spec:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})

@@ -7,7 +7,8 @@ Data flow::
             1. HTTP_FILTER, SIDECAR_OUTBOUND: ext_proc inserted before the router,
                *disabled* by default (other outbound traffic is untouched), pointing at
                the shared extension server's Service cluster; the filter itself is the
-               one ``extproc.render.bootstrap`` renders for ``up`` (same processing mode).
+               one ``extproc.render.bootstrap`` renders for ``up`` (same processing mode),
+               with a retry on another replica of a stream whose connection failed.
             2. VIRTUAL_HOST per server (``<host>:<port>``): ext_proc enabled, with the
                server's name as gRPC initial metadata (how the server is found when the
                agent uses the server's own URL rather than ``/<name>/mcp``).
@@ -26,6 +27,7 @@ from extproc.config.models import MCPAgent, MCPServer
 from extproc.config.resources import Catalog
 from extproc.render.bootstrap import bootstrap_dict
 from extproc.render.options import BootstrapOptions, PhaseNeeds
+from extproc.render.replicas import retry_policy
 from extproc.render.wire import SERVER_METADATA_KEY
 
 _T: Final = "type.googleapis.com/"
@@ -54,6 +56,9 @@ def ext_proc_http_filter(catalog: Catalog, needs: PhaseNeeds, cluster: str) -> d
     found = next(f for f in hcm["filters"][0]["typed_config"]["http_filters"] if f["name"] == EXT_PROC_FILTER)
     http_filter = copy.deepcopy(found)
     http_filter["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
+    # The Service's replicas are the cluster's endpoints: a stream whose replica is gone is
+    # tried once more on another (as `render envoy` does with several addresses).
+    http_filter["typed_config"]["grpc_service"]["retry_policy"] = retry_policy(grpc=True)
     http_filter["disabled"] = True
     return dict(http_filter)
 

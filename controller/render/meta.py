@@ -38,6 +38,8 @@ class ControllerSettings:
             only this UID may leave the pod.
         extproc_uid: the UID of the injected extension server.
         grpc_port: the shared extension server's gRPC port (Gateway and Istio modes).
+        shared_replicas: how many replicas of the shared extension server run (they
+            share the namespace's session key Secret, so any of them serves any session).
         socket_dir: the shared ``emptyDir`` holding the extension server's unix sockets
             and the injected Envoy's admin socket (mounted by the two sidecars only).
         webhook_service: the controller's Service the API server calls for injection.
@@ -50,6 +52,7 @@ class ControllerSettings:
     envoy_uid: int = 15101
     extproc_uid: int = 15102
     grpc_port: int = 50051
+    shared_replicas: int = 2
     socket_dir: str = "/var/run/mcp-extproc"
     webhook_service: str = "mcp-extproc-webhook"
     webhook_port: int = 443

@@ -8,6 +8,9 @@ Data flow::
       MCPServer.gateway  ──▶ HTTPRoute mcp-<s> (gateway.py)
       any Gateway route or Istio agent ──▶ shared extension server (extserver.py)
                                            + EnvoyExtensionPolicy when routes exist
+      any of those extension servers   ──▶ session_keys = True: they mount the Secret
+                                           mcp-extproc-session-keys, which the runtime
+                                           creates (session_keys.py; never rendered here)
     ──▶ Rendered(objects, problems by (kind, name))
 
 ``mcp-extproc render k8s`` prints ``objects``; the reconcile loop applies them,
@@ -30,10 +33,16 @@ from extproc.core.registry import Registry
 
 @dataclass(frozen=True)
 class Rendered:
-    """Objects to apply and, per custom resource, what could not be resolved or rendered."""
+    """Objects to apply and, per custom resource, what could not be resolved or rendered.
+
+    ``session_keys``: an extension server of the namespace (a sidecar, the shared one)
+    mounts the session key Secret, which must therefore exist
+    (:mod:`controller.render.session_keys`; the renderers never make one).
+    """
 
     objects: list[dict[str, Any]] = field(default_factory=list)
     problems: dict[Key, list[str]] = field(default_factory=dict)
+    session_keys: bool = False
 
 
 def render_namespace(
@@ -45,6 +54,7 @@ def render_namespace(
     needs = Registry().plan(pipeline).needs
     catalog = view.catalog
     shared: dict[str, MCPServer] = {}
+    serves = False  # some extension server here mounts the session key Secret
     for name, agent in sorted(catalog.agents.items()):
         key = ("MCPAgent", name)
         servers = [catalog.servers[r.name] for r in agent.spec.mcp_server_refs if r.name in catalog.servers]
@@ -53,7 +63,9 @@ def render_namespace(
             problems.setdefault(key, []).append("spec.selector: required in a cluster (which pods are the agent?)")
             continue
         if agent.spec.attachment == "Sidecar":
-            objects += sidecar.agent_config(view, agent, settings, pipeline)
+            configs = sidecar.agent_config(view, agent, settings, pipeline)
+            objects += configs
+            serves |= bool(configs)
         else:
             envoy_filter, problem = istio.envoy_filter(view, agent, servers, needs, settings)
             if problem:
@@ -74,10 +86,11 @@ def render_namespace(
             routed.append(server)
             shared[name] = server
     servers_used = [shared[n] for n in sorted(shared)]
-    objects += extserver.extension_server(view, servers_used, settings, pipeline)
+    shared_server = extserver.extension_server(view, servers_used, settings, pipeline)
+    objects += shared_server
     if routed:
         objects.append(gateway.extension_policy(view, routed, settings))
-    return Rendered(objects, {k: v for k, v in problems.items() if v})
+    return Rendered(objects, {k: v for k, v in problems.items() if v}, serves or bool(shared_server))
 
 
 def render_documents(

@@ -6,7 +6,8 @@ Data flow::
         ──agent_catalog──▶ Catalog of what the agent may use (its resolved servers,
                            its policies, the ConfigMaps and Secrets those reference)
         ──extproc.render.bootstrap.render_bootstrap_yaml (the renderer `up` uses)──▶ envoy.yaml
-        ──documents──▶ resources.yaml, pipeline.yaml
+        ──documents──▶ resources.yaml, pipeline.yaml (an agent without spec.identity: the
+                       authn stage's workloadAgent names it, for the pod is that agent)
         ──▶ ConfigMap mcp-agent-<agent>   (envoy.yaml, pipeline.yaml, resources.yaml)
             Secret    mcp-agent-<agent>   (resources.yaml, instead, when it holds Secrets)
 
@@ -22,7 +23,7 @@ import yaml
 from controller.render.meta import ControllerSettings, agent_object_name, object_meta, owner_ref
 from controller.render.view import NamespaceView
 from extproc.config.models import MCPAgent, Model
-from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
+from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig, with_stage_config
 from extproc.config.resources import Catalog
 from extproc.core.registry import Registry
 from extproc.render.bootstrap import render_bootstrap_yaml
@@ -81,6 +82,14 @@ def dump_documents(docs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
+def sidecar_pipeline(pipeline: PipelineConfig, agent: MCPAgent) -> PipelineConfig:
+    """``pipeline`` as ``agent``'s sidecar runs it: without ``spec.identity``, the agent is
+    authn's ``workloadAgent`` (only the pod's containers reach the sidecar's loopback listener)."""
+    if agent.spec.identity is not None:
+        return pipeline
+    return with_stage_config(pipeline, "authn", workloadAgent=agent.name)
+
+
 def agent_config(
     view: NamespaceView, agent: MCPAgent, settings: ControllerSettings, pipeline: PipelineConfig = DEFAULT_PIPELINE
 ) -> list[dict[str, Any]]:
@@ -88,6 +97,7 @@ def agent_config(
     catalog = agent_catalog(view, agent)
     if not catalog.servers:
         return []
+    pipeline = sidecar_pipeline(pipeline, agent)
     plan = Registry().plan(pipeline)
     raw = view.raw[("MCPAgent", agent.name)]
     name = agent_object_name(agent.name)

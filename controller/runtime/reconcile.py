@@ -4,6 +4,8 @@ Data flow::
 
     Kube.list(MCPServer, MCPToolPolicy, MCPAgent in ns) + the Secrets, ConfigMaps and
     Services they name ──build_view──▶ NamespaceView ──render_namespace──▶ objects, problems
+        ──rendered.session_keys──▶ ensure_session_keys: Secret mcp-extproc-session-keys
+                                   created when missing, never overwritten (session_keys.py)
         ──Kube.apply (server-side apply, field manager mcp-extproc-controller)──▶ cluster
         ──Kube.list(label managed-by) minus rendered──▶ Kube.delete  (prune)
         ──compute_status──▶ Kube.patch_status (only when it changed)
@@ -26,6 +28,7 @@ from controller.render.netpol import service_host
 from controller.render.status import compute_status, same_status
 from controller.render.view import CUSTOM_KINDS, Key, build_view
 from controller.runtime.kube import RENDERED_KINDS, Kube, KubeError
+from controller.runtime.session_keys import ensure_session_keys
 
 log = logging.getLogger("mcp_extproc.controller")
 
@@ -95,6 +98,8 @@ class Reconciler:
         objects, services = self._read(namespace)
         view = build_view(namespace, objects, services)
         rendered = render_namespace(view, self.settings)
+        if rendered.session_keys:
+            self._session_keys(namespace)
         apply_errors: dict[Key, str] = {}
         wanted: set[tuple[str, str]] = set()
         for obj in rendered.objects:
@@ -124,6 +129,15 @@ class Reconciler:
                 except KubeError as exc:
                     if transient(exc) or exc.status != 404:  # 404: deleted meanwhile
                         raise
+
+    def _session_keys(self, namespace: str) -> None:
+        """The session key Secret the namespace's extension servers mount: created when missing."""
+        try:
+            ensure_session_keys(self.kube, namespace)
+        except KubeError as exc:
+            if transient(exc):
+                raise
+            log.warning("cannot create the session key Secret in %s (its pods wait for it): %s", namespace, exc)
 
     def _prune(self, namespace: str, wanted: set[tuple[str, str]]) -> None:
         for kind in RENDERED_KINDS:

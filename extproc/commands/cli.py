@@ -1,6 +1,6 @@
 """The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
 
-Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``; ``render k8s`` and
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``, ``session-keys``; ``render k8s`` and
 ``controller`` come from the controller package through entry points (the core never imports it). A user error
 (:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
 nothing prints a traceback for bad input.
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from extproc.config.settings import Settings
 from extproc.errors import ConfigError, ExtProcError
@@ -53,10 +53,37 @@ _PUBLIC_URL = (
     "the origin agents reach Envoy at, e.g. https://mcp.example.com: authn's WWW-Authenticate and "
     "protected-resource metadata name it, never the request's Host"
 )
+_SESSION_KEYS = (
+    "the JSON Web Key Set the gateway signs its Mcp-Session-Id values with (created, mode 0600, when "
+    "missing); every process given the same file can serve every session"
+)
 _RELOAD = (
     "seconds between checks of the resource file for changes; "
     f"0 disables reloads (default {_shown('reload_interval_s')})"
 )
+
+_REPLICAS = "give it once per replica of the extension server: Envoy balances across them and leaves a dead one"
+
+
+def _listed(field: str) -> list[str]:
+    """A repeatable flag's default: the tuple field's, as the list ``append`` adds to (a copy)."""
+    return list(cast("tuple[str, ...]", _DEFAULT[field]))
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: ``serve`` listens on exactly one address of each kind."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        seen: set[str] = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            parser.error(
+                f"{option} given twice: serve listens on one address (run one serve per address; "
+                f"render envoy takes {option} once per replica)"
+            )
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,16 +123,32 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (default http://<listen>)"
     )
+    up.add_argument(
+        "--session-key-file",
+        metavar="FILE",
+        type=Path,
+        default=_DEFAULT["session_key_file"],
+        help=f"{_SESSION_KEYS} (default $XDG_STATE_HOME/mcp-extproc/session-keys.json)",
+    )
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
-    serve.add_argument("--grpc", default=_DEFAULT["grpc"], help="TCP host:port to listen on; '' disables TCP")
+    serve.add_argument(
+        "--grpc", action=_Once, default=_DEFAULT["grpc"], help="TCP host:port to listen on; '' disables TCP"
+    )
     serve.add_argument("--unix", default=_DEFAULT["unix"], help="also listen on this unix socket")
-    serve.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    serve.add_argument("--authz-http", metavar="PATH", action=_Once, default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
     serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
     serve.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
     serve.add_argument(
         "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (required with an MCPAgent)"
+    )
+    serve.add_argument(
+        "--session-key-file",
+        metavar="FILE",
+        type=Path,
+        default=_DEFAULT["session_key_file"],
+        help=f"{_SESSION_KEYS} (default: a key in memory, lost on restart)",
     )
 
     render = commands.add_parser("render", help="print generated configuration")
@@ -116,11 +159,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(render)
     render.add_argument("--listen", default=_DEFAULT["listen"])
-    render.add_argument("--grpc", default=_DEFAULT["grpc"], help="where Envoy reaches the extension server")
+    render.add_argument(
+        "--grpc",
+        metavar="HOST:PORT",
+        dest="extproc_addresses",
+        action="append",
+        default=_listed("extproc_addresses"),
+        help=f"where Envoy reaches the extension server (default {_shown('grpc')}); {_REPLICAS}",
+    )
     render.add_argument(
         "--unix", default=_DEFAULT["unix"], help="reach the extension server over this unix socket instead"
     )
-    render.add_argument("--authz-http", metavar="PATH", default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    render.add_argument(
+        "--authz-http",
+        metavar="PATH",
+        dest="authz_http_sockets",
+        action="append",
+        default=_listed("authz_http_sockets"),
+        help=f"{_AUTHZ_HTTP}; {_REPLICAS}",
+    )
     render.add_argument(
         "--admin-socket",
         metavar="PATH",
@@ -132,6 +189,16 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
+
+    keys = commands.add_parser("session-keys", help="make or rotate the key set that signs Mcp-Session-Id values")
+    keys.add_argument(
+        "action",
+        choices=["new", "rotate"],
+        help="new: print a fresh key set (JSON) to stdout; rotate: put a fresh key first in FILE, keep 3 in all",
+    )
+    keys.add_argument(
+        "key_file", metavar="FILE", type=Path, nargs="?", help="the key set to rotate (created if missing)"
+    )
 
     stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
     stages.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -158,9 +225,35 @@ def _stages(args: argparse.Namespace) -> int:
     return 1 if any("error" in item for item in found) else 0
 
 
+def _session_keys(args: argparse.Namespace) -> int:
+    """``mcp-extproc session-keys new|rotate [FILE]``."""
+    import json
+
+    from extproc.config.session_keys import new_key_set, rotate_key_set
+
+    try:
+        if args.action == "new":
+            sys.stdout.write(json.dumps(new_key_set(), indent=2) + "\n")
+            return 0
+        if args.key_file is None:
+            raise ConfigError("session-keys rotate: name the key file (FILE)")
+        kid = rotate_key_set(args.key_file)
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mcp-extproc: error: {args.key_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"{args.key_file}: new signing key {kid}; older keys still verify")
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings of the flags the parsed command has; a field it has no flag for keeps its default."""
-    given = {_FIELD_OF_DEST.get(dest, dest): value for dest, value in vars(args).items()}
+    given: dict[str, Any] = {
+        _FIELD_OF_DEST.get(dest, dest): tuple(value) if isinstance(value, list) else value  # repeated flags
+        for dest, value in vars(args).items()
+    }
     values = {f.name: given[f.name] for f in dataclasses.fields(Settings) if f.name in given}
     values["log_level"] = values["log_level"].upper()
     if "metrics" in values:
@@ -181,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "stages":
         return _stages(args)
+    if args.command == "session-keys":
+        return _session_keys(args)
     if args.command == "controller" or getattr(args, "what", None) == "k8s":
         return _controller_command(args)
     try:

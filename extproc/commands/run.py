@@ -12,7 +12,14 @@ Data flow for ``up``::
 The public URL (``--public-url``; ``up``: ``http://<listen>`` by default) becomes the
 ``authn`` stage's ``publicUrl`` unless the pipeline file sets one, before any stage
 starts: the URLs ``authn`` hands agents never come from the request's ``Host``.
-``serve`` with an ``MCPAgent`` and no public URL refuses to start.
+``serve`` with an ``MCPAgent`` and no public URL refuses to start. The session key set
+(``--session-key-file``; ``up``: ``$XDG_STATE_HOME/mcp-extproc/session-keys.json`` by
+default) is created or checked before anything starts and becomes the ``session`` stage's
+``keyFile``: a restarted ``up`` keeps its sessions.
+
+Before anything starts, the addresses they listen on are checked (:mod:`extproc.commands.ports`):
+a ``--listen``, ``--grpc`` or ``--metrics`` someone already listens on is one line and exit 2,
+never a second Envoy sharing the port.
 
 On SIGINT/SIGTERM Envoy is stopped first (no new exchanges), then the gRPC server
 (NOT_SERVING, ``stop(grace)``, stage shutdown). The Envoy child itself is handled by
@@ -29,9 +36,10 @@ import signal
 import tempfile
 from pathlib import Path
 
-from extproc.commands import envoy
+from extproc.commands import envoy, ports
 from extproc.commands.inspect import bootstrap_options, build
 from extproc.config.resources import Catalog
+from extproc.config.session_keys import default_key_file, load_key_set
 from extproc.config.settings import Settings, public_origin, split_hostport
 from extproc.core import reload
 from extproc.core.metrics import Metrics
@@ -52,7 +60,10 @@ def _watch(settings: Settings, server: ExtProcServer, metrics: Metrics) -> async
 def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
     if settings.metrics:
         host, port = split_hostport(settings.metrics, "--metrics")
-        bound = metrics.serve(host, port)
+        try:
+            bound = metrics.serve(host, port)
+        except OSError as exc:  # taken since ports.check_*
+            raise ConfigError(f"--metrics {settings.metrics}: cannot listen there: {exc.strerror or exc}") from None
         log.info("metrics at http://%s:%d/metrics", host, bound)
 
 
@@ -91,11 +102,33 @@ def _stop_signals() -> asyncio.Event:
     return stop
 
 
+def _session_keys(settings: Settings, pipeline: Pipeline, default: Path | None) -> None:
+    """Give the ``session`` stage its key set: the pipeline file's ``keyFile``, else
+    ``--session-key-file``, else ``default`` (``up``'s state directory; ``serve``: none, a key
+    in memory). The file is created (mode 0600) or checked here, before anything starts.
+
+    Raises:
+        ConfigError: the key file cannot be created or read, or is not a key set.
+    """
+    for stage in pipeline.stages:
+        if stage.name != "session" or "key_file" not in type(stage.config).model_fields:
+            continue
+        configured: str | None = stage.config.key_file
+        chosen = configured or settings.session_key_file or default
+        if chosen is None:
+            continue
+        keys = load_key_set(Path(chosen), create=True)
+        stage.config = stage.config.model_copy(update={"key_file": str(chosen)})
+        log.info("session key set: %s (%d key%s)", keys.source, len(keys.by_kid), "" if len(keys.by_kid) == 1 else "s")
+
+
 async def serve(settings: Settings) -> int:
     """``mcp-extproc serve``: the gRPC server alone."""
+    ports.check_serve(settings)
     metrics = Metrics()
     catalog, pipeline = build(settings, metrics)
     _public_url(settings, catalog, pipeline, None)
+    _session_keys(settings, pipeline, None)
     listen = Listen(tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http)
     server = ExtProcServer(pipeline, catalog, listen)
     await server.start()
@@ -113,22 +146,23 @@ async def serve(settings: Settings) -> int:
 async def up(settings: Settings) -> int:
     """``mcp-extproc up``: gRPC server plus Envoy, until SIGINT/SIGTERM."""
     host, port = split_hostport(settings.listen, "--listen")
+    ports.check_up(settings)  # before anything starts: a busy port is one line and exit 2
     workdir = Path(tempfile.mkdtemp(prefix="mcp-extproc-"))
     socket_path = settings.unix or str(workdir / "extproc.sock")
     metrics = Metrics()
-    catalog, pipeline = build(settings, metrics)
+    catalog, pipeline = build(settings, metrics, lone_agent_is_workload=True)
     _public_url(settings, catalog, pipeline, public_origin(f"http://{settings.listen}", "--listen"))
+    _session_keys(settings, pipeline, default_key_file())
     # The fast tools/call routes call our HTTP authorization service: grpc-python is the
     # slow part of a Check, not the hop (extproc.frontdoor.http_check).
     authz_socket = str(workdir / "authz.sock")
-    options = bootstrap_options(
-        settings, pipeline.plan, extproc_tcp=None, extproc_unix=socket_path, authz_http=authz_socket
-    )
+    options = bootstrap_options(settings, pipeline.plan, extproc=(f"unix:{socket_path}",), authz_http=(authz_socket,))
     authz_http = authz_socket if options.fast_calls else None
     # Envoy's admin API has no authentication: a unix socket only Envoy's user may open,
     # in this process's private (0700) work directory.
     admin_socket = workdir / "envoy-admin.sock"
-    options = dataclasses.replace(options, admin_socket=str(admin_socket))
+    # Without SO_REUSEPORT, so a second Envoy on a port taken meanwhile fails instead of sharing it.
+    options = dataclasses.replace(options, admin_socket=str(admin_socket), listen_reuse_port=False)
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(render_bootstrap_yaml(catalog, pipeline.needs, options))
     stop = _stop_signals()

@@ -10,8 +10,8 @@ Kinds::
                    upstream credential, forwarded headers, keepalive, production mode
     MCPToolPolicy  rules over the tools of target servers: allow/deny globs,
                    required trust and scopes, rate limit, Rego
-    MCPAgent       a workload: pod selector, servers it may use, inbound JWT
-                   identity, granted trust
+    MCPAgent       a workload: pod selector, servers it may use, optional identity
+                   (inbound JWT, mTLS service account), granted trust
     Secret         core ``v1`` Secret (``data`` base64, ``stringData`` plain)
     ConfigMap      core ``v1`` ConfigMap (Rego modules)
 """
@@ -212,6 +212,8 @@ class MCPServerSpec(Model):
         upstream_auth: the credential injected upstream (the agent's own is
             always removed).
         keepalive: whether the session keeper answers the server's pings.
+        keepalive_idle_s: stop keeping a session of this server that no agent used for
+            this long (default: the ``session`` stage's ``idleTimeoutSeconds``, 1800).
         production_mode: requires an https URL and an OAuth upstream credential.
         forward_headers: request headers the agent sends that the server receives, besides
             those every server does (content type, accept, the MCP headers, trace context,
@@ -225,6 +227,7 @@ class MCPServerSpec(Model):
     allowed_agents: LabelSelector | None = Field(default=None, alias="allowedAgents")
     upstream_auth: UpstreamAuth | None = Field(default=None, alias="upstreamAuth")
     keepalive: Keepalive = Keepalive.AUTO
+    keepalive_idle_s: int | None = Field(default=None, gt=0, alias="keepaliveIdleSeconds")
     production_mode: bool = Field(default=False, alias="productionMode")
     forward_headers: list[HeaderName] = Field(
         default_factory=list,
@@ -420,10 +423,37 @@ class JwtIdentity(Model):
         return value
 
 
-class Identity(Model):
-    """How an agent proves who it is."""
+_SPIFFE_SEGMENT = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
+"""A trust domain or service account name as a SPIFFE ID segment: lower-case, no ``/``."""
 
-    jwt: JwtIdentity
+
+class Identity(Model):
+    """How an agent proves who it is: a bearer JWT, its workload's mTLS identity, or both.
+
+    Attributes:
+        jwt: inbound JWTs (``Authorization: Bearer``); their ``sub`` is the principal.
+        service_account: the Kubernetes service account the agent's pods run as. Where
+            Envoy terminates the agent's mTLS, a peer certificate whose URI SAN is
+            ``spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`` (Istio's
+            workload identity; the namespace is the agent's) is this agent.
+        trust_domain: the SPIFFE trust domain of that identity.
+    """
+
+    jwt: JwtIdentity | None = None
+    service_account: Annotated[str, StringConstraints(pattern=_SPIFFE_SEGMENT, max_length=253)] | None = Field(
+        default=None, alias="serviceAccount"
+    )
+    trust_domain: Annotated[str, StringConstraints(pattern=_SPIFFE_SEGMENT, max_length=255)] = Field(
+        default="cluster.local", alias="trustDomain"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.jwt is None and self.service_account is None:
+            raise ValueError(
+                "set jwt, serviceAccount or both; an agent the deployment identifies (a sidecar) leaves identity out"
+            )
+        return self
 
 
 class TrustGrant(Model):
@@ -451,7 +481,9 @@ class MCPAgentSpec(Model):
         selector: the agent's pods (cluster only).
         mcp_server_refs: the servers the agent may use.
         policy_refs: tool policies applied to the agent's calls.
-        identity: how the agent proves who it is (inbound JWT).
+        identity: how the agent proves who it is (inbound JWT, mTLS service account);
+            left out, the deployment identifies it (the one agent a sidecar or
+            ``up`` serves: every caller without a token is this agent).
         trust: the trust the agent is granted.
         attachment: cluster only: ``Sidecar`` injects an Envoy sidecar and the
             extension server into the pods; ``Istio`` inserts ext_proc into the
@@ -462,7 +494,7 @@ class MCPAgentSpec(Model):
     selector: LabelSelector | None = None
     mcp_server_refs: list[LocalRef] = Field(min_length=1, alias="mcpServerRefs")
     policy_refs: list[LocalRef] = Field(default_factory=list, alias="policyRefs")
-    identity: Identity
+    identity: Identity | None = None
     trust: TrustGrant = Field(default_factory=TrustGrant)
     attachment: Literal["Sidecar", "Istio"] = "Sidecar"
     egress: Egress = Field(default_factory=Egress)
@@ -480,6 +512,19 @@ class MCPAgent(Model):
     def name(self) -> str:
         """The agent's name."""
         return self.metadata.name
+
+    @property
+    def jwt(self) -> JwtIdentity | None:
+        """The JWTs that identify this agent, if it declares any."""
+        return self.spec.identity.jwt if self.spec.identity is not None else None
+
+    @property
+    def spiffe_id(self) -> str | None:
+        """``spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>``, if it declares a service account."""
+        ident = self.spec.identity
+        if ident is None or ident.service_account is None:
+            return None
+        return f"spiffe://{ident.trust_domain}/ns/{self.metadata.namespace}/sa/{ident.service_account}"
 
 
 # --- core v1 -------------------------------------------------------------------------------

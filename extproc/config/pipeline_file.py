@@ -67,6 +67,18 @@ trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.
 """
 
 
+def with_stage_config(pipeline: PipelineConfig, stage: str, **values: Any) -> PipelineConfig:
+    """``pipeline`` with ``values`` added to the config of the entries named ``stage``.
+
+    A key the entry's config already sets keeps its value: the pipeline file wins.
+    """
+    stages = [
+        spec.model_copy(update={"config": {**values, **spec.config}}) if spec.name == stage else spec
+        for spec in pipeline.stages
+    ]
+    return pipeline.model_copy(update={"stages": stages})
+
+
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline configuration file (YAML).
 

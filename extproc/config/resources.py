@@ -95,6 +95,14 @@ class Catalog:
         """The policies targeting ``server``, in name order."""
         return [p for _, p in sorted(self.policies.items()) if any(t.name == server for t in p.spec.target_refs)]
 
+    def lone_agent_without_identity(self) -> MCPAgent | None:
+        """The only ``MCPAgent``, when it declares no ``spec.identity``: what ``up`` serves as the
+        workload (every caller without a token is it); ``None`` with several agents or an identity."""
+        if len(self.agents) != 1:
+            return None
+        [agent] = self.agents.values()
+        return agent if agent.spec.identity is None else None
+
     def agents_for(self, server: str) -> list[MCPAgent]:
         """The agents that reference ``server``, in name order."""
         return [a for _, a in sorted(self.agents.items()) if any(r.name == server for r in a.spec.mcp_server_refs)]

@@ -30,6 +30,11 @@ class Settings:
             ``tools/call`` routes call (``serve`` listens there, ``render envoy`` points
             Envoy at it); ``None``: those routes use the gRPC ``Check``. ``up`` always
             uses one, on a private socket.
+        extproc_addresses: ``render envoy --grpc``, given once or more: every address
+            (``host:port``) of the extension server's replicas, all endpoints of one
+            cluster; empty: ``grpc``. (``serve --grpc`` listens on exactly one: ``grpc``.)
+        authz_http_sockets: ``render envoy --authz-http``, given once or more: the HTTP
+            authorization service's unix socket of every replica; empty: ``authz_http``.
         metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
         grace_s: how long in-flight streams may finish on shutdown.
         stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
@@ -50,6 +55,11 @@ class Settings:
             unix socket (mode 0600); ``None``: the rendered bootstrap has no admin
             interface (it has no authentication, so never on TCP). ``up`` always puts
             one in its private directory.
+        session_key_file: ``--session-key-file``: the JSON Web Key Set the gateway signs
+            its legacy ``Mcp-Session-Id`` values with, created (mode 0600) when missing.
+            ``None``: ``up`` keeps one in its state directory
+            (:func:`extproc.config.session_keys.default_key_file`), ``serve`` holds a key in
+            memory (sessions then survive neither a restart nor a move to another replica).
     """
 
     resources: Path
@@ -58,6 +68,8 @@ class Settings:
     grpc: str = "127.0.0.1:50051"
     unix: str | None = None
     authz_http: str | None = None
+    extproc_addresses: tuple[str, ...] = ()
+    authz_http_sockets: tuple[str, ...] = ()
     metrics: str | None = "127.0.0.1:9464"
     grace_s: float = 5.0
     stream_idle_timeout_s: int = 3600
@@ -67,6 +79,7 @@ class Settings:
     reload_interval_s: float = 1.0
     public_url: str | None = None
     admin_socket: str | None = None
+    session_key_file: Path | None = None
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:

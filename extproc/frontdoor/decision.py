@@ -2,7 +2,7 @@
 
 Data flow::
 
-    header lines, method, path, body, server hint, promised era
+    header lines, method, path, body, server hint, promised era, peer identity
         ──▶ Context ──▶ pipeline: request-headers hooks, then request-body hooks
         ──▶ refuse a rewrite (ext_authz cannot rewrite a body: fail closed)
         ──▶ refuse a broken route promise (the fast route's one tools/call of an era)
@@ -37,8 +37,13 @@ async def decide(
     server_hint: str | None,
     promised_era: str | None,
     request_id: str | None = None,
+    peer: str | None = None,
 ) -> tuple[Context, Continue | Stop]:
-    """Run the request side of the pipeline once; the outcome is already audited."""
+    """Run the request side of the pipeline once; the outcome is already audited.
+
+    ``peer``: the verified client certificate's identity Envoy reported (gRPC ``Check``
+    only; the HTTP authorization service is told none).
+    """
     ctx = new_context(
         catalog,
         pairs,
@@ -49,6 +54,7 @@ async def decide(
         request_id=request_id,
     )
     ctx.request_has_body = bool(body)
+    ctx.peer = peer
     pipeline.metrics.phase("check").inc()
     outcome = await _run(pipeline, ctx, body)
     if isinstance(outcome, Continue) and promised_era and (broken := _broken_promise(ctx, promised_era)):

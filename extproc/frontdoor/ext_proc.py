@@ -5,7 +5,8 @@ each ``ProcessingRequest`` into a :class:`~extproc.api.Context` update plus one
 pipeline phase, and the pipeline's outcome into the matching
 ``ProcessingResponse``::
 
-    ProcessingRequest.request_headers ─▶ new Context ─▶ run(REQUEST_HEADERS)
+    ProcessingRequest.request_headers ─▶ new Context (ctx.peer: the SPIFFE ID in the
+        request's ``attributes``, when the filter asks Envoy for it) ─▶ run(REQUEST_HEADERS)
         ─▶ HeadersResponse (+ mode_override: skip the response when no stage
            will read it) | ImmediateResponse (deny)
     ProcessingRequest.request_body    ─▶ ctx.body     ─▶ run(REQUEST_BODY)
@@ -44,7 +45,7 @@ from extproc.core.exchange import answer_of, first_values, new_context
 from extproc.core.pipeline import Pipeline
 from extproc.mcp.headers import CONTENT_LENGTH
 from extproc.mcp.spec import INTERNAL_ERROR
-from extproc.render.wire import METADATA_NAMESPACE
+from extproc.render.wire import EXT_PROC_FILTER, METADATA_NAMESPACE, PEER_ATTRIBUTE
 
 _Mode = mode_pb.ProcessingMode
 _OVERWRITE = core_pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -55,6 +56,16 @@ def header_pairs(header_map: core_pb.HeaderMap) -> tuple[tuple[str, str], ...]:
     return tuple(
         (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in header_map.headers
     )
+
+
+def peer_of(request: pb.ProcessingRequest) -> str | None:
+    """The verified client certificate's URI SAN Envoy attached to ``request`` (:data:`PEER_ATTRIBUTE`), if any."""
+    if EXT_PROC_FILTER not in request.attributes:
+        return None
+    field = request.attributes[EXT_PROC_FILTER].fields.get(PEER_ATTRIBUTE)
+    if field is None or field.WhichOneof("kind") != "string_value":
+        return None
+    return field.string_value or None
 
 
 def _mutation(set_headers: Mapping[str, str], remove: Iterable[str]) -> pb.HeaderMutation:
@@ -99,7 +110,7 @@ class Processor:
         which = request.WhichOneof("request")
         self.pipeline.metrics.phase(which or "unknown").inc()
         if which == "request_headers":
-            return await self._request_headers(request.request_headers)
+            return await self._request_headers(request.request_headers, peer_of(request))
         ctx = self.ctx
         if ctx is None:
             if which in _RESPONSE_PHASES:
@@ -130,10 +141,11 @@ class Processor:
 
     # -- request ---------------------------------------------------------------------------
 
-    async def _request_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def _request_headers(self, message: pb.HttpHeaders, peer: str | None) -> pb.ProcessingResponse:
         ctx = new_context(
             self.catalog, header_pairs(message.headers), server_hint=self.server_hint, front_door=FrontDoor.EXT_PROC
         )
+        ctx.peer = peer
         ctx.request_has_body = not message.end_of_stream
         self.ctx = ctx
         outcome = await self.pipeline.run(Phase.REQUEST_HEADERS, ctx)

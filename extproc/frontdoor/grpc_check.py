@@ -5,7 +5,8 @@ ext_authz instead of ext_proc. One ``Check`` carries the request headers and,
 with ``with_request_body``, the body::
 
     CheckRequest ──▶ Context (headers, path, server from the route's
-                     context_extensions, body)
+                     context_extensions, body; peer: ``source.principal``, the
+                     client certificate's identity Envoy verified)
                  ──▶ pipeline: request-headers hooks, then request-body hooks
                  ──▶ Continue ──▶ OkHttpResponse (headers to set/remove, metadata)
                      Deny     ──▶ DeniedHttpResponse (status, headers, JSON-RPC error body)
@@ -99,6 +100,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             server_hint=extensions.get(SERVER_METADATA_KEY),
             promised_era=extensions.get(CALL_ERA_KEY),
             request_id=http.id,
+            peer=request.attributes.source.principal or None,
         )
         if not isinstance(outcome, Continue):
             response = denied(outcome, ctx.jsonrpc_id)

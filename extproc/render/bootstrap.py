@@ -4,7 +4,9 @@ Data flow::
 
     Catalog + BootstrapOptions + PhaseNeeds
         ──▶ plain dict (one listener, one route per MCPServer, one cluster each,
-            the ext_proc filter pointing at our gRPC server; the limits, timeouts,
+            the ext_proc filter pointing at our gRPC server, asking Envoy for the client
+            certificate's SPIFFE ID when an MCPAgent declares a service account (then
+            no fast routes over HTTP, which cannot carry it); the limits, timeouts,
             overload manager and private admin of :mod:`extproc.render.hardening`;
             a JSON access log line per request)
         ──▶ json_format.ParseDict(Bootstrap)   ← typed check: a wrong field name or
@@ -46,6 +48,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.resource_monitors.cgroup_memory.v3 import cgroup_memory_pb2  # noqa: F401
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format
@@ -107,6 +110,21 @@ def _access_logger(namespace: str, metadata_filter: dict[str, Any] | None = None
     return logger
 
 
+def _listener(options: BootstrapOptions, buffer_limit: int, hcm: dict[str, Any]) -> dict[str, Any]:
+    listener: dict[str, Any] = {
+        "name": "mcp",
+        "address": socket_address(options.listen_host, options.listen_port),
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    if not options.listen_reuse_port:
+        # Without SO_REUSEPORT a second Envoy on this port fails to bind instead of sharing it.
+        listener["enable_reuse_port"] = False
+    return listener
+
+
 def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
     """The bootstrap as a plain dict, before the typed check."""
     # Request bodies are buffered for the stages; Envoy answers 413 past this limit.
@@ -115,6 +133,11 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     response_buffer = max(16 * 1024 * 1024, options.max_request_bytes)
     http_filters = []
     fast_calls = options.fast_calls if options.front_door == "ext_proc" and needs.request_headers else frozenset()
+    # An agent known by its mTLS service account: Envoy must tell us the client certificate's
+    # SPIFFE ID, which ext_proc and the gRPC Check carry and the HTTP authorization service does not.
+    peer_identity = any(agent.spiffe_id for agent in catalog.agents.values())
+    if peer_identity and options.authz_http_unix:
+        fast_calls = frozenset()
     if options.front_door == "ext_authz":
         http_filters.append(ext_authz_filter(options))
     elif needs.request_headers or needs.response_headers:
@@ -124,7 +147,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             http_filters.append(
                 ext_authz_http_filter(options) if options.authz_http_unix else ext_authz_filter(options)
             )
-        http_filters.append(ext_proc_filter(needs, options))
+        http_filters.append(ext_proc_filter(needs, options, peer_identity=peer_identity))
     # With fast routes, ext_authz is on there only and switched off on every other route.
     not_fast = without_authz if fast_calls else (lambda route: route)
     routes = []
@@ -192,18 +215,9 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         **bootstrap,
         "overload_manager": overload_manager(options),
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "mcp",
-                    "address": socket_address(options.listen_host, options.listen_port),
-                    "per_connection_buffer_limit_bytes": listener_buffer,
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
+            "listeners": [_listener(options, listener_buffer, hcm)],
             "clusters": [extproc_cluster(options)]
-            + ([authz_http_cluster(options.authz_http_unix)] if fast_calls and options.authz_http_unix else [])
+            + ([authz_http_cluster(options)] if fast_calls and options.authz_http_unix else [])
             + [server_cluster(s, response_buffer) for s in catalog.servers.values()],
         },
     }

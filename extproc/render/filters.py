@@ -2,8 +2,9 @@
 
 Split from :mod:`extproc.render.bootstrap`, which assembles them: the ext_proc filter
 (its ``processing_mode`` from the stages' :class:`~extproc.render.options.PhaseNeeds`),
-the ext_authz filter (one ``Check`` with the body), the cluster that reaches our
-gRPC server (TCP or unix socket, HTTP/2), and the local replies that turn Envoy's
+the ext_authz filter (one ``Check`` with the body), the clusters that reach our
+gRPC server (TCP or unix sockets, HTTP/2) and our HTTP authorization service (every
+replica an endpoint: :mod:`extproc.render.replicas`), and the local replies that turn Envoy's
 own upstream-failure answers, and its 413 for a body past the buffer limit, into
 JSON-RPC errors.
 """
@@ -13,10 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from extproc.config.settings import split_hostport
-from extproc.errors import ConfigError
 from extproc.mcp.spec import INTERNAL_ERROR, INVALID_REQUEST
 from extproc.render.options import BootstrapOptions, PhaseNeeds
+from extproc.render.replicas import UNIX_PREFIX, http2_keepalive, lb_endpoints, replica_health, retry_policy
 from extproc.render.wire import (
     AUTHZ_HTTP_CLUSTER,
     CARRIED_STATUS,
@@ -25,6 +25,7 @@ from extproc.render.wire import (
     EXTPROC_CLUSTER,
     METADATA_HEADERS,
     METADATA_NAMESPACE,
+    PEER_ATTRIBUTE,
     UPSTREAM_HEADERS,
 )
 
@@ -105,12 +106,15 @@ def local_replies(*, max_request_bytes: int, carried_statuses: bool = False) -> 
     }
 
 
-def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
+def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions, *, peer_identity: bool = False) -> dict[str, Any]:
+    """The ext_proc filter; ``peer_identity``: Envoy sends the verified client certificate's
+    URI SAN with the request headers (:data:`~extproc.render.wire.PEER_ATTRIBUTE`)."""
+    attributes = {"request_attributes": [PEER_ATTRIBUTE]} if peer_identity else {}
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "30s"},
+            "grpc_service": _grpc_service(options, "30s"),
             "failure_mode_allow": False,
             "message_timeout": f"{options.message_timeout_ms / 1000:.3f}s",
             "allow_mode_override": True,
@@ -125,6 +129,7 @@ def ext_proc_filter(needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, A
                 "response_trailer_mode": "SKIP",
             },
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            **attributes,
         },
     }
 
@@ -134,10 +139,7 @@ def ext_authz_filter(options: BootstrapOptions) -> dict[str, Any]:
         "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-                "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
-            },
+            "grpc_service": _grpc_service(options, f"{options.message_timeout_ms / 1000:.3f}s"),
             "transport_api_version": "V3",
             # Every header line, so a routing header sent twice is still seen twice.
             "encode_raw_headers": True,
@@ -158,69 +160,79 @@ def _authz_common(options: BootstrapOptions) -> dict[str, Any]:
 
 
 def extproc_cluster(options: BootstrapOptions) -> dict[str, Any]:
-    if options.extproc_unix:
-        address: dict[str, Any] = {"pipe": {"path": options.extproc_unix}}
-    elif options.extproc_tcp:
-        address = socket_address(*split_hostport(options.extproc_tcp, "the extension server's address"))
-    else:
-        raise ConfigError("the bootstrap needs the extension server's TCP address or unix socket")
-    return {
+    """HTTP/2 to our gRPC server: every replica an endpoint (health-checked when there are several)."""
+    addresses = options.extproc_endpoints
+    http2: dict[str, Any] = {}
+    cluster: dict[str, Any] = {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": http2},
             }
         },
-        "load_assignment": {
-            "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
-        },
+        "load_assignment": lb_endpoints(EXTPROC_CLUSTER, addresses),
     }
+    if len(addresses) > 1:
+        http2.update(http2_keepalive())
+        cluster.update(replica_health(grpc=True))
+    return cluster
+
+
+def _grpc_service(options: BootstrapOptions, timeout: str) -> dict[str, Any]:
+    """Our gRPC server as ext_proc and ext_authz reach it; with replicas, a failed connection is retried on another."""
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout}
+    if len(options.extproc_endpoints) > 1:
+        service["retry_policy"] = retry_policy(grpc=True)
+    return service
 
 
 def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
     """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes."""
+    service: dict[str, Any] = {
+        "server_uri": {
+            "uri": "http://mcp-extproc-authz",
+            "cluster": AUTHZ_HTTP_CLUSTER,
+            "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
+        },
+        "authorization_request": {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}},
+        "authorization_response": {
+            # Never ".*": that would copy this answer's own content-length upstream.
+            "allowed_upstream_headers": {"patterns": [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]},
+            "allowed_client_headers": {
+                "patterns": [
+                    {"exact": "content-type"},
+                    {"exact": "www-authenticate"},
+                    {"exact": "retry-after"},
+                    {"safe_regex": {"regex": UPSTREAM_HEADERS}},
+                ]
+            },
+            "dynamic_metadata_from_headers": {"patterns": [{"exact": name} for name in METADATA_HEADERS]},
+        },
+    }
+    if len(options.authz_http_endpoints) > 1:
+        service["retry_policy"] = retry_policy(grpc=False)
     return {
         "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "http_service": {
-                "server_uri": {
-                    "uri": "http://mcp-extproc-authz",
-                    "cluster": AUTHZ_HTTP_CLUSTER,
-                    "timeout": f"{options.message_timeout_ms / 1000:.3f}s",
-                },
-                "authorization_request": {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}},
-                "authorization_response": {
-                    # Never ".*": that would copy this answer's own content-length upstream.
-                    "allowed_upstream_headers": {"patterns": [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]},
-                    "allowed_client_headers": {
-                        "patterns": [
-                            {"exact": "content-type"},
-                            {"exact": "www-authenticate"},
-                            {"exact": "retry-after"},
-                            {"safe_regex": {"regex": UPSTREAM_HEADERS}},
-                        ]
-                    },
-                    "dynamic_metadata_from_headers": {"patterns": [{"exact": name} for name in METADATA_HEADERS]},
-                },
-            },
+            "http_service": service,
             **_authz_common(options),
         },
     }
 
 
-def authz_http_cluster(path: str) -> dict[str, Any]:
-    """HTTP/1.1 over a unix socket to our HTTP authorization service."""
-    return {
+def authz_http_cluster(options: BootstrapOptions) -> dict[str, Any]:
+    """HTTP/1.1 over unix sockets to our HTTP authorization service, one endpoint per replica."""
+    paths = options.authz_http_endpoints
+    cluster: dict[str, Any] = {
         "name": AUTHZ_HTTP_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": AUTHZ_HTTP_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
-        },
+        "load_assignment": lb_endpoints(AUTHZ_HTTP_CLUSTER, [f"{UNIX_PREFIX}{path}" for path in paths]),
     }
+    if len(paths) > 1:
+        cluster.update(replica_health(grpc=False))
+    return cluster

@@ -35,12 +35,19 @@ class BootstrapOptions:
 
     Attributes:
         listen_host / listen_port: where agents connect.
+        listen_reuse_port: bind the listener with ``SO_REUSEPORT`` (Envoy's default on
+            Linux), which lets a second Envoy bind the same port and take half its
+            connections; ``up`` turns it off, so a second ``up`` on a busy port fails.
         admin_socket: Envoy's admin interface on this unix socket, mode 0600 (only the
             user Envoy runs as may connect: the admin API has no authentication, and
             anything on a loopback TCP port is open to every process sharing the host's
             or pod's network); ``None``: no admin interface at all.
         extproc_tcp: the gRPC server as ``host:port``, or ``None`` with ``extproc_unix``.
         extproc_unix: the gRPC server's unix socket path.
+        extproc_replicas: further addresses of the same extension server (its other
+            replicas), each ``host:port`` or ``unix:PATH``: the cluster lists every one,
+            Envoy balances streams and ``Check``s across them and leaves a dead one
+            (:mod:`extproc.render.replicas`).
         max_request_bytes: request size limit (Envoy's buffer limit follows it).
         stream_idle_timeout_s: how long a stream (GET/SSE) may stay silent.
         request_headers_timeout_s: how long a client may take to send its request
@@ -57,13 +64,16 @@ class BootstrapOptions:
         authz_http_unix: with ``fast_calls``, the unix socket of our HTTP authorization
             service (:mod:`extproc.frontdoor.http_check`), which the fast routes then call
             instead of the gRPC ``Check``; ``None``: gRPC.
+        authz_http_replicas: further unix sockets of that service (other replicas).
     """
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 10000
+    listen_reuse_port: bool = True
     admin_socket: str | None = None
     extproc_tcp: str | None = "127.0.0.1:50051"
     extproc_unix: str | None = None
+    extproc_replicas: tuple[str, ...] = ()
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     stream_idle_timeout_s: int = 3600
     request_headers_timeout_s: int = 10
@@ -73,3 +83,15 @@ class BootstrapOptions:
     front_door: Literal["ext_proc", "ext_authz"] = "ext_proc"
     fast_calls: frozenset[str] = frozenset()
     authz_http_unix: str | None = None
+    authz_http_replicas: tuple[str, ...] = ()
+
+    @property
+    def extproc_endpoints(self) -> tuple[str, ...]:
+        """Every address of the extension server, ``host:port`` or ``unix:PATH``, the first one first."""
+        first = f"unix:{self.extproc_unix}" if self.extproc_unix else self.extproc_tcp
+        return ((first,) if first else ()) + self.extproc_replicas
+
+    @property
+    def authz_http_endpoints(self) -> tuple[str, ...]:
+        """Every unix socket of the HTTP authorization service (none: the fast routes use gRPC)."""
+        return ((self.authz_http_unix,) if self.authz_http_unix else ()) + self.authz_http_replicas

@@ -17,7 +17,8 @@ token of the same caller keeps its session. Comparing the principal is the calle
 (:meth:`SessionClaims.belongs_to`). Verified ids are cached (bounded, least recently used
 go first); an id is a pure function of its bytes and the key set, so the cache can never
 accept what the keys would refuse, except that removing a key from the set takes a
-restart to take effect (the key set is read once, at startup).
+restart to take effect (the key set is read once, at startup). PyJWT (about 9 MB
+resident) is imported when the first id is minted or checked, not at startup.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import jwt
 
 from extproc.config.session_keys import ALGORITHM, SessionKeys
 
@@ -89,6 +88,8 @@ class SessionIds:
 
     def mint(self, upstream_id: str, server: str, principal: str, agent: str | None) -> str:
         """A signed session id for the upstream's ``upstream_id``."""
+        import jwt  # only once a session is opened (see the module imports)
+
         now = int(self.clock())
         payload: dict[str, object] = {
             "iss": ISSUER,
@@ -124,6 +125,8 @@ class SessionIds:
         return claims
 
     def _decode(self, token: str, server: str) -> SessionClaims:
+        import jwt  # only once a session id is checked (see the module imports)
+
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.InvalidTokenError:

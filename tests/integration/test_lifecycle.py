@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from extproc.config.resources import load_resources
 from extproc.core.registry import Registry
 from extproc.render.bootstrap import render_bootstrap_yaml
 from extproc.render.options import BootstrapOptions
-from tests.agents import raw_post
+from tests.agents import modern_request, raw_post, response_messages
 from tests.integration.conftest import PY_TOOLS, resource_doc, start_gateway
 from tests.procs import Proc, admin_get, admin_ready, assert_envoy_accepts, free_port, start_pyserver
 from tests.upstreams.pyserver import read_records
@@ -152,6 +153,22 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path, upstream: tupl
         ("auto", []),
         ("auto", ["--unix", "/tmp/x.sock"]),
         ("auto", ["--authz-http", "/tmp/authz.sock"]),
+        # Two replicas: every address an endpoint, health-checked (tests/integration/test_replicas.py).
+        ("auto", ["--grpc", "127.0.0.1:50051", "--grpc", "127.0.0.1:50052"]),
+        (
+            "auto",
+            [
+                "--grpc",
+                "10.0.0.1:50051",
+                "--grpc",
+                "10.0.0.2:50051",
+                "--authz-http",
+                "/tmp/a.sock",
+                "--authz-http",
+                "/tmp/b.sock",
+            ],
+        ),
+        ("ext_authz", ["--front-door", "ext_authz", "--grpc", "127.0.0.1:50051", "--grpc", "127.0.0.1:50052"]),
         ("ext_proc", ["--front-door", "ext_proc"]),
         ("ext_authz", ["--front-door", "ext_authz"]),
     ):
@@ -241,3 +258,80 @@ async def test_unreachable_upstream_is_a_json_rpc_error(tmp_path: Path) -> None:
     assert "could not be reached" in error["message"]
     # Our own answers are untouched by Envoy's local-reply rewriting.
     assert denied.json()["error"]["code"] == -32003
+
+
+def _up(resources: Path, listen: str, metrics: str) -> subprocess.CompletedProcess[str]:
+    """A second ``up``, run to its end (it must not get far)."""
+    argv = [sys.executable, "-m", "extproc", "up", "-f", str(resources), "--listen", listen, "--metrics", metrics]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def _still_serves(base: str) -> None:
+    body, headers = modern_request("tools/call", {"name": "echo", "arguments": {"text": "still here"}}, id=5)
+    reply = await raw_post(f"{base}/py/mcp", body, headers)
+    assert reply.status_code == 200, reply.text
+    assert response_messages(reply)[-1]["result"]["structuredContent"] == {"result": "still here"}
+
+
+def _refused(result: subprocess.CompletedProcess[str], flag: str, address: str) -> None:
+    """Exit 2 with one line naming the flag and the address; no traceback, no Envoy, no "ready"."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mcp-extproc: error: {flag} {address} is already in use (another mcp-extproc, or another program, "
+        "listens there): stop it or pick another address"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "[envoy]" not in result.stdout and "ready:" not in result.stdout
+
+
+async def test_a_second_up_on_a_busy_listen_port_refuses_and_the_first_keeps_serving(
+    tmp_path: Path, upstream: tuple[Path, Path]
+) -> None:
+    resources, _record = upstream
+    first, base, _metrics = start_gateway(resources, tmp_path)
+    try:
+        listen = base.removeprefix("http://")
+        started = envoy_pids(first.popen.pid)
+        _refused(_up(resources, listen, "127.0.0.1:0"), "--listen", listen)
+        assert envoy_pids(first.popen.pid) == started and first.popen.poll() is None
+        for _ in range(4):  # every request reaches the first gateway: no second Envoy shares the port
+            await _still_serves(base)
+    finally:
+        first.stop()
+
+
+async def test_a_second_up_on_a_busy_metrics_port_refuses_and_the_first_keeps_serving(
+    tmp_path: Path, upstream: tuple[Path, Path]
+) -> None:
+    resources, _record = upstream
+    first, base, metrics_url = start_gateway(resources, tmp_path)
+    try:
+        metrics = metrics_url.removeprefix("http://").removesuffix("/metrics")
+        _refused(_up(resources, f"127.0.0.1:{free_port()}", metrics), "--metrics", metrics)
+        await _still_serves(base)
+    finally:
+        first.stop()
+
+
+@contextlib.contextmanager
+def _held_port(*, reuse_port: bool) -> Iterator[str]:
+    """A port someone listens on, with SO_REUSEPORT as Envoy's listeners set it when ``reuse_port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield f"127.0.0.1:{holder.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+@pytest.mark.parametrize("flag", ["--grpc", "--metrics"])
+def test_serve_refuses_a_busy_address(tmp_path: Path, upstream: tuple[Path, Path], flag: str, reuse_port: bool) -> None:
+    resources, _record = upstream
+    with _held_port(reuse_port=reuse_port) as busy:
+        given = {"--grpc": f"127.0.0.1:{free_port()}", "--metrics": "127.0.0.1:0", flag: busy}
+        argv = [sys.executable, "-m", "extproc", "serve", "-f", str(resources)]
+        argv += ["--grpc", given["--grpc"], "--metrics", given["--metrics"]]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    _refused(result, flag, busy)
+    assert "gRPC server listening" not in result.stdout

@@ -6,6 +6,7 @@ them and sets the principal. Two agents (``alice``, ``bob``) hold real signed to
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,6 +184,17 @@ async def test_a_session_is_refused_to_another_principal(setup: Setup) -> None:
         modern = await client.post(url, content=json.dumps(call), headers=headers)
     assert modern.status_code == 404, modern.text
     assert "belongs to another caller" in modern.json()["error"]["message"]
+    # Two Mcp-Session-Id headers (one of them the raw upstream id): which one would the
+    # server read? Neither: 400, nothing forwarded. (Envoy hands them to us joined by ", ".)
+    payload = session.split(".")[1]
+    upstream_id = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sid"]
+    lines = [(k, v) for k, v in {**BASE_HEADERS, "authorization": f"Bearer {alice}"}.items()]
+    lines += [("mcp-protocol-version", "2025-06-18"), ("mcp-session-id", session), ("mcp-session-id", upstream_id)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        twice = await client.post(url, content=json.dumps(echo(10, "twice")), headers=lines)
+    assert twice.status_code == 400, twice.text
+    assert "mcp-session-id header was sent more than once" in twice.json()["error"]["message"]
+    assert not [r for r in setup.received("sessions") if "twice" in json.dumps(r["body"])]
     assert not [r for r in setup.received("sessions") if "bob as modern" in json.dumps(r["body"])]
 
 

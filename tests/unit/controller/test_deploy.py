@@ -42,6 +42,8 @@ def test_rbac_is_least_privilege() -> None:
     assert all(r != "*" for _, r in verbs)
     webhook_rule = next(r for r in role["rules"] if "mutatingwebhookconfigurations" in r["resources"])
     assert webhook_rule["resourceNames"] == ["mcp-extproc-injector"]
+    # Agents' Secrets are applied and pruned; the session key Secret is read and created, never updated.
+    assert {"get", "create"} <= verbs[("", "secrets")]
 
 
 def test_webhook_manifest_matches_the_renderer() -> None:

@@ -32,6 +32,7 @@ CONFIGMAPS = "v1/configmaps"
 NETPOLS = "networking.k8s.io/v1/networkpolicies"
 FILTERS = "networking.istio.io/v1alpha3/envoyfilters"
 SETTINGS = ControllerSettings(namespace="mcp-system")
+KEYS = "mcp-extproc-session-keys"
 
 
 def seed(api: FakeApiServer, *docs: dict[str, Any]) -> None:
@@ -134,7 +135,8 @@ def test_referenced_secret_is_read_by_name(api: FakeApiServer, kube: Kube) -> No
         for r in api.state.requests
         if r.method == "GET" and "/secrets" in r.path and "labelSelector" not in r.query
     ]
-    assert reads == [f"/api/v1/namespaces/{NS}/secrets/token"]  # never lists or reads other Secrets
+    # Never lists or reads other Secrets: the referenced one, and the session key set it keeps.
+    assert reads == [f"/api/v1/namespaces/{NS}/secrets/token", f"/api/v1/namespaces/{NS}/secrets/{KEYS}"]
 
 
 def test_transient_errors_raise_for_retry(api: FakeApiServer, kube: Kube) -> None:

@@ -236,6 +236,8 @@ async def test_a_second_session_id_header_is_refused_with_400() -> None:
         lines = [("mcp-session-id", token), ("x-user", "alice"), ("mcp-session-id", "s-1")]
         reply = refusal(await harness.post(request("tools/list", 9), headers=lines, protocol_version=VERSION), 400)
         assert "mcp-session-id header was sent more than once" in reply.json()["error"]["message"]
+        joined = await send(harness, "alice", f"{token}, s-1")  # Envoy joins repeated headers so
+        assert "sent more than once" in refusal(joined, 400).json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
