@@ -18,7 +18,8 @@ from types import FrameType
 from typing import Final
 
 from bench.report import machine, table, write_json
-from bench.run import LATENCY_LOAD, PLAIN, THROUGHPUT_LOAD, build_targets, extproc_argv, measure
+from bench.run import LATENCY_LOAD, PLAIN, THROUGHPUT_LOAD, build_targets, extproc_argv, measure, mint_session_id
+from bench.shapes import SHAPES, session_call
 from bench.stack import BenchError, Stack
 from bench.wrk import INSTALL_HINT, WrkError, wrk_binary
 from extproc.commands.envoy import envoy_binary
@@ -83,9 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Stack(workdir, extproc_argv()) as stack:
             _progress(f"starting the stack in {workdir}")
+            shapes = (*SHAPES, session_call(mint_session_id(stack.session_keys)))
             upstream, targets = build_targets(stack, external=not args.no_external)
             rows = measure(
-                upstream, targets, workdir, duration_s=duration, warmup_s=warmup, progress=_progress, rounds=rounds
+                upstream,
+                targets,
+                workdir,
+                duration_s=duration,
+                warmup_s=warmup,
+                progress=_progress,
+                rounds=rounds,
+                shapes=shapes,
             )
     except (BenchError, WrkError) as exc:
         keep_workdir = True

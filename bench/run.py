@@ -38,10 +38,13 @@ from bench.report import Row
 from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
 from bench.stack import Envoy, Stack
 from bench.wrk import WrkResult, median_of, run_wrk
+from extproc.api import Principal
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, load_pipeline_config
 from extproc.config.resources import parse_documents
+from extproc.config.session_keys import load_key_set
 from extproc.core.registry import Registry
 from extproc.render.options import PhaseNeeds
+from plugins.lib.session_ids import SessionIds
 
 LATENCY_LOAD: Final = (1, 1)
 """wrk threads and connections for the latency cells."""
@@ -128,6 +131,13 @@ def _documents(upstream_url: str) -> list[dict[str, Any]]:
             },
         },
     ]
+
+
+def mint_session_id(key_file: Path) -> str:
+    """A session id of :data:`SERVER` for the anonymous caller, signed with the key set every
+    ``serve`` of the bench is given (created here, before any starts)."""
+    keys = load_key_set(key_file, create=True)
+    return SessionIds(keys).mint("bench-upstream-session", SERVER, Principal(subject="anonymous").key, None)
 
 
 def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[Target]]:

@@ -1,10 +1,13 @@
 """The MCP requests the benchmark sends: what goes on the wire, and the wrk script for it.
 
-Pure: no I/O. Two shapes of the same ``tools/call``:
+Pure: no I/O. Shapes of the same ``tools/call``:
 
 * ``2025-06-18``: legacy era, the protocol version only in a header;
 * ``2026-07-28``: the method and tool mirrored in ``Mcp-Method`` / ``Mcp-Name`` and the
-  protocol version in ``params._meta``.
+  protocol version in ``params._meta``;
+* ``2025-06-18+session``: the legacy call inside a session: with the gateway-signed
+  ``Mcp-Session-Id`` the ``session`` stage verifies and swaps for the upstream's (what the
+  signature check costs; the id is minted by the bench with the server's key set).
 """
 
 from __future__ import annotations
@@ -71,12 +74,23 @@ def modern_call(tool: str = ALLOWED_TOOL) -> Shape:
     return Shape(MODERN_VERSION, headers, body)
 
 
+SESSION_SHAPE: Final = f"{LEGACY_VERSION}+session"
+
+
+def session_call(session_id: str, tool: str = ALLOWED_TOOL) -> Shape:
+    """The legacy ``tools/call`` of ``tool`` in the session ``session_id``."""
+    plain = legacy_call(tool)
+    return Shape(SESSION_SHAPE, {**plain.headers, "mcp-session-id": session_id}, plain.body)
+
+
 SHAPES: Final = (legacy_call(), modern_call())
-"""What is measured, in report order."""
+"""What is measured without a session, in report order (:func:`session_call` comes third)."""
 
 
 def denied_variant(shape: Shape) -> Shape:
     """The same request for :data:`DENIED_TOOL` (for the sanity check)."""
+    if shape.name == SESSION_SHAPE:
+        return session_call(shape.headers["mcp-session-id"], DENIED_TOOL)
     return modern_call(DENIED_TOOL) if shape.name == MODERN_VERSION else legacy_call(DENIED_TOOL)
 
 

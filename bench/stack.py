@@ -214,8 +214,14 @@ class Stack:
             argv = [*self.extproc_argv, "serve", "-f", str(resources), "--grpc", "", "--unix", str(sock)]
             argv += ["--authz-http", str(self.authz_socket(sock))]
             argv += ["--metrics", "", "--log-level", "WARNING", "--pipeline", str(pipeline)]
+            argv += ["--session-key-file", str(self.session_keys)]
         _wait_unix(self._start(argv, name), sock)
         return sock
+
+    @property
+    def session_keys(self) -> Path:
+        """The key set every ``serve`` of the stack signs session ids with."""
+        return self.workdir / "session-keys.json"
 
     @staticmethod
     def authz_socket(extproc_socket: Path) -> Path:
