@@ -285,12 +285,15 @@ class Bookkeeping:
         wants_response_body: a stage called :meth:`Context.want_response_body`.
         response_streamed: the response body arrives in chunks (an SSE stream of
             unknown length) rather than whole.
+        trace: the exchange's span while tracing is on
+            (:class:`extproc.core.traces.ExchangeTrace`); ``None`` while it is off.
     """
 
     started: float = field(default_factory=time.perf_counter)
     explanations: list[str] = field(default_factory=list)
     wants_response_body: bool = False
     response_streamed: bool = False
+    trace: Any = None
 
 
 class Context:

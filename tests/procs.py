@@ -504,3 +504,18 @@ def start_ts_stage(address: str, patterns: Sequence[str], *, log_dir: Path | Non
     for pattern in patterns:
         argv += ["--pattern", pattern]
     return start_stage(argv, "ts-stage", log_dir=log_dir)
+
+
+def start_collector(record_path: Path, *, log_dir: Path | None = None) -> tuple[Proc, int, int]:
+    """Start the OpenTelemetry collector stand-in (``tests.upstreams.otlp_collector``).
+
+    Returns:
+        The process, its OTLP/HTTP port and its OTLP/gRPC port (127.0.0.1); spans go to
+        ``record_path`` (``tests.upstreams.otlp_collector.read_spans``).
+    """
+    args = ("--record", str(record_path))
+    proc, port = start_ready_server(
+        "tests.upstreams.otlp_collector", *args, name="otlp-collector", log_dir=log_dir or record_path.parent
+    )
+    grpc_port = int(proc.wait_for_line(r"^GRPC (\d+)$", DEFAULT_START_DEADLINE_S).group(1))
+    return proc, port, grpc_port

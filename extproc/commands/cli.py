@@ -1,6 +1,6 @@
 """The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
 
-Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``, ``session-keys``; ``render k8s`` and
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``, ``session-keys``, ``pins``; ``render k8s`` and
 ``controller`` come from the controller package through entry points (the core never imports it). A user error
 (:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
 nothing prints a traceback for bad input.
@@ -63,6 +63,10 @@ _RELOAD = (
 )
 
 _REPLICAS = "give it once per replica of the extension server: Envoy balances across them and leaves a dead one"
+_OTEL = (
+    "OpenTelemetry traces, to the OTLP collector at ENDPOINT (e.g. http://127.0.0.1:4318; without one, the "
+    "OTEL_EXPORTER_OTLP_* variables'), Envoy's spans too; needs the otel extra (docs/observability.md)"
+)
 
 
 def _listed(field: str) -> list[str]:
@@ -96,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
             "--pipeline",
             type=Path,
             default=_DEFAULT["pipeline"],
-            help="pipeline configuration (default: authn, mcp, allowlist, policy, credentials, session)",
+            help="pipeline configuration (default: authn, mcp, allowlist, policy, pins, credentials, session)",
         )
         sub.add_argument("--log-level", default=_DEFAULT["log_level"], help=_LOG_LEVEL)
 
@@ -130,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULT["session_key_file"],
         help=f"{_SESSION_KEYS} (default $XDG_STATE_HOME/mcp-extproc/session-keys.json)",
     )
+    up.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
@@ -150,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULT["session_key_file"],
         help=f"{_SESSION_KEYS} (default: a key in memory, lost on restart)",
     )
+    serve.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
 
     render = commands.add_parser("render", help="print generated configuration")
     render.add_argument(
@@ -186,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--stream-idle-timeout", type=int, default=_DEFAULT["stream_idle_timeout_s"])
     render.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
+    render.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
 
     check = commands.add_parser("check", help="validate resource documents and the pipeline configuration")
     common(check)
@@ -200,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         "key_file", metavar="FILE", type=Path, nargs="?", help="the key set to rotate (created if missing)"
     )
 
+    _pins_parser(commands)
     stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
     stages.add_argument("--json", action="store_true", help="print JSON instead of text")
     controller = commands.add_parser("controller", help="run the Kubernetes controller (reconcile loop + webhook)")
@@ -248,6 +256,39 @@ def _session_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pins_parser(commands: Any) -> None:
+    """``pins show SERVER`` / ``pins approve SERVER [TOOL...]``, on the pins file (default: up's)."""
+    pins = commands.add_parser("pins", help="show or approve the pinned tool definitions of an MCP server")
+    pins.add_argument("action", choices=["show", "approve"], help="show: pinned and current definitions, a diff")
+    pins.add_argument("server", metavar="SERVER", help="the MCPServer's name")
+    pins.add_argument("tools", metavar="TOOL", nargs="*", help="approve: these tools (default: every changed one)")
+    pins.add_argument(
+        "-f", "--file", type=Path, help="the pins file (default $XDG_STATE_HOME/mcp-extproc/pins.json, up's)"
+    )
+
+
+def _pins(args: argparse.Namespace) -> int:
+    """``mcp-extproc pins show|approve``; a user error is one line and exit 2."""
+    from extproc.commands.pins import approve_text, show_text
+    from extproc.config.pins_file import default_pins_file, read_pins
+
+    path = args.file or default_pins_file()
+    try:
+        if args.action == "show":
+            if args.tools:
+                raise ConfigError("pins show takes no TOOL: it shows every tool of SERVER")
+            sys.stdout.write(show_text(read_pins(path), args.server, path))
+        else:
+            sys.stdout.write(approve_text(path, args.server, args.tools))
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mcp-extproc: error: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings of the flags the parsed command has; a field it has no flag for keeps its default."""
     given: dict[str, Any] = {
@@ -274,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "stages":
         return _stages(args)
+    if args.command == "pins":
+        return _pins(args)
     if args.command == "session-keys":
         return _session_keys(args)
     if args.command == "controller" or getattr(args, "what", None) == "k8s":

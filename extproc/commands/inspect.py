@@ -13,15 +13,18 @@ Data flow::
              ──▶ every stage checks the catalog (e.g. Rego compiles): errors refuse, warnings print
     check:        a one-line summary of what was loaded
     render envoy: bootstrap_options(settings, plan) ──▶ the pure renderer ──▶ YAML
-                  (every --grpc / --authz-http an endpoint: one per replica of the server)
+                  (every --grpc / --authz-http an endpoint: one per replica of the server;
+                  --otel / OTEL_*: Envoy's tracer, to the collector the server's spans go to)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Sequence
 
+from extproc import tracing
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig, load_pipeline_config, with_stage_config
 from extproc.config.resources import Catalog, load_resources
 from extproc.config.settings import Settings, split_hostport
@@ -32,7 +35,7 @@ from extproc.core.posture import posture_problems
 from extproc.core.registry import Registry
 from extproc.errors import ConfigError
 from extproc.render.bootstrap import render_bootstrap_yaml
-from extproc.render.options import BootstrapOptions
+from extproc.render.options import BootstrapOptions, EnvoyTracing
 
 log = logging.getLogger("mcp_extproc.commands")
 
@@ -137,6 +140,23 @@ def bootstrap_options(
         authz_http_unix=authz_http[0] if authz_http else None,
         authz_http_replicas=tuple(authz_http[1:]),
         admin_socket=settings.admin_socket,
+        tracing=envoy_tracing(settings),
+    )
+
+
+def envoy_tracing(settings: Settings) -> EnvoyTracing | None:
+    """Envoy's tracer, to the collector the extension server's traces go to (``None``: traces off)."""
+    where = tracing.target(settings.otel, os.environ)
+    if where is None:
+        return None
+    return EnvoyTracing(
+        protocol="grpc" if where.protocol == "grpc" else "http",
+        host=where.host,
+        port=where.port,
+        path=where.path,
+        tls=where.secure,
+        service_name=f"{where.service_name}-envoy",
+        sample_percent=round(where.sample_ratio * 100, 4),
     )
 
 

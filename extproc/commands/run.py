@@ -31,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 
+from extproc import tracing
 from extproc.commands import envoy, ports
 from extproc.commands.inspect import bootstrap_options, build
+from extproc.config.pins_file import default_pins_file
 from extproc.config.resources import Catalog
 from extproc.config.session_keys import default_key_file, load_key_set
 from extproc.config.settings import Settings, public_origin, split_hostport
@@ -122,6 +125,22 @@ def _session_keys(settings: Settings, pipeline: Pipeline, default: Path | None) 
         log.info("session key set: %s (%d key%s)", keys.source, len(keys.by_kid), "" if len(keys.by_kid) == 1 else "s")
 
 
+def _pins_file(pipeline: Pipeline, default: Path) -> None:
+    """Give the ``pins`` stage ``up``'s state file (``pins.json`` beside the session keys) unless
+    the pipeline file names one, before startup: a restarted ``up`` keeps its tool pins."""
+    for stage in pipeline.stages:
+        if stage.name == "pins" and "state_file" in type(stage.config).model_fields and not stage.config.state_file:
+            stage.config = stage.config.model_copy(update={"state_file": str(default)})
+
+
+def _tracing(settings: Settings) -> None:
+    """Traces on when ``--otel`` or the ``OTEL_*`` variables ask for them (:mod:`extproc.tracing`)."""
+    where = tracing.target(settings.otel, os.environ)
+    if where is not None:
+        tracing.start(where)
+        log.info("traces: OTLP %s to %s as %r", where.protocol, where.url, where.service_name)
+
+
 async def serve(settings: Settings) -> int:
     """``mcp-extproc serve``: the gRPC server alone."""
     ports.check_serve(settings)
@@ -129,6 +148,7 @@ async def serve(settings: Settings) -> int:
     catalog, pipeline = build(settings, metrics)
     _public_url(settings, catalog, pipeline, None)
     _session_keys(settings, pipeline, None)
+    _tracing(settings)
     listen = Listen(tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http)
     server = ExtProcServer(pipeline, catalog, listen)
     await server.start()
@@ -140,6 +160,7 @@ async def serve(settings: Settings) -> int:
     if watcher is not None:
         watcher.cancel()
     await server.stop(settings.grace_s)
+    tracing.stop()
     return 0
 
 
@@ -153,6 +174,8 @@ async def up(settings: Settings) -> int:
     catalog, pipeline = build(settings, metrics, lone_agent_is_workload=True)
     _public_url(settings, catalog, pipeline, public_origin(f"http://{settings.listen}", "--listen"))
     _session_keys(settings, pipeline, default_key_file())
+    _tracing(settings)
+    _pins_file(pipeline, default_pins_file())
     # The fast tools/call routes call our HTTP authorization service: grpc-python is the
     # slow part of a Check, not the hop (extproc.frontdoor.http_check).
     authz_socket = str(workdir / "authz.sock")
@@ -198,5 +221,6 @@ async def up(settings: Settings) -> int:
         await envoy.stop(child, settings.grace_s)
         await asyncio.wait_for(forward, timeout=5)
         await server.stop(settings.grace_s)
+        tracing.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return code

@@ -199,6 +199,18 @@ _NOT_FORWARDABLE_WHY: Final = (
 )
 
 
+class ToolPinning(StrEnum):
+    """What the ``pins`` stage does with a tool definition unlike its pin."""
+
+    OFF = "Off"
+    OBSERVE = "Observe"
+    ENFORCE = "Enforce"
+
+
+ToolDigest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+"""A tool definition's fingerprint, ``sha256:`` and 64 lower-case hex digits."""
+
+
 class MCPServerSpec(Model):
     """An upstream MCP server reached over Streamable HTTP.
 
@@ -219,6 +231,11 @@ class MCPServerSpec(Model):
             those every server does (content type, accept, the MCP headers, trace context,
             user agent, origin); all others are removed. HTTP header names, lower-cased;
             never authorization or the x-mcp-* headers the gateway sets.
+        tool_pinning: ``Off``, ``Observe`` (default: a tool definition unlike its pin is
+            logged and counted) or ``Enforce`` (also hidden from ``tools/list`` and refused
+            until approved); the ``pins`` stage.
+        pinned_tools: each tool's ``sha256:<hex>`` digest of its definition, by tool name, pinned
+            up front (without any, the first definition seen is pinned: trust on first use).
     """
 
     url: HttpUrl
@@ -238,6 +255,13 @@ class MCPServerSpec(Model):
     )
     gateway: GatewayExposure | None = None
     """Cluster only: also expose the server on a Gateway (Envoy Gateway)."""
+    tool_pinning: ToolPinning = Field(default=ToolPinning.OBSERVE, alias="toolPinning")
+    pinned_tools: dict[str, ToolDigest] = Field(default_factory=dict, alias="pinnedTools")
+
+    @field_validator("tool_pinning", mode="before")
+    @classmethod
+    def _off_unquoted(cls, value: object) -> object:
+        return "Off" if value is False else value  # YAML 1.1 reads an unquoted Off as false
 
     @field_validator("allowed_tools", "denied_tools")
     @classmethod

@@ -56,10 +56,11 @@ class PipelineConfig(BaseModel):
 
 
 DEFAULT_PIPELINE: Final = PipelineConfig(
-    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "credentials", "session")]
+    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "pins", "credentials", "session")]
 )
 """The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
-then swap the agent's credential for the upstream one and bind/keep legacy sessions.
+then the tool pins (``toolPinning``: ``Observe`` by default), then swap the agent's credential
+for the upstream one and bind/keep legacy sessions.
 
 ``authn`` runs first so a request without a valid token costs no body round
 trip; with no ``MCPAgent`` declared it lets everyone in as ``anonymous``.

@@ -60,6 +60,9 @@ class Settings:
             ``None``: ``up`` keeps one in its state directory
             (:func:`extproc.config.session_keys.default_key_file`), ``serve`` holds a key in
             memory (sessions then survive neither a restart nor a move to another replica).
+        otel: ``--otel [ENDPOINT]`` (``up``, ``serve``, ``render envoy``): traces on, to the
+            collector at ENDPOINT (``""``: the one the ``OTEL_*`` variables name); ``None``:
+            traces only if ``OTEL_TRACES_EXPORTER=otlp`` (:func:`extproc.tracing.target`).
     """
 
     resources: Path
@@ -80,6 +83,7 @@ class Settings:
     public_url: str | None = None
     admin_socket: str | None = None
     session_key_file: Path | None = None
+    otel: str | None = None
 
 
 def split_hostport(value: str, flag: str) -> tuple[str, int]:

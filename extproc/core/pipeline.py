@@ -12,6 +12,9 @@ Data flow for one phase of one exchange::
                                                            closed → Deny 503, open → skip
             ◀── Continue (merged) | Deny | Answer ──
 
+With tracing on, each hook runs under a span of its own (``ctx.book.trace.hook``,
+:mod:`extproc.core.traces`); off, ``ctx.book.trace`` is ``None`` and the hook is awaited as is.
+
 Which phases Envoy must send is decided once, from the hooks the stages override
 (:attr:`Pipeline.plan`, the same :mod:`extproc.core.plan` the renderers use); the
 bootstrap renderer turns that into the ext_proc ``processing_mode`` and the
@@ -126,11 +129,13 @@ class Pipeline:
         """Run ``phase`` over every stage that overrides its hook; merge their verdicts."""
         hook_name = HOOK_NAMES[phase]
         merged = Mutations()
+        trace = ctx.book.trace  # None unless tracing is on (extproc.core.traces)
         for stage in self._by_phase[phase]:
             hook = getattr(stage, hook_name)
             started = time.perf_counter()
             try:
-                verdict = await (hook(ctx, chunk) if phase is Phase.RESPONSE_BODY else hook(ctx))
+                call = hook(ctx, chunk) if phase is Phase.RESPONSE_BODY else hook(ctx)
+                verdict = await (call if trace is None else trace.hook(stage.name, phase, call))
             except Exception as exc:
                 fault = self._fault(stage, hook_name, exc, ctx)
                 if fault is None:

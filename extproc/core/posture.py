@@ -17,6 +17,7 @@ another name does not stand in for them), each with ``failureMode: closed``:
     MCPToolPolicy            policy       else its rules are not enforced
     spec.upstreamAuth        credentials  else the upstream credential is not injected, and
                                           the agent's own Authorization may reach the server
+    toolPinning: Enforce     pins         else changed tool definitions reach the agent
 
 ``failureMode: open`` on one of these would skip it on a fault, i.e. let the request
 through unchecked. That ``allowlist`` and ``policy`` come after ``mcp`` is the
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from extproc.config.models import ToolPinning
 from extproc.config.pipeline_file import FailureMode
 from extproc.config.resources import Catalog
 
@@ -48,8 +50,9 @@ _WHERE_TO_ADD: Final = {
     "allowlist": "add allowlist after mcp",
     "policy": "add policy after allowlist",
     "credentials": "add credentials after policy",
+    "pins": "add pins after policy",
 }
-"""Where each stage goes, as in the default pipeline (authn, mcp, allowlist, policy, credentials, session)."""
+"""Where each stage goes, as in the default pipeline (authn, mcp, allowlist, policy, pins, credentials, session)."""
 
 _RESTART: Final = "a reload never lowers the security posture: restart with the new file to do this on purpose"
 
@@ -106,6 +109,11 @@ def posture_problems(catalog: Catalog, stages: Sequence[StagePosture], *, pipeli
         declares = _verb(plural, "declares", "declare") + " spec.upstreamAuth"
         happens = "requests would reach the server without that credential, and with the agent's own Authorization"
         needs.append(("credentials", servers, declares, happens))
+    enforced = [n for n, s in catalog.servers.items() if s.spec.tool_pinning is ToolPinning.ENFORCE]
+    if enforced:
+        servers, plural = _named("MCPServer", enforced)
+        declares = _verb(plural, "declares", "declare") + " toolPinning: Enforce"
+        needs.append(("pins", servers, declares, "tools whose definitions changed would be listed and callable"))
     problems: list[str] = []
     for stage, resources, declares, happens in needs:
         mode = modes.get(stage)

@@ -6,7 +6,8 @@ Data flow::
         ──▶ Context ──▶ pipeline: request-headers hooks, then request-body hooks
         ──▶ refuse a rewrite (ext_authz cannot rewrite a body: fail closed)
         ──▶ refuse a broken route promise (the fast route's one tools/call of an era)
-        ──▶ audit line + metrics
+        ──▶ audit line + metrics (+ with tracing on, the exchange's span: extproc.core.traces,
+            and the traceparent of that span among the headers to set)
         ──▶ Continue (headers to set/remove, metadata) | Deny
 
 :mod:`extproc.frontdoor.grpc_check` (gRPC ``Check``) and :mod:`extproc.frontdoor.http_check`
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from extproc import tracing
 from extproc.api import Context, Continue, Deny, FrontDoor, Phase, Stop
 from extproc.config.resources import Catalog
 from extproc.core.audit import decision_of, record
 from extproc.core.exchange import Mutations, new_context
 from extproc.core.pipeline import Pipeline
+from extproc.core.traces import begin
 from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.spec import INVALID_REQUEST
 
@@ -38,11 +41,13 @@ async def decide(
     promised_era: str | None,
     request_id: str | None = None,
     peer: str | None = None,
+    envoy_trace: str | None = None,
 ) -> tuple[Context, Continue | Stop]:
-    """Run the request side of the pipeline once; the outcome is already audited.
+    """Run the request side of the pipeline once; the outcome is already audited (and traced).
 
     ``peer``: the verified client certificate's identity Envoy reported (gRPC ``Check``
-    only; the HTTP authorization service is told none).
+    only; the HTTP authorization service is told none). ``envoy_trace``: the traceparent of
+    Envoy's own span (the gRPC ``Check``'s metadata, when Envoy traces).
     """
     ctx = new_context(
         catalog,
@@ -56,10 +61,19 @@ async def decide(
     ctx.request_has_body = bool(body)
     ctx.peer = peer
     pipeline.metrics.phase("check").inc()
+    trace = begin(ctx, envoy=envoy_trace, body=body) if tracing.ACTIVE is not None else None
     outcome = await _run(pipeline, ctx, body)
     if isinstance(outcome, Continue) and promised_era and (broken := _broken_promise(ctx, promised_era)):
         outcome = broken
-    record(pipeline.metrics, ctx, "allow" if isinstance(outcome, Continue) else decision_of(outcome), _reason(outcome))
+    decision = "allow" if isinstance(outcome, Continue) else decision_of(outcome)
+    record(pipeline.metrics, ctx, decision, _reason(outcome))
+    if trace is not None:
+        trace.decided(decision, _reason(outcome))
+        if isinstance(outcome, Continue):
+            outcome = trace.forward(outcome)
+        else:
+            trace.stopped(outcome)
+        trace.end()
     return ctx, outcome
 
 

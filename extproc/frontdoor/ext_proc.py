@@ -6,7 +6,8 @@ pipeline phase, and the pipeline's outcome into the matching
 ``ProcessingResponse``::
 
     ProcessingRequest.request_headers ─▶ new Context (ctx.peer: the SPIFFE ID in the
-        request's ``attributes``, when the filter asks Envoy for it) ─▶ run(REQUEST_HEADERS)
+        request's ``attributes``, when the filter asks Envoy for it; with tracing on, its
+        span: extproc.core.traces) ─▶ run(REQUEST_HEADERS)
         ─▶ HeadersResponse (+ mode_override: skip the response when no stage
            will read it) | ImmediateResponse (deny)
     ProcessingRequest.request_body    ─▶ ctx.body     ─▶ run(REQUEST_BODY)
@@ -38,11 +39,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from extproc import tracing
 from extproc.api import Context, Continue, Deny, FrontDoor, Phase, Stop
 from extproc.config.resources import Catalog
 from extproc.core.audit import decision_of, record
 from extproc.core.exchange import answer_of, first_values, new_context
 from extproc.core.pipeline import Pipeline
+from extproc.core.traces import begin
 from extproc.mcp.headers import CONTENT_LENGTH
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.render.wire import EXT_PROC_FILTER, METADATA_NAMESPACE, PEER_ATTRIBUTE
@@ -96,10 +99,13 @@ def immediate(deny: Stop, jsonrpc_id: Any) -> pb.ProcessingResponse:
 class Processor:
     """Drives one exchange through the pipeline; create one per ext_proc stream."""
 
-    def __init__(self, pipeline: Pipeline, catalog: Catalog, server_hint: str | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, catalog: Catalog, server_hint: str | None = None, envoy_trace: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.catalog = catalog
         self.server_hint = server_hint
+        self.envoy_trace = envoy_trace
         self.ctx: Context | None = None
         self.metadata: dict[str, Any] = {}
         self._response_buffered = False
@@ -138,6 +144,8 @@ class Processor:
         ctx, self.ctx = self.ctx, None
         if ctx is not None:
             await self.pipeline.end(ctx)
+            if ctx.book.trace is not None:
+                ctx.book.trace.end()
 
     # -- request ---------------------------------------------------------------------------
 
@@ -148,9 +156,13 @@ class Processor:
         ctx.peer = peer
         ctx.request_has_body = not message.end_of_stream
         self.ctx = ctx
+        if tracing.ACTIVE is not None:
+            begin(ctx, envoy=self.envoy_trace)
         outcome = await self.pipeline.run(Phase.REQUEST_HEADERS, ctx)
         if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
+        if ctx.book.trace is not None:
+            outcome = ctx.book.trace.forward(outcome)
         if not ctx.request_has_body:
             self._decide(ctx, "allow", "")
         response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._common(outcome)))
@@ -167,9 +179,13 @@ class Processor:
 
     async def _request_body(self, ctx: Context, message: pb.HttpBody) -> pb.ProcessingResponse:
         ctx.body = message.body
+        if ctx.book.trace is not None:
+            ctx.book.trace.body(ctx.body)
         outcome = await self.pipeline.run(Phase.REQUEST_BODY, ctx)
         if not isinstance(outcome, Continue):
             return self._deny(ctx, outcome)
+        if ctx.book.trace is not None:
+            outcome = ctx.book.trace.forward(outcome)
         self._decide(ctx, "allow", "")
         common = self._common(outcome, buffered=True)
         if outcome.set_headers:
@@ -243,6 +259,8 @@ class Processor:
 
     def _deny(self, ctx: Context, deny: Stop) -> pb.ProcessingResponse:
         self._decide(ctx, decision_of(deny), deny.reason)
+        if ctx.book.trace is not None:
+            ctx.book.trace.stopped(deny)
         return immediate(deny, ctx.jsonrpc_id)
 
     def _decide(self, ctx: Context, decision: str, reason: str) -> None:
@@ -251,6 +269,8 @@ class Processor:
             return
         self._decided = True
         record(self.pipeline.metrics, ctx, decision, reason)
+        if ctx.book.trace is not None:
+            ctx.book.trace.decided(decision, reason)
 
 
 _RESPONSE_PHASES = frozenset({"response_headers", "response_body", "response_trailers"})

@@ -41,6 +41,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extproc import tracing
 from extproc.api import Continue, Stop
 from extproc.config.resources import Catalog
 from extproc.core.exchange import answer_of
@@ -64,6 +65,14 @@ def _request_header_pairs(http: Any) -> tuple[tuple[str, str], ...]:
     if http.header_map.headers:
         return header_pairs(http.header_map)
     return tuple((k.lower(), v) for k, v in http.headers.items())
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
+    """The traceparent of Envoy's own span, which Envoy sends along when it traces."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return value if isinstance(value, str) else value.decode()
+    return None
 
 
 def denied(deny: Stop, jsonrpc_id: Any) -> pb.CheckResponse:
@@ -101,6 +110,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
             promised_era=extensions.get(CALL_ERA_KEY),
             request_id=http.id,
             peer=request.attributes.source.principal or None,
+            envoy_trace=_traceparent(context) if tracing.ACTIVE is not None else None,
         )
         if not isinstance(outcome, Continue):
             response = denied(outcome, ctx.jsonrpc_id)

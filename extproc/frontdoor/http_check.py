@@ -43,11 +43,13 @@ from typing import Final, cast
 
 import httptools
 
+from extproc import tracing
 from extproc.api import Continue, Deny
 from extproc.config.resources import Catalog
 from extproc.core.exchange import answer_of, first_values
 from extproc.core.pipeline import Pipeline
 from extproc.frontdoor.decision import decide, denial_facts
+from extproc.mcp.headers import TRACE_HEADERS
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.render.fast_routes import promised_era
 from extproc.render.wire import CARRIED_STATUS, METADATA_HEADERS, REMOVE_HEADER, UPSTREAM_HEADERS
@@ -106,6 +108,7 @@ class AuthzHttpServer:
 
         ``pairs``: the request's header lines, names lower-case, in order.
         """
+        headers = first_values(pairs)
         ctx, outcome = await decide(
             self.pipeline,
             self.catalog,
@@ -115,7 +118,9 @@ class AuthzHttpServer:
             body=body,
             server_hint=None,
             # Only the fast routes call us; their headers (as the stages read them) say which one it was.
-            promised_era=promised_era(first_values(pairs)),
+            promised_era=promised_era(headers),
+            # Envoy, when it traces, puts its own span's context on this request (the agent's is gone).
+            envoy_trace=headers.get("traceparent") if tracing.ACTIVE is not None else None,
         )
         if isinstance(outcome, Continue):
             unsendable = _unsendable(outcome.set_headers)
@@ -138,8 +143,16 @@ class AuthzHttpServer:
 
 
 def _unsendable(headers: Mapping[str, str]) -> list[str]:
-    """Names of the headers Envoy would not copy upstream, or that cannot be written at all."""
-    return sorted(name for name, value in headers.items() if not _UPSTREAM.fullmatch(name) or _BAD_VALUE.search(value))
+    """Names of the headers Envoy would not copy upstream, or that cannot be written at all.
+
+    The trace context headers are the gateway's own, not a stage's: Envoy copies them when its
+    bootstrap was rendered with tracing on, and without them only the trace loses a hop.
+    """
+    return sorted(
+        name
+        for name, value in headers.items()
+        if (not _UPSTREAM.fullmatch(name) and name not in TRACE_HEADERS) or _BAD_VALUE.search(value)
+    )
 
 
 def _allowed(outcome: Continue) -> list[tuple[str, str]]:

@@ -55,11 +55,13 @@ class ExtProcService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        hint = None
+        hint = envoy_trace = None
         for key, value in context.invocation_metadata() or ():
             if key == SERVER_METADATA_KEY:
                 hint = value if isinstance(value, str) else value.decode()
-        processor = Processor(self.pipeline, self.catalog, hint)
+            elif key == "traceparent":  # Envoy's own span, when it traces
+                envoy_trace = value if isinstance(value, str) else value.decode()
+        processor = Processor(self.pipeline, self.catalog, hint, envoy_trace)
         try:
             async for request in request_iterator:
                 yield await processor.handle(request)

@@ -41,6 +41,7 @@ __all__ = [
     "MCP_SESSION_ID",
     "NAME_BEARING_METHODS",
     "ROUTING_HEADERS",
+    "TRACE_HEADERS",
     "X_MCP_METHOD",
     "X_MCP_SERVER",
     "X_MCP_TOOL",
@@ -76,6 +77,9 @@ X_MCP_SERVER: Final[str] = "x-mcp-server"
 
 CONTENT_TYPE: Final[str] = "content-type"
 CONTENT_LENGTH: Final[str] = "content-length"
+
+TRACE_HEADERS: Final[tuple[str, str]] = ("traceparent", "tracestate")
+"""W3C trace context: request headers, and (SEP-414) the same keys in ``params._meta``."""
 
 ROUTING_HEADERS: Final[frozenset[str]] = frozenset({MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION})
 """Headers that mirror the body; each may appear at most once in a request."""

@@ -8,7 +8,8 @@ Data flow::
             certificate's SPIFFE ID when an MCPAgent declares a service account (then
             no fast routes over HTTP, which cannot carry it); the limits, timeouts,
             overload manager and private admin of :mod:`extproc.render.hardening`;
-            a JSON access log line per request)
+            a JSON access log line per request; with tracing on, Envoy's OpenTelemetry
+            tracer and the collector's cluster, :mod:`extproc.render.tracer`)
         ──▶ json_format.ParseDict(Bootstrap)   ← typed check: a wrong field name or
                                                  type fails here, not in Envoy
         ──▶ dict (``render_bootstrap``) / YAML (``render_bootstrap_yaml``)
@@ -38,6 +39,7 @@ import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.overload.v3 import overload_pb2  # noqa: F401
 from envoy.config.route.v3 import route_components_pb2  # noqa: F401
+from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
@@ -68,6 +70,7 @@ from extproc.render.filters import (
 from extproc.render.hardening import admin, connection_limits, overload_manager
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 from extproc.render.routes import not_found_route, server_cluster, server_route, well_known_route
+from extproc.render.tracer import collector_cluster, hcm_tracing
 from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 
 _T: Final = "type.googleapis.com/"
@@ -187,6 +190,8 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         },
         "http_filters": http_filters,
     }
+    if options.tracing is not None:
+        hcm["tracing"] = hcm_tracing(options.tracing)
     if options.access_log:
         if options.front_door == "ext_authz":
             hcm["access_log"] = [_access_logger(EXT_AUTHZ_NAMESPACE)]
@@ -218,7 +223,8 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             "listeners": [_listener(options, listener_buffer, hcm)],
             "clusters": [extproc_cluster(options)]
             + ([authz_http_cluster(options)] if fast_calls and options.authz_http_unix else [])
-            + [server_cluster(s, response_buffer) for s in catalog.servers.values()],
+            + [server_cluster(s, response_buffer) for s in catalog.servers.values()]
+            + ([collector_cluster(options.tracing)] if options.tracing is not None else []),
         },
     }
 

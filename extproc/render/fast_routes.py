@@ -12,7 +12,9 @@ remove headers (the upstream credential). The ``auto`` front door renders::
       route "N call modern":  Mcp-Method: tools/call and a 2026-07-28 version header
       route "N call legacy":  metadata method == tools/call, no modern version header
           ─▶ ext_authz Check (headers + body; context_extensions name the server and
-             the era the route promised); ext_proc is off on these routes
+             the era the route promised); ext_proc is off on these routes, and the
+             upstream's Mcp-Session-Id is removed from their responses (no response
+             phase can swap it for the agent's signed id)
       route "N oversized" (first; Content-Length over the limit): Envoy's MCP filter off,
           so the mcp stage answers 413 from the headers, before the upload
       route "N unsized" (next; a POST without Content-Length: chunked, or HTTP/2):
@@ -39,7 +41,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION
+from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.spec import MODERN_PROTOCOL_VERSIONS
 from extproc.render.wire import CALL_ERA_KEY, EXT_AUTHZ_FILTER, EXT_PROC_FILTER, MCP_FILTER, SERVER_METADATA_KEY
 
@@ -169,6 +171,10 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
                 "disabled": True,
             },
         }
+        # No response phase runs here, so the session stage cannot swap the upstream's
+        # Mcp-Session-Id (which SDK servers repeat on every response) for the agent's
+        # signed one: drop it. Clients keep the id they have when a response has none.
+        fast["response_headers_to_remove"] = [MCP_SESSION_ID]
         routes.append(fast)
     return routes
 

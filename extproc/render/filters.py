@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from extproc.mcp.headers import TRACE_HEADERS
 from extproc.mcp.spec import INTERNAL_ERROR, INVALID_REQUEST
 from extproc.render.options import BootstrapOptions, PhaseNeeds
 from extproc.render.replicas import UNIX_PREFIX, http2_keepalive, lb_endpoints, replica_health, retry_policy
@@ -190,7 +191,13 @@ def _grpc_service(options: BootstrapOptions, timeout: str) -> dict[str, Any]:
 
 
 def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
-    """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes."""
+    """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes.
+
+    With tracing on, the trace context headers of the extension server's span go upstream too.
+    """
+    upstream: list[dict[str, Any]] = [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]
+    if options.tracing is not None:
+        upstream += [{"exact": name} for name in TRACE_HEADERS]
     service: dict[str, Any] = {
         "server_uri": {
             "uri": "http://mcp-extproc-authz",
@@ -200,7 +207,7 @@ def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
         "authorization_request": {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}},
         "authorization_response": {
             # Never ".*": that would copy this answer's own content-length upstream.
-            "allowed_upstream_headers": {"patterns": [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]},
+            "allowed_upstream_headers": {"patterns": upstream},
             "allowed_client_headers": {
                 "patterns": [
                     {"exact": "content-type"},

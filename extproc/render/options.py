@@ -29,6 +29,28 @@ class PhaseNeeds:
         return self.response_headers or self.response_body
 
 
+@dataclass(frozen=True, slots=True)
+class EnvoyTracing:
+    """Envoy's OpenTelemetry tracer: the collector the extension server sends its spans to.
+
+    Attributes:
+        protocol: OTLP over ``grpc`` or ``http`` (protobuf).
+        host / port: the collector.
+        path: the traces path (``http``).
+        tls: reach the collector over TLS (``https``), checked against the system's CAs.
+        service_name: the ``service.name`` of Envoy's spans.
+        sample_percent: the share of requests without a sampled parent that are traced.
+    """
+
+    protocol: Literal["grpc", "http"]
+    host: str
+    port: int
+    path: str = "/v1/traces"
+    tls: bool = False
+    service_name: str = "mcp-extproc-envoy"
+    sample_percent: float = 100.0
+
+
 @dataclass(frozen=True)
 class BootstrapOptions:
     """Where things listen and how long streams may stay quiet.
@@ -65,6 +87,8 @@ class BootstrapOptions:
             service (:mod:`extproc.frontdoor.http_check`), which the fast routes then call
             instead of the gRPC ``Check``; ``None``: gRPC.
         authz_http_replicas: further unix sockets of that service (other replicas).
+        tracing: Envoy's OpenTelemetry tracer (:mod:`extproc.render.tracer`); ``None``: Envoy
+            traces nothing.
     """
 
     listen_host: str = "127.0.0.1"
@@ -84,6 +108,7 @@ class BootstrapOptions:
     fast_calls: frozenset[str] = frozenset()
     authz_http_unix: str | None = None
     authz_http_replicas: tuple[str, ...] = ()
+    tracing: EnvoyTracing | None = None
 
     @property
     def extproc_endpoints(self) -> tuple[str, ...]:

@@ -9,6 +9,9 @@ Data flow::
     ProcessRequest ──Process (per-call deadline)──▶ ProcessResponse
                    ── UNAVAILABLE / DEADLINE_EXCEEDED / any RPC error ──▶ ServiceFault
                                  (the stage applies the service's failure mode)
+
+With tracing on, each ``Process`` call is a client span and carries its ``traceparent`` in the
+call's metadata, so the service's own spans join the trace.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Final
 import grpc
 from pydantic import Field, field_validator, model_validator
 
+from extproc import tracing
 from extproc.api import FailureMode, StageConfig
 from extproc.errors import ExtProcError, PluginError
 from extproc.external.wire import validate_description
@@ -126,6 +130,12 @@ class Service:
         self.description: pb.DescribeResponse | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ExternalStageStub | None = None
+        self._span: dict[str, tracing.Value] = {
+            "rpc.system": "grpc",
+            "rpc.service": "mcp_extproc.stage.v1.ExternalStage",
+            "rpc.method": "Process",
+            "server.address": config.address,
+        }
 
     @property
     def name(self) -> str:
@@ -197,13 +207,18 @@ class Service:
         """
         if self._stub is None:
             raise ServiceFault(f"{self.where}: not started")
-        try:
-            reply: pb.ProcessResponse = await self._stub.Process(request, timeout=self.config.deadline_ms / 1000)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ServiceFault(f"did not answer within {self.config.deadline_ms} ms") from None
-            if code is grpc.StatusCode.UNAVAILABLE:
-                raise ServiceFault("is unreachable (UNAVAILABLE)") from None
-            raise ServiceFault(f"failed: {code.name}: {exc.details()}") from None
-        return reply
+        with tracing.span(f"external {self.name} Process", self._span, client=True):
+            carrier: dict[str, str] = {}
+            tracing.inject(carrier)  # the service's own spans join the trace
+            try:
+                reply: pb.ProcessResponse = await self._stub.Process(
+                    request, timeout=self.config.deadline_ms / 1000, metadata=tuple(carrier.items()) or None
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise ServiceFault(f"did not answer within {self.config.deadline_ms} ms") from None
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    raise ServiceFault("is unreachable (UNAVAILABLE)") from None
+                raise ServiceFault(f"failed: {code.name}: {exc.details()}") from None
+            return reply

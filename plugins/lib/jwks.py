@@ -14,7 +14,7 @@ Data flow::
 An unknown ``kid`` (a rotated key) triggers at most one refetch per
 ``min_refetch`` seconds, so a flood of tokens with made-up key ids cannot turn
 into a flood of requests to the issuer. Concurrent callers share one fetch.
-Key parsing and signature checks are PyJWT's.
+Key parsing and signature checks are PyJWT's. With tracing on, a fetch is a ``jwks fetch`` span.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from extproc import tracing
 from extproc.errors import ExtProcError
 
 if TYPE_CHECKING:
@@ -103,10 +104,14 @@ class JwksCache:
         import jwt  # on first use: PyJWT and cryptography weigh about 9 MB, needless without agents
 
         self.fetches += 1
-        try:
-            response = await self._client.get(uri, headers={"accept": "application/json"})
-        except httpx.HTTPError as exc:
-            raise JwksUnavailable(f"cannot fetch JWKS from {uri}: {type(exc).__name__}") from None
+        with tracing.span("jwks fetch", {"url.full": tracing.safe_url(uri)}, client=True) as span:
+            headers = {"accept": "application/json"}
+            tracing.inject(headers)
+            try:
+                response = await self._client.get(uri, headers=headers)
+            except httpx.HTTPError as exc:
+                raise JwksUnavailable(f"cannot fetch JWKS from {uri}: {type(exc).__name__}") from None
+            span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code != 200:
             raise JwksUnavailable(f"JWKS at {uri} answered HTTP {response.status_code}")
         try:

@@ -32,7 +32,9 @@ stream)::
 Pings on the agent's own stream are answered here too (answer_ping, called by the
 ``session`` stage), so a ping is never lost because the agent's stream closed. The
 keeper never sends anything but GETs, ping answers and refusals of server requests:
-an agent's call is never replayed.
+an agent's call is never replayed. With tracing on, each GET and each answer is a root
+span of its own (``keeper stream``, ``keeper ping answer``), linked to the exchange that
+began keeping the session; its ``traceparent`` goes upstream.
 
 Idle expiry and the reconnect backoff read time from a :class:`Clock`
 (:class:`SystemClock` unless one is passed), so tests run them on fake time.
@@ -54,6 +56,7 @@ from typing import Final, Protocol
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from extproc import tracing
 from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, SseTooLarge
@@ -142,6 +145,8 @@ class KeptSession:
     """Another process holds the stream (the last GET got 409)."""
     pending: deque[bytes] = field(default_factory=deque)
     """SSE events for the agent, received while the keeper held the stream."""
+    link: object | None = None
+    """With tracing on: the span of the exchange that began keeping it (the keeper's spans link to it)."""
 
 
 class KeeperMetrics:
@@ -225,7 +230,7 @@ class SessionKeeper:
         key = (server, session_id)
         kept = self.sessions.get(key)
         if kept is None:
-            kept = KeptSession(server, url, session_id, last_used=self.clock.now())
+            kept = KeptSession(server, url, session_id, last_used=self.clock.now(), link=tracing.link_here())
             self.sessions[key] = kept
             self.metrics.kept.inc()
         kept.last_used = self.clock.now()
@@ -360,7 +365,9 @@ class SessionKeeper:
                     await self.clock.sleep(self.clock.jitter(0, delay))
                     delay = min(delay * 2, self.settings.backoff_max_s)
                 first = False
-                outcome = await self._hold(kept)
+                with tracing.root_span("keeper stream", kept.link, _span_attributes(kept, "GET")) as span:
+                    outcome = await self._hold(kept)
+                    span.set_attribute("http.response.status_code", outcome)
                 kept.standby = outcome == 409
                 if outcome in (404, 405):
                     if outcome == 404:
@@ -385,6 +392,7 @@ class SessionKeeper:
             headers[MCP_PROTOCOL_VERSION] = kept.protocol_version
         if kept.credential is not None:
             headers.update(await kept.credential())
+        tracing.inject(headers)  # the keeper's own span, when tracing is on
         return headers
 
     async def _hold(self, kept: KeptSession) -> int:
@@ -454,6 +462,10 @@ class SessionKeeper:
         await self._post(kept, {"jsonrpc": "2.0", "id": ping_id, "result": {}}, "ping answer")
 
     async def _post(self, kept: KeptSession, message: dict[str, object], what: str) -> None:
+        with tracing.root_span(f"keeper {what}", kept.link, _span_attributes(kept, "POST")):
+            await self._send(kept, message, what)
+
+    async def _send(self, kept: KeptSession, message: dict[str, object], what: str) -> None:
         body = json.dumps(message, separators=(",", ":"))
         try:
             headers = await self._headers(kept)  # a token may have been refreshed since the GET
@@ -473,6 +485,17 @@ class SessionKeeper:
             log.warning("keeper: the %s to %r got HTTP %d", what, kept.server, reply.status_code)
         elif what == "ping answer":
             self.metrics.pings.labels(kept.server).inc()
+
+
+def _span_attributes(kept: KeptSession, method: str) -> dict[str, tracing.Value] | None:
+    """What the keeper's root spans say: the server, and the upstream's session id as a digest."""
+    if tracing.ACTIVE is None:
+        return None  # tracing off: no digest to compute
+    return {
+        "mcp_extproc.server.name": kept.server,
+        "mcp_extproc.upstream_session.id": tracing.session_digest(kept.session_id),
+        "http.request.method": method,
+    }
 
 
 def server_request(message: object) -> str | None:

@@ -15,7 +15,8 @@ closed). :func:`compile_problem` turns a rego-cpp syntax error into
 
 The engines are imported on first use, not with this module: regopy (about
 10 MB resident) and opa-python-client with aiohttp (about 14 MB) cost nothing
-in a server whose policies use neither.
+in a server whose policies use neither. With tracing on, an evaluation is a ``rego evaluate``
+span (engine, module or OPA URL, query; never the input document).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from extproc import tracing
 from extproc.errors import PolicyBackendError
 
 _ERROR = re.compile(r"\(error \d+:(?P<file>[^|]+)\|(?P<offset>\d+)\|\d+\s+\(errormsg \d+:(?P<msg>[^)]*)\)")
@@ -92,8 +94,17 @@ class EmbeddedRego:
         except RegoError as exc:
             raise PolicyBackendError(f"Rego does not compile: {_describe(name, module, str(exc))}") from None
         self._runner = Interpreter()
+        self._span = {
+            "mcp_extproc.rego.engine": "embedded",
+            "mcp_extproc.rego.module": name,
+            "mcp_extproc.rego.query": query,
+        }
 
     async def evaluate(self, document: dict[str, Any]) -> Any:
+        with tracing.span("rego evaluate", self._span):
+            return self._evaluate(document)
+
+    def _evaluate(self, document: dict[str, Any]) -> Any:
         try:
             self._runner.set_input(self._input(document))
             output = self._runner.query_bundle(self._bundle)
@@ -131,8 +142,17 @@ class RemoteOpa:
         )
         self._opened = False
         self._lock = asyncio.Lock()
+        self._span = {
+            "mcp_extproc.rego.engine": "opa",
+            "url.full": tracing.safe_url(url),
+            "mcp_extproc.rego.query": query,
+        }
 
     async def evaluate(self, document: dict[str, Any]) -> Any:
+        with tracing.span("rego evaluate", self._span, client=True):
+            return await self._evaluate(document)
+
+    async def _evaluate(self, document: dict[str, Any]) -> Any:
         if not self._opened:
             async with self._lock:
                 if not self._opened:

@@ -19,7 +19,8 @@ subject (fewer scopes, another audience, revoked consent) is exchanged on its ow
 Failures become :class:`TokenError` with the HTTP status the agent should see (503
 when the endpoint cannot be reached, 502 when it answers badly). No message, log line
 or metric label carries a token or a client secret: errors name the token URL, the
-HTTP status and the OAuth ``error`` code only.
+HTTP status and the OAuth ``error`` code only. With tracing on, each request is a
+``token fetch`` span (the endpoint's URL without its query, the grant, the status).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from extproc import tracing
 from extproc.errors import ExtProcError
 
 TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a name
@@ -135,18 +137,24 @@ class TokenEndpoint:
             TokenError: unreachable (503), or a non-2xx / malformed answer (502).
         """
         started = time.monotonic()
-        try:
-            reply = await self._client.post(
-                url,
-                data=dict(form),
-                auth=httpx.BasicAuth(_form_encode(client_id), _form_encode(client_secret)),
-                headers={"accept": "application/json"},
-            )
-        except httpx.TimeoutException:
-            raise TokenError(f"the token endpoint {url} did not answer in time", 503) from None
-        except httpx.HTTPError as exc:
-            raise TokenError(f"the token endpoint {url} cannot be reached ({type(exc).__name__})", 503) from None
-        return self._parse(url, reply, started)
+        # The span names the endpoint and the grant, never the client secret or a token.
+        where = {"url.full": tracing.safe_url(url), "mcp_extproc.token.grant": form.get("grant_type", "")}
+        with tracing.span("token fetch", where, client=True) as span:
+            headers = {"accept": "application/json"}
+            tracing.inject(headers)
+            try:
+                reply = await self._client.post(
+                    url,
+                    data=dict(form),
+                    auth=httpx.BasicAuth(_form_encode(client_id), _form_encode(client_secret)),
+                    headers=headers,
+                )
+            except httpx.TimeoutException:
+                raise TokenError(f"the token endpoint {url} did not answer in time", 503) from None
+            except httpx.HTTPError as exc:
+                raise TokenError(f"the token endpoint {url} cannot be reached ({type(exc).__name__})", 503) from None
+            span.set_attribute("http.response.status_code", reply.status_code)
+            return self._parse(url, reply, started)
 
     def _parse(self, url: str, reply: httpx.Response, started: float) -> Token:
         body: Any = None

@@ -1,7 +1,10 @@
 """A base for stages that gate tools: refuse calls, hide tools from ``tools/list``.
 
-The ``allowlist`` and ``policy`` stages share this machinery; they differ only
-in how they decide (:meth:`ToolGate.refuse_call`, :meth:`ToolGate.hide_tool`).
+The ``allowlist``, ``policy``, ``pins`` and ``tool-scan`` stages share this machinery;
+they differ only in how they decide (:meth:`ToolGate.refuse_call`, :meth:`ToolGate.hide_tool`,
+or :meth:`ToolGate.filter_tools` for a gate that reads a whole list at once). A gate that only
+watches a server (:meth:`ToolGate.observes_only`: ``pins`` and ``tool-scan`` in ``Observe``)
+reads its lists leniently and never changes or refuses an answer.
 
 Data flow::
 
@@ -44,7 +47,8 @@ from extproc.config.resources import MCPServer
 from extproc.mcp.headers import X_MCP_METHOD, X_MCP_TOOL
 from extproc.mcp.jsonrpc import Era, McpRequest, Message, error_object
 from extproc.mcp.spec import INTERNAL_ERROR
-from plugins.lib.rewrite import FailClosed, ResponseRewriter, Unreadable, dumps
+from extproc.mcp.sse import SseTooLarge
+from plugins.lib.rewrite import FailClosed, ResponseRewriter, RewriteMessage, Unreadable, dumps
 from plugins.mcp_stage import derived_headers
 
 C = TypeVar("C", bound=StageConfig)
@@ -65,10 +69,11 @@ class _Exchange:
     response: ResponseRewriter = field(default_factory=ResponseRewriter)
     removed: int = 0
 
-    def read_response(self, ctx: Context, *, stream: bool = False) -> None:
-        """Read this exchange's response, failing closed."""
+    def read_response(self, ctx: Context, *, stream: bool = False, strict: bool = True) -> None:
+        """Read this exchange's response, failing closed (``strict``, or errors are held to add to it)."""
         self.reads = True
-        self.response.fail_closed = FailClosed(self.refusals, stream=stream)
+        if strict or self.held_errors:
+            self.response.fail_closed = FailClosed(self.refusals, stream=stream)
         ctx.want_response_body()
 
     def refusals(self, message: str) -> list[Any]:
@@ -105,6 +110,28 @@ class ToolGate(Stage[C]):
         """True to remove the tool ``name`` (described by ``tool``) from a ``tools/list`` result."""
         raise NotImplementedError
 
+    async def filter_tools(
+        self, ctx: Context, server: MCPServer, tools: list[Any], result: Mapping[str, Any]
+    ) -> list[Any]:
+        """The tools of one ``tools/list`` ``result`` to keep; by default those :meth:`hide_tool` keeps.
+
+        Entries without a string ``name`` are never kept.
+        """
+        kept = []
+        for tool in tools:
+            name = tool.get("name") if isinstance(tool, dict) else None
+            if isinstance(name, str) and not await self.hide_tool(ctx, server, name, tool):
+                kept.append(tool)
+        return kept
+
+    def observes_only(self, ctx: Context, server: MCPServer) -> bool:
+        """True when this gate only watches ``server``'s lists: read leniently, never changed or refused."""
+        return False
+
+    def reads_streams(self, ctx: Context, server: MCPServer) -> bool:
+        """True to read ``server``'s GET streams (a resumption may replay a ``tools/list`` result)."""
+        return self.applies(ctx, server)
+
     # -- hooks ------------------------------------------------------------------------------
 
     def needs_response(self, ctx: Context) -> bool | None:
@@ -112,8 +139,8 @@ class ToolGate(Stage[C]):
             return False
         if ctx.server is not None and not self.applies(ctx, ctx.server):
             return False
-        if ctx.http_method == "GET":
-            return True  # a resumed stream may replay a stored tools/list result
+        if ctx.http_method == "GET":  # a resumed stream may replay a stored tools/list result
+            return ctx.server is None or self.reads_streams(ctx, ctx.server)
         hints = ctx.hints
         if hints is not None and hints.era is Era.MODERN and hints.method is not None:
             return hints.method == "tools/list"
@@ -121,9 +148,9 @@ class ToolGate(Stage[C]):
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         server = ctx.server
-        if ctx.http_method != "GET" or server is None or not ctx.sees_responses or not self.applies(ctx, server):
+        if ctx.http_method != "GET" or server is None or not ctx.sees_responses or not self.reads_streams(ctx, server):
             return None
-        ctx.state(self._state_key).read_response(ctx, stream=True)
+        ctx.state(self._state_key).read_response(ctx, stream=True, strict=not self.observes_only(ctx, server))
         return Continue(remove_headers=("accept-encoding",))
 
     async def on_request_body(self, ctx: Context) -> Verdict:
@@ -149,14 +176,14 @@ class ToolGate(Stage[C]):
         if denied:
             return self._cut_batch(ctx, request, server, denied, state)
         if lists:
-            self._expect(ctx, request, state)
+            self._expect(ctx, request, state, strict=not self.observes_only(ctx, server))
             return Continue(remove_headers=("accept-encoding",))
         return None
 
-    def _expect(self, ctx: Context, forwarded: McpRequest, state: _Exchange) -> None:
+    def _expect(self, ctx: Context, forwarded: McpRequest, state: _Exchange, *, strict: bool = True) -> None:
         """Read the response to ``forwarded``, its requests' ids pending until answered."""
         state.pending = {_key(m.id): m.id for m in forwarded.messages if m.kind == "request"}
-        state.read_response(ctx)
+        state.read_response(ctx, strict=strict)
 
     def _cut_batch(
         self, ctx: Context, request: McpRequest, server: MCPServer, denied: list[tuple[int, Deny]], state: _Exchange
@@ -206,8 +233,24 @@ class ToolGate(Stage[C]):
         async def filter_tools(message: Any) -> Any:
             return await self._filter(ctx, message, server, state)
 
+        if state.response.fail_closed is None:
+            await self._observe(ctx, chunk, filter_tools, state)
+            return None
         body = await state.response.rewrite(ctx, chunk, filter_tools, reader="mcp-extproc", extra=state.held_errors)
         return body if body is None or isinstance(body, Deny) else Continue(body=body)
+
+    async def _observe(self, ctx: Context, chunk: bytes, read: RewriteMessage, state: _Exchange) -> None:
+        """Read ``chunk`` leniently for a gate that only watches: the answer passes on as it is, whatever happens."""
+        try:
+            outcome = await state.response.rewrite(ctx, chunk, read, reader=self.name)
+        except SseTooLarge as exc:
+            outcome = Deny(code=INTERNAL_ERROR, message=str(exc))
+        if isinstance(outcome, Deny):
+            state.reads = False
+            ctx.log.warning(
+                "%s: stopped reading an answer it cannot read (%s); passed on unread", self.name, outcome.message
+            )
+        return None
 
     async def _filter(self, ctx: Context, message: Any, server: MCPServer, state: _Exchange) -> Any:
         """``message`` with hidden tools removed if it is shaped like a tools/list result; itself when none were.
@@ -223,15 +266,13 @@ class ToolGate(Stage[C]):
         if not isinstance(result, dict) or "tools" not in result:
             return message
         tools = result["tools"]
+        if not isinstance(tools, list) and state.response.fail_closed is None:
+            return message  # only watching: what cannot be read is passed on
         if not isinstance(tools, list):
             kinds: dict[type, str] = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}
             kind = kinds.get(type(tools), "a number")
             raise Unreadable(f"a result's tools is {kind}, not a list")
-        kept = []
-        for tool in tools:
-            name = tool.get("name") if isinstance(tool, dict) else None
-            if isinstance(name, str) and not await self.hide_tool(ctx, server, name, tool):
-                kept.append(tool)
+        kept = await self.filter_tools(ctx, server, tools, result)
         removed = len(tools) - len(kept)
         state.removed += removed
         if not removed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +55,10 @@ def resource_doc(name: str, port: int, tools: dict[str, list[str]]) -> dict[str,
     }
 
 
-def start_gateway(resources: Path, log_dir: Path, *extra: str, python: str = sys.executable) -> tuple[Proc, str, str]:
-    """Start `mcp-extproc up` (with ``python``) on a free port; wait for its ready line."""
+def start_gateway(
+    resources: Path, log_dir: Path, *extra: str, python: str = sys.executable, env: Mapping[str, str] | None = None
+) -> tuple[Proc, str, str]:
+    """Start `mcp-extproc up` (with ``python``, in ``env``) on a free port; wait for its ready line."""
     port = free_port()
     argv = [
         python,
@@ -71,7 +73,7 @@ def start_gateway(resources: Path, log_dir: Path, *extra: str, python: str = sys
         "127.0.0.1:0",
         *extra,
     ]
-    proc = Proc(argv, name="mcp-extproc-up", log_dir=log_dir)
+    proc = Proc(argv, name="mcp-extproc-up", log_dir=log_dir, env=env)
     try:
         metrics = proc.wait_for_line(r"metrics at (http://\S+)", 30).group(1)
         proc.wait_for_line(r"ready: MCP server", 30)

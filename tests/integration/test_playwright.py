@@ -258,21 +258,20 @@ async def test_a_request_response_agent_idles_and_keeps_its_page(gateway: Gatewa
     assert gateway.metric("mcp_extproc_keeper_pings_answered_total", server="pw") >= answered + 3
 
 
-async def drop_stream_at_a_ping_then_idle(gateway: Gateway, pages: Pages, server: str, name: str) -> None:
+async def drop_stream_at_a_ping_then_idle(gateway: Gateway, server: str, url: str) -> tuple[httpx.Response, list[str]]:
     """Initialize, navigate, open the GET stream, drop it at the first ping without answering,
-    idle, snapshot: the same page."""
+    idle past Playwright's ping timeout, snapshot. Returns the snapshot's reply and the lines
+    the agent's stream carried."""
     async with httpx.AsyncClient(timeout=60) as client:
         agent = Agent(client, gateway.url(server))
         await agent.initialize()
-        url = pages.url(name)
         await agent.navigate(url)  # starts the session's browser, and with it the heartbeat
         async with agent.get_stream() as stream:
             assert stream.status_code == 200, (await stream.aread()).decode(errors="replace")
             seen = await agent.read_until_ping(stream)
         print(f"{server}: the agent's GET stream carried {seen!r}")
         await asyncio.sleep(IDLE_AFTER_DROP_S)
-        reply = await agent.snapshot()
-    assert_same_page(reply, url, name, f"(the agent's stream carried {seen!r})")
+        return await agent.snapshot(), seen
 
 
 async def test_b_agent_drops_its_stream_with_a_ping_unanswered_and_keeps_its_page(
@@ -280,20 +279,15 @@ async def test_b_agent_drops_its_stream_with_a_ping_unanswered_and_keeps_its_pag
 ) -> None:
     """The ping that arrived on the agent's stream is answered by the gateway, so Playwright's
     5 s ping timeout never fires, and the keeper takes the stream over when the agent's ends."""
-    await drop_stream_at_a_ping_then_idle(gateway, pages, "pw", "dropped-stream")
+    url = pages.url("dropped-stream")
+    reply, seen = await drop_stream_at_a_ping_then_idle(gateway, "pw", url)
+    assert_same_page(reply, url, "dropped-stream", f"(the agent's stream carried {seen!r})")
 
 
 async def test_b_control_without_keepalive_the_session_is_lost(gateway: Gateway, pages: Pages) -> None:
-    async with httpx.AsyncClient(timeout=60) as client:
-        agent = Agent(client, gateway.url("pwnever"))
-        await agent.initialize()
-        await agent.navigate(pages.url("never"))
-        async with agent.get_stream() as stream:
-            assert stream.status_code == 200
-            seen = await agent.read_until_ping(stream)
-        print(f"pwnever: the agent's GET stream carried {seen!r}")
-        await asyncio.sleep(IDLE_AFTER_DROP_S)
-        reply = await agent.snapshot()
+    """``keepalive: Never``: nobody answers the ping the agent dropped; Playwright closes the session."""
+    reply, seen = await drop_stream_at_a_ping_then_idle(gateway, "pwnever", pages.url("never"))
+    print(f"pwnever: after the idle: HTTP {reply.status_code} {reply.headers.get('content-type')} {reply.text!r}")
     assert reply.status_code == 404, f"{reply.status_code} {reply.text!r} (the agent's stream carried {seen!r})"
     assert "Session not found" in reply.text
 
@@ -351,6 +345,7 @@ async def test_c_a_restarted_up_keeps_the_session(playwright: str, pages: Pages,
             procs.append(second)
             restart_s = time.monotonic() - stopping
             note = f"(restart took {restart_s:.1f}s)"
+            print(f"up restarted in {restart_s:.2f}s")
             # The same session id, no initialize: the restarted gateway verifies the id it signed.
             assert_same_page(await agent.snapshot(), url, "restart", note)
             # And keeps the session from then on (Playwright's heartbeat is running).
@@ -422,6 +417,9 @@ def start_envoy(resources: Path, tmp: Path, replicas: list[Replica]) -> tuple[Pr
 
 
 async def test_d_a_killed_replica_loses_no_session(playwright: str, pages: Pages, tmp_path: Path) -> None:
+    """Two ``serve`` replicas share one key file behind one Envoy; the one holding the
+    session's GET stream is killed. The other verifies the session id, serves the next
+    call and keeps the session from then on."""
     resources = tmp_path / "resources.yaml"
     resources.write_text(yaml.safe_dump(mcp_server("pw", playwright)))
     key_file = tmp_path / "session-keys.json"  # shared: either replica verifies the other's ids
@@ -447,10 +445,14 @@ async def test_d_a_killed_replica_loses_no_session(playwright: str, pages: Pages
             while (held := holder()) is None:
                 assert time.monotonic() < deadline, "no replica holds the session's GET stream"
                 await asyncio.sleep(0.05)
-            # Kill the replica holding the session's stream: the hard case.
+            # Kill the replica holding the session's stream (the hard case), just after a ping
+            # answer: the survivor must hold the stream before Playwright's next ping, 3 s later.
+            await just_after_a_ping_answer(held.metrics, "pw")
             os.killpg(held.proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
             held.proc.popen.wait(timeout=10)
             assert_same_page(await agent.snapshot(), url, "replicas", "(right after the kill)")
+            print(f"the survivor answered {time.monotonic() - killed:.2f}s after the kill")
             await asyncio.sleep(IDLE_AFTER_TAKEOVER_S)  # the survivor keeps the session now
             assert_same_page(await agent.snapshot(), url, "replicas", "(after idling on the survivor)")
         assert agent.initializations == 1
