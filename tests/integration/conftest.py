@@ -113,6 +113,8 @@ def metric_value(metrics_url: str, name: str, **labels: str) -> float:
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:  # noqa: S310 - loopback
         text = reply.read().decode()
     for line in text.splitlines():
+        if line.startswith(name + " ") and not labels:  # a sample without labels (a plain gauge)
+            return float(line.rsplit(" ", 1)[1])
         if not line.startswith(name + "{"):
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
