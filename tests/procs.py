@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
@@ -519,3 +519,22 @@ def start_collector(record_path: Path, *, log_dir: Path | None = None) -> tuple[
     )
     grpc_port = int(proc.wait_for_line(r"^GRPC (\d+)$", DEFAULT_START_DEADLINE_S).group(1))
     return proc, port, grpc_port
+
+
+def until_ready(ready: Callable[[], bool], proc: Proc, what: str, deadline_s: float = 30) -> None:
+    """Poll ``ready`` as a startup probe would; fail with ``proc``'s output if it exits or times out."""
+    end = time.monotonic() + deadline_s
+    while not ready():
+        if proc.popen.poll() is not None or time.monotonic() > end:
+            raise AssertionError(f"{what} never became ready; output:\n{proc.output()[-4000:]}")
+        time.sleep(0.05)
+
+
+def unix_connects(path: str) -> bool:
+    """True when something accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+        return True

@@ -104,6 +104,21 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--log-level", default=_DEFAULT["log_level"], help=_LOG_LEVEL)
 
+    def serving(sub: argparse.ArgumentParser, public_url: str, session_keys: str) -> None:
+        """The flags of the commands that serve traffic (``up``, ``serve``)."""
+        sub.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
+        sub.add_argument(
+            "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} ({public_url})"
+        )
+        sub.add_argument(
+            "--session-key-file",
+            metavar="FILE",
+            type=Path,
+            default=_DEFAULT["session_key_file"],
+            help=f"{_SESSION_KEYS} ({session_keys})",
+        )
+        sub.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
+
     up = commands.add_parser("up", help="run Envoy and the extension server: the whole data path")
     common(up)
     up.add_argument("--listen", default=_DEFAULT["listen"], help=f"where agents connect (default {_shown('listen')})")
@@ -123,18 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"Envoy's --log-level (default {_shown('envoy_log_level')})",
     )
     up.add_argument("--front-door", choices=_DOORS, default=_DEFAULT["front_door"], help=_FRONT_DOOR)
-    up.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
-    up.add_argument(
-        "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (default http://<listen>)"
-    )
-    up.add_argument(
-        "--session-key-file",
-        metavar="FILE",
-        type=Path,
-        default=_DEFAULT["session_key_file"],
-        help=f"{_SESSION_KEYS} (default $XDG_STATE_HOME/mcp-extproc/session-keys.json)",
-    )
-    up.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
+    serving(up, "default http://<listen>", "default $XDG_STATE_HOME/mcp-extproc/session-keys.json")
 
     serve = commands.add_parser("serve", help="run the extension server alone (for an Envoy run elsewhere)")
     common(serve)
@@ -144,18 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--unix", default=_DEFAULT["unix"], help="also listen on this unix socket")
     serve.add_argument("--authz-http", metavar="PATH", action=_Once, default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
     serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
-    serve.add_argument("--reload-interval", type=float, default=_DEFAULT["reload_interval_s"], help=_RELOAD)
-    serve.add_argument(
-        "--public-url", metavar="URL", default=_DEFAULT["public_url"], help=f"{_PUBLIC_URL} (required with an MCPAgent)"
-    )
-    serve.add_argument(
-        "--session-key-file",
-        metavar="FILE",
-        type=Path,
-        default=_DEFAULT["session_key_file"],
-        help=f"{_SESSION_KEYS} (default: a key in memory, lost on restart)",
-    )
-    serve.add_argument("--otel", metavar="ENDPOINT", nargs="?", const="", default=_DEFAULT["otel"], help=_OTEL)
+    serving(serve, "required with an MCPAgent", "default: a key in memory, lost on restart")
 
     render = commands.add_parser("render", help="print generated configuration")
     render.add_argument(

@@ -13,11 +13,9 @@ become temporary directories, the ports free ones, and the metrics port 0.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from controller.render.sidecar import CONFIG_DIR
 from extproc.commands.envoy import envoy_binary
 from tests.agents import legacy_session, raw_post
 from tests.idp import Idp, agent_doc, rsa_key, running_idp
-from tests.procs import Proc, admin_get, admin_ready, free_port, start_pyserver
+from tests.procs import Proc, admin_get, admin_ready, free_port, start_pyserver, unix_connects, until_ready
 from tests.upstreams.pyserver import read_records
 
 pytestmark = pytest.mark.integration
@@ -88,24 +86,6 @@ def _local(args: list[str], config_dir: Path) -> list[str]:
     return out
 
 
-def _until(ready: Callable[[], bool], proc: Proc, what: str, deadline_s: float = 30) -> None:
-    """Poll ``ready`` as a startup probe would; fail with ``proc``'s output if it exits or times out."""
-    end = time.monotonic() + deadline_s
-    while not ready():
-        if proc.popen.poll() is not None or time.monotonic() > end:
-            raise AssertionError(f"{what} never became ready; output:\n{proc.output()[-4000:]}")
-        time.sleep(0.05)
-
-
-def _connects(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-        return True
-
-
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     tmp = tmp_path_factory.mktemp("sidecar")
@@ -127,11 +107,11 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
             argv = [sys.executable, "-m", "extproc", *_local(extproc["args"], config_dir)]
             serve = Proc(argv, name="sidecar-extproc", log_dir=tmp)
             procs.append(serve)
-            _until(lambda: _connects(settings.socket_path), serve, "the extension server's socket")
+            until_ready(lambda: unix_connects(settings.socket_path), serve, "the extension server's socket")
             front = Proc([envoy_binary(), *_local(envoy["args"], config_dir)], name="sidecar-envoy", log_dir=tmp)
             procs.append(front)
             admin = settings.admin_socket_path
-            _until(lambda: admin_ready(admin), front, "the sidecar Envoy")
+            until_ready(lambda: admin_ready(admin), front, "the sidecar Envoy")
             assert Path(admin).stat().st_mode & 0o777 == 0o600  # the admin API answers its own UID only
             # The startup probe the pod spec carries finds it ready too (over the admin socket).
             probe = envoy["startupProbe"]["exec"]["command"]

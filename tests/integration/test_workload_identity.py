@@ -21,11 +21,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import socket
 import ssl
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from controller.render.sidecar import CONFIG_DIR
 from extproc.commands.envoy import envoy_binary
 from tests.agents import legacy_session, modern_request, raw_post
 from tests.integration.conftest import start_gateway
-from tests.procs import Proc, admin_ready, free_port, start_pyserver
+from tests.procs import Proc, admin_ready, free_port, start_pyserver, unix_connects, until_ready
 from tests.upstreams.pyserver import Record, read_records
 
 pytestmark = pytest.mark.integration
@@ -60,23 +58,6 @@ FORGED = {
     "x-spiffe-id": f"spiffe://cluster.local/ns/{NS}/sa/robot",
 }
 """Headers claiming to be agent ``robot``."""
-
-
-def _until(ready: Callable[[], bool], proc: Proc, what: str, deadline_s: float = 30) -> None:
-    end = time.monotonic() + deadline_s
-    while not ready():
-        if proc.popen.poll() is not None or time.monotonic() > end:
-            raise AssertionError(f"{what} never became ready; output:\n{proc.output()[-4000:]}")
-        time.sleep(0.05)
-
-
-def _connects(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-        return True
 
 
 def _decisions(proc: Proc) -> list[dict[str, Any]]:
@@ -151,10 +132,10 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
 
         serve = Proc([sys.executable, "-m", "extproc", *local(extproc["args"])], name="sidecar-extproc", log_dir=tmp)
         procs.append(serve)
-        _until(lambda: _connects(settings.socket_path), serve, "the extension server's socket")
+        until_ready(lambda: unix_connects(settings.socket_path), serve, "the extension server's socket")
         front = Proc([envoy_binary(), *local(envoy["args"])], name="sidecar-envoy", log_dir=tmp)
         procs.append(front)
-        _until(lambda: admin_ready(settings.admin_socket_path), front, "the sidecar Envoy")
+        until_ready(lambda: admin_ready(settings.admin_socket_path), front, "the sidecar Envoy")
         yield Pod(f"http://127.0.0.1:{settings.sidecar_port}/tools/mcp", serve, records)
     finally:
         for proc in reversed(procs):
@@ -352,7 +333,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             [sys.executable, "-m", "extproc", *serve_argv, "--public-url", base], name="mtls-extproc", log_dir=tmp
         )
         procs.append(serve)
-        _until(lambda: _connects(sock), serve, "the extension server's socket")
+        until_ready(lambda: unix_connects(sock), serve, "the extension server's socket")
         render_argv = ["render", "envoy", "-f", str(resources), "--unix", sock, "--listen", f"127.0.0.1:{listen}"]
         rendered = Proc(
             [sys.executable, "-m", "extproc", *render_argv, "--admin-socket", admin, "--front-door", front_door],
@@ -387,7 +368,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             log_dir=tmp,
         )
         procs.append(envoy)
-        _until(lambda: admin_ready(admin), envoy, "Envoy")
+        until_ready(lambda: admin_ready(admin), envoy, "Envoy")
         yield Mesh(base, serve, records, certs)
     finally:
         for proc in reversed(procs):
