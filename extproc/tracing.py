@@ -190,6 +190,8 @@ class Active:
     trace: ModuleType
     empty: OtelContext
     """A context with no span: the parent of a root span."""
+    context: ModuleType
+    """``opentelemetry.context`` (attach, detach)."""
 
 
 ACTIVE: Active | None = None
@@ -214,8 +216,7 @@ def start(where: Target, exporter: Any = None) -> Active:
         raise ConfigError("tracing needs the otel extra: pip install 'mcp-extproc[otel]'") from None
     from importlib.metadata import PackageNotFoundError, version
 
-    from opentelemetry import trace
-    from opentelemetry.context import Context
+    from opentelemetry import context, trace
 
     try:
         ours = version("mcp-extproc")
@@ -228,7 +229,7 @@ def start(where: Target, exporter: Any = None) -> Active:
     else:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("mcp-extproc", ours)
-    ACTIVE = Active(provider, tracer, TraceContextTextMapPropagator(), trace, Context())
+    ACTIVE = Active(provider, tracer, TraceContextTextMapPropagator(), trace, context.Context(), context)
     return ACTIVE
 
 

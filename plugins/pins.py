@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger("mcp_extproc.pins")
-audit = logging.getLogger("mcp_extproc.audit")
+audit = logging.getLogger("mcp_extproc.audit.tools")
 
 _WARN: frozenset[str] = frozenset({"changed", "new", "removed"})
 

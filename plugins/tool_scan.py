@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter
 
 log = logging.getLogger("mcp_extproc.tool_scan")
-audit = logging.getLogger("mcp_extproc.audit")
+audit = logging.getLogger("mcp_extproc.audit.tools")
 
 _CACHE = 10_000
 """Definitions whose findings are remembered (per server, tool and digest: each reported once), and flagged tools."""

@@ -86,7 +86,7 @@ class Pins:
 
 def pin_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     """The ``tool_pin`` audit lines written so far."""
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mcp_extproc.audit"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mcp_extproc.audit.tools"]
     return [line for line in lines if line.get("event") == "tool_pin"]
 
 

@@ -263,14 +263,14 @@ def _pins_parser(commands: Any) -> None:
 def _pins(args: argparse.Namespace) -> int:
     """``mcp-extproc pins show|approve``; a user error is one line and exit 2."""
     from extproc.commands.pins import approve_text, show_text
-    from extproc.config.pins_file import default_pins_file, read_pins
+    from extproc.config.pins_file import default_pins_file
 
     path = args.file or default_pins_file()
     try:
         if args.action == "show":
             if args.tools:
                 raise ConfigError("pins show takes no TOOL: it shows every tool of SERVER")
-            sys.stdout.write(show_text(read_pins(path), args.server, path))
+            sys.stdout.write(show_text(path, args.server))
         else:
             sys.stdout.write(approve_text(path, args.server, args.tools))
     except ExtProcError as exc:

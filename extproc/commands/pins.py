@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from extproc.config.pins_file import PinsDocument, ToolPins, approve, locked, read_pins, write_pins
+from extproc.config.pins_file import ToolPins, approve, locked, read_pins, write_pins
 from extproc.errors import ConfigError
 
 
@@ -55,12 +55,15 @@ def _pin(tool: ToolPins) -> str:
     return "not pinned"
 
 
-def show_text(document: PinsDocument, server: str, path: Path) -> str:
-    """What ``pins show`` prints for ``server``.
+def show_text(path: Path, server: str) -> str:
+    """What ``pins show`` prints for ``server``, from the pins file at ``path``.
 
     Raises:
-        ConfigError: no tool of ``server`` was ever seen.
+        ConfigError: there is no such file, it is not a pins file, or no tool of ``server`` was ever seen.
     """
+    if not path.exists():
+        raise ConfigError(f"{path}: no pins file (the pins stage writes it when it first sees a server's tools)")
+    document = read_pins(path)
     book = document.servers.get(server)
     if book is None:
         seen = ", ".join(sorted(document.servers)) or "none"

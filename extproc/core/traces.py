@@ -218,21 +218,31 @@ class ExchangeTrace:
             self.open(meta_carrier(body) if self.header is None else None)
 
     async def hook(self, stage: str, phase: Phase, call: Awaitable[Verdict]) -> Verdict:
-        """Run one stage hook under its own span."""
+        """Run one stage hook under its own span, ``{stage} {phase}``, current while it runs."""
         name = f"{stage} {phase.value}"
-        attributes: dict[str, Value] = {"mcp_extproc.stage": stage, "mcp_extproc.phase": phase.value}
         if self.span is None:
-            with tracing.record(name, attributes, parent=self.pending) as recorded:
+            with tracing.record(name, parent=self.pending) as recorded:
                 verdict = await call
                 _verdict_attributes(recorded, verdict)
             return verdict
         if phase is Phase.RESPONSE_BODY and self.ctx.book.response_streamed:
             self.chunks += 1
             return await call
-        with self.active.tracer.start_as_current_span(name, context=self.context, attributes=attributes) as span:
+        # By hand rather than start_as_current_span: a third less per span, and every hook has one.
+        active = self.active
+        span = active.tracer.start_span(name, context=self.context)
+        token = active.context.attach(active.trace.set_span_in_context(span, self.context))
+        try:
             verdict = await call
             _verdict_attributes(span, verdict)
-        return verdict
+            return verdict
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(active.trace.Status(active.trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            active.context.detach(token)
+            span.end()
 
     def forward(self, outcome: Continue) -> Continue:
         """``outcome`` with our span's traceparent (and tracestate) for the upstream, once."""

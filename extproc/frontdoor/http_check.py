@@ -21,7 +21,8 @@ is answered wait their turn)::
 
 Envoy copies to the upstream request only the response headers that the bootstrap's
 ``allowed_upstream_headers`` names (:data:`extproc.render.wire.UPSTREAM_HEADERS`): ``authorization``,
-``mcp-session-id`` and ``x-*`` but not ``x-envoy-*``, never this response's own ``content-length``. A stage
+``mcp-session-id`` and ``x-*`` but not ``x-envoy-*``, and ``traceparent``/``tracestate`` (set only
+while tracing is on), never this response's own ``content-length``. A stage
 that sets any other header on a fast-route call gets the call refused (500), never
 silently forwarded without it. The answer is written here (:func:`_response`): a
 status line, ``content-length`` and the headers, each name an HTTP token and each value
@@ -145,8 +146,8 @@ class AuthzHttpServer:
 def _unsendable(headers: Mapping[str, str]) -> list[str]:
     """Names of the headers Envoy would not copy upstream, or that cannot be written at all.
 
-    The trace context headers are the gateway's own, not a stage's: Envoy copies them when its
-    bootstrap was rendered with tracing on, and without them only the trace loses a hop.
+    The trace context headers (the gateway's own, set while it traces) are copied too: the
+    rendered bootstrap allows them besides :data:`~extproc.render.wire.UPSTREAM_HEADERS`.
     """
     return sorted(
         name

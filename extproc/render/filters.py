@@ -193,11 +193,10 @@ def _grpc_service(options: BootstrapOptions, timeout: str) -> dict[str, Any]:
 def ext_authz_http_filter(options: BootstrapOptions) -> dict[str, Any]:
     """ext_authz calling our HTTP authorization service (:mod:`extproc.frontdoor.http_check`), for the fast routes.
 
-    With tracing on, the trace context headers of the extension server's span go upstream too.
+    The trace context headers go upstream too: the service sets them only while it traces (its
+    span is then the upstream's parent, unless Envoy traces and sets its own).
     """
-    upstream: list[dict[str, Any]] = [{"safe_regex": {"regex": UPSTREAM_HEADERS}}]
-    if options.tracing is not None:
-        upstream += [{"exact": name} for name in TRACE_HEADERS]
+    upstream = [{"safe_regex": {"regex": UPSTREAM_HEADERS}}, *({"exact": name} for name in TRACE_HEADERS)]
     service: dict[str, Any] = {
         "server_uri": {
             "uri": "http://mcp-extproc-authz",

@@ -12,6 +12,7 @@ Every upstream records what it receives, so tests can assert what got through.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import urllib.request
@@ -58,8 +59,13 @@ def resource_doc(name: str, port: int, tools: dict[str, list[str]]) -> dict[str,
 def start_gateway(
     resources: Path, log_dir: Path, *extra: str, python: str = sys.executable, env: Mapping[str, str] | None = None
 ) -> tuple[Proc, str, str]:
-    """Start `mcp-extproc up` (with ``python``, in ``env``) on a free port; wait for its ready line."""
+    """Start `mcp-extproc up` (with ``python``, in ``env``) on a free port; wait for its ready line.
+
+    Its state directory (session keys, tool pins) is ``log_dir/state`` unless ``env`` names
+    one: tests never write to the real home directory.
+    """
     port = free_port()
+    env = {**os.environ, "XDG_STATE_HOME": str(log_dir / "state")} if env is None else env
     argv = [
         python,
         "-m",

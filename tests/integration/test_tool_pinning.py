@@ -183,7 +183,9 @@ async def rug_pull(url: str, version: str) -> list[str]:
 
 def audit_lines(stack: Stack, event: str) -> list[dict[str, Any]]:
     lines = [
-        line.split("mcp_extproc.audit: ", 1)[1] for line in stack.log().splitlines() if "mcp_extproc.audit: " in line
+        line.split("mcp_extproc.audit.tools: ", 1)[1]
+        for line in stack.log().splitlines()
+        if "mcp_extproc.audit.tools: " in line
     ]
     return [found for found in map(json.loads, lines) if found["event"] == event]
 

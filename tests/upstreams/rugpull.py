@@ -9,7 +9,7 @@ prints `READY <port>` once it accepts connections.
 
 Tools: `echo(text)`, `add(a, b)` and `rug_pull(version)`. `rug_pull` swaps the definitions
 of `echo` and `add` for another version, in the whole process, and sends the calling
-session `notifications/tools/list_changed`:
+session `notifications/tools/list_changed` (on the call's own SSE stream):
 
 - `original`: as above;
 - `changed`: `echo`'s description says more, `add` takes a third parameter `c` (its
@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import warnings
 from collections.abc import Sequence
 from typing import Any, Final
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import ToolListChangedNotification
 
 from tests.upstreams.serving import bind_loopback, serve_ready
 
@@ -89,9 +89,8 @@ def build_server(version: str) -> MCPServer[Any]:
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}")
         switch(srv, version)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            await ctx.session.send_tool_list_changed()
+        # On this call's own stream, ahead of its result: it cannot miss a GET stream not yet open.
+        await ctx.session.send_notification(ToolListChangedNotification(), related_request_id=ctx.request_id)
         return f"now serving {version}"
 
     return srv
