@@ -311,3 +311,12 @@ BOTH = {"traceparent": "tp", "tracestate": "ts"}
 )
 def test_meta_carrier(body: bytes, expected: dict[str, str] | None) -> None:
     assert meta_carrier(body) == expected
+
+
+async def test_a_trace_the_sampler_dropped_costs_no_hook_spans(catalog: Catalog, spans: InMemorySpanExporter) -> None:
+    unsampled = AGENT[:-2] + "00"
+    first, _ = await exchange(processor(catalog), post_headers(traceparent=unsampled), call("echo"))
+    assert spans.get_finished_spans() == ()
+    # The context still goes upstream, unsampled, so the MCP server does not sample it either.
+    forwarded = mutated(first.request_headers.response)["traceparent"]
+    assert forwarded.startswith(f"00-{AGENT_TRACE}-") and forwarded.endswith("-00")
