@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# xds-protos (Envoy's protos) ships older copies of opentelemetry/proto/*; whichever package
+	# pip installed last wins. The OTLP exporter needs opentelemetry-proto's own.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall "opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $@
 
 node: node_modules/.installed $(TS_STAGE)

@@ -204,7 +204,8 @@ def start(where: Target, exporter: Any = None) -> Active:
     ``exporter``: an SDK ``SpanExporter`` to use instead of OTLP, synchronously (tests).
 
     Raises:
-        ConfigError: the ``otel`` extra is not installed.
+        ConfigError: the ``otel`` extra is not installed, or its protobuf files were
+            overwritten by xds-protos' older copies.
     """
     global ACTIVE
     try:
@@ -233,13 +234,23 @@ def start(where: Target, exporter: Any = None) -> Active:
     return ACTIVE
 
 
+_PROTO_CLOBBERED = (
+    "the OpenTelemetry exporter cannot load its protobuf messages: xds-protos (an Envoy dependency) installs "
+    "older copies of the opentelemetry/proto files, and it was installed after opentelemetry-proto; run "
+    "pip install --force-reinstall --no-deps opentelemetry-proto"
+)
+
+
 def _exporter(where: Target) -> Any:
-    if where.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    try:
+        if where.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-        return GrpcExporter(endpoint=where.url, insecure=not where.secure)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+            return GrpcExporter(endpoint=where.url, insecure=not where.secure)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        # Both packages ship opentelemetry/proto/...; whichever pip installed last wins.
+        raise ConfigError(f"{_PROTO_CLOBBERED} ({exc})") from None
     return OTLPSpanExporter(endpoint=where.url)
 
 

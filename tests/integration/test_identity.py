@@ -212,7 +212,7 @@ async def test_tools_list_is_filtered_by_trust(stack: Stack) -> None:
 async def test_audit_line_explains_the_decision(stack: Stack) -> None:
     token = stack.idp.mint("frank", scope="tools.write")
     await raw_post(stack.url("py"), call("add", {"a": 101, "b": 0}), stack.auth(token))
-    lines = [line for line in stack.proc.log_path.read_text().splitlines() if "mcp_extproc.audit" in line]
+    lines = [line for line in stack.proc.log_path.read_text().splitlines() if "mcp_extproc.audit: " in line]
     entries = [json.loads(line.split("mcp_extproc.audit: ", 1)[1]) for line in lines]
     entry = next(e for e in reversed(entries) if e["principal"] == "frank")
     assert entry["agent"] == "agent" and entry["server"] == "py" and entry["tool"] == "add"
