@@ -57,7 +57,7 @@ from extproc.mcp.jsonrpc import Era
 from extproc.mcp.spec import INVALID_REQUEST
 from extproc.mcp.sse import SseDecoder, SseTooLarge
 from plugins.credentials import UPSTREAM_CREDENTIAL
-from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper, server_request
+from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper, event_message, server_request
 from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
 
 ANONYMOUS = "anonymous"
@@ -396,7 +396,7 @@ class SessionStage(Stage[SessionConfig]):
             return state.decoder.flush() + chunk
         kept = self.keeper.get(server.name, state.session_id)
         for event in events:
-            message = _message(event.data)
+            message = event_message(event.data)
             if kept is not None and server_request(message) == "ping":
                 assert isinstance(message, dict)
                 task = asyncio.create_task(self.keeper.answer_ping(kept, message["id"]))
@@ -419,12 +419,3 @@ class SessionStage(Stage[SessionConfig]):
         if state.agent_stream and not state.handed_back:
             state.handed_back = True
             self.keeper.take_over(ctx.server.name, state.session_id)
-
-
-def _message(data: str) -> object:
-    if not data:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None

@@ -23,7 +23,16 @@ from enum import StrEnum
 from typing import Annotated, Final, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from extproc.mcp.headers import DERIVED_HEADERS
 
@@ -35,6 +44,12 @@ class Model(BaseModel):
     """Base of every resource model: frozen, unknown keys are errors, camelCase aliases."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def first_problem(exc: ValidationError, empty: str = "(document)") -> str:
+    """``field.path: message`` of the first error pydantic found (``empty`` names a top-level one)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or empty}: {first['msg']}"
 
 
 def http_url(value: str) -> str:

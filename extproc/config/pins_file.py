@@ -36,7 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from extproc.config.session_keys import default_key_file, write_key_set
+from extproc.config.models import first_problem
+from extproc.config.session_keys import default_key_file, write_private_json
 from extproc.errors import ConfigError
 
 __all__ = [
@@ -149,14 +150,12 @@ def read_pins(path: Path) -> PinsDocument:
     try:
         return PinsDocument.model_validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(document)"
-        raise ConfigError(f"{path}: not a pins file (written by the pins stage): {where}: {first['msg']}") from None
+        raise ConfigError(f"{path}: not a pins file (written by the pins stage): {first_problem(exc)}") from None
 
 
 def write_pins(path: Path, document: PinsDocument) -> None:
     """Write ``document`` atomically, readable by its owner only (mode 0600; a new directory 0700)."""
-    write_key_set(path, document.model_dump(mode="json"))
+    write_private_json(path, document.model_dump(mode="json"))
 
 
 @contextlib.contextmanager

@@ -128,8 +128,9 @@ def parse_key_set(document: Any, source: str) -> SessionKeys:
     return SessionKeys(parsed[0], {p.kid: p for p in parsed}, source)
 
 
-def write_key_set(path: Path, document: dict[str, Any]) -> None:
-    """Write a key set readable by its owner only (mode 0600; a new directory gets 0700)."""
+def write_private_json(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as JSON, atomically, readable by its owner only (mode 0600; a new
+    directory gets 0700): the key set here, the tool pins (:mod:`extproc.config.pins_file`)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -150,37 +151,44 @@ def load_key_set(path: Path, *, create: bool) -> SessionKeys:
     Raises:
         ConfigError: the file cannot be read or written, or is not a key set.
     """
+    return parse_key_set(_read_document(path, create=create), str(path))
+
+
+def _read_document(path: Path, *, create: bool) -> Any:
+    """The JSON document at ``path`` (a new key set written there first, with ``create``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if not create:
             raise ConfigError(f"{path}: no such session key file") from None
         try:
-            write_key_set(path, new_key_set())
+            write_private_json(path, new_key_set())
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot create the session key file: {exc.strerror or exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the session key file: {exc.strerror or exc}") from None
     try:
-        document = json.loads(text)
+        return json.loads(text)
     except ValueError:
         raise ConfigError(f"{path}: not JSON (expected a JSON Web Key Set)") from None
-    return parse_key_set(document, str(path))
 
 
 def rotate_key_set(path: Path, keep: int = 3) -> str:
     """Put a fresh key first in the set at ``path`` (created when missing); keep ``keep`` keys in all.
 
     Returns the new key's ``kid``.
+
+    Raises:
+        ConfigError: the file at ``path`` is not a key set (it is left as it is).
     """
     document: dict[str, Any] = {"keys": []}
     if path.exists():
-        load_key_set(path, create=False)  # refuse to rotate a malformed set
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = _read_document(path, create=False)
+        parse_key_set(document, str(path))  # refuse to rotate a malformed set
     key = new_key()
     document["keys"] = [key, *document["keys"]][: max(1, keep)]
-    write_key_set(path, document)
+    write_private_json(path, document)
     return key["kid"]
 
 

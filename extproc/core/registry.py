@@ -24,6 +24,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from extproc.api import Stage, StageConfig
+from extproc.config.models import first_problem
 from extproc.config.pipeline_file import PipelineConfig, StageSpec
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
@@ -127,9 +128,7 @@ class Registry:
         try:
             config = cls.Config.model_validate(spec.config)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(config)"
-            raise ConfigError(f"stage {spec.name!r}: config.{where}: {first['msg']}") from None
+            raise ConfigError(f"stage {spec.name!r}: config.{first_problem(exc, '(config)')}") from None
         return cls, config
 
     def plan(self, config: PipelineConfig) -> Plan:

@@ -51,7 +51,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -422,10 +422,7 @@ class SessionKeeper:
             for event in decoder.feed(chunk):
                 if not event.data:
                     continue
-                try:
-                    message = json.loads(event.data)
-                except ValueError:
-                    message = None
+                message = event_message(event.data)
                 if server_request(message) is not None:
                     await self._answer_for_agent(kept, message)
                 else:
@@ -496,6 +493,16 @@ def _span_attributes(kept: KeptSession, method: str) -> dict[str, tracing.Value]
         "mcp_extproc.upstream_session.id": tracing.session_digest(kept.session_id),
         "http.request.method": method,
     }
+
+
+def event_message(data: str) -> Any:
+    """An SSE event's data as JSON (``None`` when it is empty or not JSON)."""
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def server_request(message: object) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -28,16 +28,6 @@ from plugins.lib.tokens import TokenEndpoint, TokenError
 from tests.messages import body_msg, headers_msg, mutated, post_headers
 
 AGENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.start(tracing.Target("http/protobuf", "http://127.0.0.1:9/v1/traces"), exporter)
-    try:
-        yield exporter
-    finally:
-        tracing.stop()
 
 
 # -- where traces go ----------------------------------------------------------------------

@@ -7,7 +7,6 @@ The same front doors as in production, fed Envoy's messages (``tests.messages``)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -36,16 +35,6 @@ META = f"00-{META_TRACE}-2222222222222222-01"
 ENVOY_SAME = f"00-{AGENT_TRACE}-3333333333333333-01"
 ENVOY_OTHER = "00-44444444444444444444444444444444-5555555555555555-01"
 TOKEN = "agent-bearer-token-never-in-a-span"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.start(tracing.Target("http/protobuf", "http://127.0.0.1:9/v1/traces"), exporter)
-    try:
-        yield exporter
-    finally:
-        tracing.stop()
 
 
 def call(tool: str, id_: int = 7, meta: dict[str, str] | None = None) -> dict[str, Any]:
