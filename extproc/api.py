@@ -67,7 +67,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -77,7 +77,7 @@ from extproc.mcp.codes import POLICY_DENIED, http_status_for
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from extproc.config.resources import Catalog, MCPServer
+    from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
     from extproc.mcp.jsonrpc import HeaderHints, McpRequest
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "Context",
     "Continue",
     "Deny",
+    "Downstream",
     "FailureMode",
     "FrontDoor",
     "Phase",
@@ -310,7 +311,11 @@ class Context:
         request_headers: request headers, lower-case names (first value wins).
         request_header_list: every request header line, in order (for
             duplicate checks).
-        server: the ``MCPServer`` this exchange targets, when known.
+        server: the ``MCPServer`` this exchange targets, when known. On a virtual
+            server's route: ``None`` until the ``virtual`` stage picks the backend a
+            call goes to; from then on (and in the exchanges it sends each backend) that
+            backend, so the stages after it judge the call as on the backend's own route.
+        virtual: the ``MCPVirtualServer`` whose route the agent called, if it did.
         catalog: every loaded resource (read-only).
         front_door: how Envoy brought this exchange (see :class:`FrontDoor`).
         body: the (possibly size-limited) request body, once received.
@@ -352,6 +357,7 @@ class Context:
         "response_headers",
         "response_status",
         "server",
+        "virtual",
     )
 
     def __init__(
@@ -363,6 +369,7 @@ class Context:
         request_headers: Mapping[str, str],
         request_header_list: tuple[tuple[str, str], ...] = (),
         server: MCPServer | None = None,
+        virtual: MCPVirtualServer | None = None,
         catalog: Catalog | None = None,
         front_door: FrontDoor = FrontDoor.EXT_PROC,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
@@ -373,6 +380,7 @@ class Context:
         self.request_headers = request_headers
         self.request_header_list = request_header_list
         self.server = server
+        self.virtual = virtual
         self.catalog = catalog
         self.front_door = front_door
         self.body: bytes = b""
@@ -387,6 +395,13 @@ class Context:
         self.peer: str | None = None
         self.book = Bookkeeping()
         self._state: dict[str, Any] = {}
+
+    @property
+    def route_name(self) -> str | None:
+        """The name the agent addressed: the virtual server's, else the server's (``None``: neither)."""
+        if self.virtual is not None:
+            return self.virtual.name
+        return self.server.name if self.server is not None else None
 
     def state(self, key: StateKey[T]) -> T:
         """The per-exchange state object for ``key``, created on first use."""
@@ -438,6 +453,19 @@ class Context:
         if self.mcp is None or self.mcp.is_batch or not self.mcp.messages:
             return None
         return self.mcp.messages[0].id
+
+
+class Downstream(Protocol):
+    """The stages after one stage, for a stage that sends exchanges of its own through them.
+
+    A stage that defines ``bind_downstream(self, downstream: Downstream) -> None`` is given
+    one when its pipeline is built (the ``virtual`` stage judges each backend request with
+    the stages after it, exactly as on the backend's own route).
+    """
+
+    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Stop:
+        """Run ``phase`` of ``ctx`` over the stages after the bound one; their merged verdict."""
+        ...
 
 
 C = TypeVar("C", bound=StageConfig)

@@ -168,9 +168,25 @@ def challenge(ctx: Context, server: str | None, error: str | None = None, **para
     return "Bearer " + ", ".join(parts)
 
 
+def _route(ctx: Context) -> str:
+    """``MCPServer 'x'`` or ``MCPVirtualServer 'x'``: what the agent called."""
+    kind = "MCPVirtualServer" if ctx.virtual is not None else "MCPServer"
+    return f"{kind} {ctx.route_name!r}"
+
+
+def _references(agent: MCPAgent, ctx: Context) -> bool:
+    """True when ``agent`` may use what the exchange addresses (a server, or a virtual server:
+    its backends are then reached only through it)."""
+    name = ctx.route_name
+    if name is None:
+        return True  # no server here: the mcp stage answers 404
+    kind = "MCPVirtualServer" if ctx.virtual is not None else "MCPServer"
+    return any(r.name == name and r.kind == kind for r in agent.spec.mcp_server_refs)
+
+
 def insufficient_scope(ctx: Context, missing: list[str], message: str) -> Deny:
     """The 403 a rule answers when the token lacks scopes it requires."""
-    server = ctx.server.name if ctx.server else None
+    server = ctx.route_name
     return Deny(
         status=403,
         code=UNAUTHENTICATED,
@@ -294,7 +310,7 @@ class AuthnStage(Stage[AuthnConfig]):
             ctx.principal = Principal(subject="anonymous")
             return None
         ctx.state(_PUBLIC).origin = self.origin
-        server = ctx.server.name if ctx.server else None
+        server = ctx.route_name
         if "authorization" not in ctx.request_headers:
             known = self._without_token(ctx, catalog)
             if known is not None:
@@ -351,8 +367,8 @@ class AuthnStage(Stage[AuthnConfig]):
             issuer, subject, how = WORKLOAD_ISSUER, agent.name, "the workload this extension server serves"
         else:
             return None
-        if ctx.server is not None and not any(r.name == ctx.server.name for r in agent.spec.mcp_server_refs):
-            message = f"MCPAgent {agent.name!r} does not reference MCPServer {ctx.server.name!r}"
+        if not _references(agent, ctx):
+            message = f"MCPAgent {agent.name!r} does not reference {_route(ctx)}"
             ctx.explain(f"authn: {message}")
             return Deny(status=403, code=UNAUTHENTICATED, message=message, reason="forbidden_agent")
         granted, consented = _trust(agent, {})
@@ -420,9 +436,9 @@ class AuthnStage(Stage[AuthnConfig]):
                 last = _Refused(f"subject {subject!r} is not one of MCPAgent {agent.name!r}'s subjects")
                 claims = None
                 continue
-            if ctx.server is not None and not any(r.name == ctx.server.name for r in agent.spec.mcp_server_refs):
+            if not _references(agent, ctx):
                 last = _Refused(
-                    f"MCPAgent {agent.name!r} does not reference MCPServer {ctx.server.name!r}",
+                    f"MCPAgent {agent.name!r} does not reference {_route(ctx)}",
                     status=403,
                     error="insufficient_scope",
                 )

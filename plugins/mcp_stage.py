@@ -73,7 +73,7 @@ class McpStage(Stage[McpConfig]):
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
         spoofed = tuple(name for name in DERIVED_HEADERS if name in ctx.request_headers)
-        if ctx.server is None:
+        if ctx.route_name is None:
             return Deny(
                 status=404,
                 code=METHOD_NOT_FOUND,
@@ -98,7 +98,7 @@ class McpStage(Stage[McpConfig]):
                 reason="duplicate_header",
             )
         ctx.hints = header_hints(ctx.request_headers)
-        return Continue(remove_headers=spoofed, metadata={"server": ctx.server.name})
+        return Continue(remove_headers=spoofed, metadata={"server": ctx.route_name})
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         if not ctx.request_has_body and not ctx.body:
@@ -114,5 +114,5 @@ class McpStage(Stage[McpConfig]):
                 body=encode_error(parsed.id, parsed.code, parsed.message, parsed.data),
             )
         ctx.mcp = parsed
-        headers, metadata = derived_headers(parsed, ctx.server.name if ctx.server else "")
+        headers, metadata = derived_headers(parsed, ctx.route_name or "")
         return Continue(set_headers=headers, metadata=metadata)

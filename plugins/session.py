@@ -28,6 +28,9 @@ Data flow::
         response 404 (or a 400 whose error names the session) ──▶ the upstream lost the
               session: keeper.stop, and the agent gets 404 with its JSON-RPC id
 
+On a virtual server's route (``ctx.virtual``) the stage does nothing: the ``virtual`` stage
+issues and swaps those ids (:mod:`plugins.virtual`).
+
 Behind the ext_authz front door (no response phases) the stage cannot see a session
 being issued: upstream ids pass as they are and nothing is kept. The principal is
 ``ctx.principal.key`` (set by ``authn``), or ``anonymous`` when no ``authn`` stage
@@ -214,6 +217,8 @@ class SessionStage(Stage[SessionConfig]):
         await self._answers.aclose()
 
     def needs_response(self, ctx: Context) -> bool | None:
+        if ctx.virtual is not None:
+            return False  # a virtual server's sessions are the virtual stage's
         if MCP_SESSION_ID in ctx.request_headers:
             return True
         return _legacy(ctx) and ctx.http_method != "GET"
@@ -232,7 +237,7 @@ class SessionStage(Stage[SessionConfig]):
         )
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
-        if ctx.request_has_body:
+        if ctx.request_has_body or ctx.virtual is not None:
             return None  # decided on the body, so that a refusal carries the JSON-RPC id
         return await self._admit(ctx)
 
@@ -240,6 +245,8 @@ class SessionStage(Stage[SessionConfig]):
         return await self._admit(ctx)
 
     async def _admit(self, ctx: Context) -> Verdict:
+        if ctx.virtual is not None:
+            return None  # the virtual stage swaps a virtual server's session ids itself
         if not ctx.sees_responses and not ctx.fast_call:
             # ext_authz front door: we never see the initialize response, so no id of
             # ours was ever issued; upstream ids pass (README: front doors).
@@ -300,7 +307,7 @@ class SessionStage(Stage[SessionConfig]):
 
     async def on_response_headers(self, ctx: Context) -> Verdict:
         server = ctx.server
-        if server is None:
+        if server is None or ctx.virtual is not None:
             return None
         state = ctx.state(_STATE)
         issued = ctx.response_headers.get(MCP_SESSION_ID)
@@ -368,7 +375,7 @@ class SessionStage(Stage[SessionConfig]):
     async def on_response_body(self, ctx: Context, chunk: bytes) -> Verdict:
         state = ctx.state(_STATE)
         server = ctx.server
-        if server is None or state.session_id is None:
+        if server is None or state.session_id is None or ctx.virtual is not None:
             return None
         if state.check_lost:
             if _names_the_session(chunk):

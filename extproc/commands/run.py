@@ -106,7 +106,7 @@ def _stop_signals() -> asyncio.Event:
 
 
 def _session_keys(settings: Settings, pipeline: Pipeline, default: Path | None) -> None:
-    """Give the ``session`` stage its key set: the pipeline file's ``keyFile``, else
+    """Give the ``session`` and ``virtual`` stages their key set: the pipeline file's ``keyFile``, else
     ``--session-key-file``, else ``default`` (``up``'s state directory; ``serve``: none, a key
     in memory). The file is created (mode 0600) or checked here, before anything starts.
 
@@ -114,7 +114,7 @@ def _session_keys(settings: Settings, pipeline: Pipeline, default: Path | None) 
         ConfigError: the key file cannot be created or read, or is not a key set.
     """
     for stage in pipeline.stages:
-        if stage.name != "session" or "key_file" not in type(stage.config).model_fields:
+        if stage.name not in ("session", "virtual") or "key_file" not in type(stage.config).model_fields:
             continue
         configured: str | None = stage.config.key_file
         chosen = configured or settings.session_key_file or default

@@ -12,6 +12,8 @@ Kinds::
                    required trust and scopes, rate limit, Rego
     MCPAgent       a workload: pod selector, servers it may use, optional identity
                    (inbound JWT, mTLS service account), granted trust
+    MCPVirtualServer  one endpoint over several MCPServers, each with an optional,
+                   immutable tool prefix (:mod:`plugins.virtual` serves it)
     Secret         core ``v1`` Secret (``data`` base64, ``stringData`` plain)
     ConfigMap      core ``v1`` ConfigMap (Rego modules)
 """
@@ -90,6 +92,13 @@ class ObjectMeta(Model):
 class LocalRef(Model):
     """A reference to another resource by name (same namespace)."""
 
+    name: str
+
+
+class ServerRef(Model):
+    """An agent's reference to a server it may use: an ``MCPServer`` or an ``MCPVirtualServer``."""
+
+    kind: Literal["MCPServer", "MCPVirtualServer"] = "MCPServer"
     name: str
 
 
@@ -531,7 +540,7 @@ class MCPAgentSpec(Model):
     """
 
     selector: LabelSelector | None = None
-    mcp_server_refs: list[LocalRef] = Field(min_length=1, alias="mcpServerRefs")
+    mcp_server_refs: list[ServerRef] = Field(min_length=1, alias="mcpServerRefs")
     policy_refs: list[LocalRef] = Field(default_factory=list, alias="policyRefs")
     identity: Identity | None = None
     trust: TrustGrant = Field(default_factory=TrustGrant)
@@ -564,6 +573,74 @@ class MCPAgent(Model):
         if ident is None or ident.service_account is None:
             return None
         return f"spiffe://{ident.trust_domain}/ns/{self.metadata.namespace}/sa/{ident.service_account}"
+
+
+# --- MCPVirtualServer ----------------------------------------------------------------------
+
+_PREFIX_CEL = "self == oldSelf"
+
+
+class VirtualBackend(Model):
+    """One server behind a virtual server.
+
+    Attributes:
+        name: an ``MCPServer`` in the same file (namespace).
+        prefix: put before its tool and prompt names (``github_`` makes ``search`` appear
+            as ``github_search``) and, as ``<name>+``, before its resource URIs; left out,
+            names and URIs appear as the server has them and must not collide with
+            another backend's. Letters, digits, ``_``, ``-`` and ``.`` (what a tool name
+            may hold); immutable in the cluster.
+    """
+
+    name: str
+    prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        json_schema_extra={"x-kubernetes-validations": [{"rule": _PREFIX_CEL, "message": "prefix is immutable"}]},
+    )
+
+
+class MCPVirtualServerSpec(Model):
+    r"""One endpoint, ``/<name>/mcp``, over several ``MCPServer``\ s.
+
+    Attributes:
+        servers: the backends, in the order their tools are listed.
+    """
+
+    servers: list[VirtualBackend] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        names = [b.name for b in self.servers]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"server {name!r} is listed twice")
+        prefixes = [b.prefix for b in self.servers if b.prefix is not None]
+        for a in prefixes:
+            for b in prefixes:
+                if a != b and b.startswith(a):
+                    raise ValueError(f"prefix {a!r} starts prefix {b!r}: a name could belong to either server")
+            if prefixes.count(a) > 1:
+                raise ValueError(f"prefix {a!r} is used twice")
+        return self
+
+
+class MCPVirtualServer(Model):
+    """``kind: MCPVirtualServer``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPVirtualServer"]
+    metadata: ObjectMeta
+    spec: MCPVirtualServerSpec
+
+    @property
+    def name(self) -> str:
+        """Its name: agents reach it at ``/<name>/mcp``."""
+        return self.metadata.name
+
+    def backend(self, name: str) -> VirtualBackend | None:
+        """The backend entry of server ``name``, if it is one."""
+        return next((b for b in self.spec.servers if b.name == name), None)
 
 
 # --- core v1 -------------------------------------------------------------------------------
@@ -604,12 +681,13 @@ class ConfigMap(Model):
         return self.metadata.name
 
 
-Resource = MCPServer | MCPToolPolicy | MCPAgent | Secret | ConfigMap
+Resource = MCPServer | MCPToolPolicy | MCPAgent | MCPVirtualServer | Secret | ConfigMap
 
 KINDS: dict[tuple[str, str], type[Resource]] = {
     (API_VERSION, "MCPServer"): MCPServer,
     (API_VERSION, "MCPToolPolicy"): MCPToolPolicy,
     (API_VERSION, "MCPAgent"): MCPAgent,
+    (API_VERSION, "MCPVirtualServer"): MCPVirtualServer,
     ("v1", "Secret"): Secret,
     ("v1", "ConfigMap"): ConfigMap,
 }

@@ -57,9 +57,12 @@ class PipelineConfig(BaseModel):
 
 
 DEFAULT_PIPELINE: Final = PipelineConfig(
-    stages=[StageSpec(name=n) for n in ("authn", "mcp", "allowlist", "policy", "pins", "credentials", "session")]
+    stages=[
+        StageSpec(name=n) for n in ("authn", "mcp", "virtual", "allowlist", "policy", "pins", "credentials", "session")
+    ]
 )
-"""The embedded default: authenticate, parse MCP, enforce the servers' allow-lists, then policy,
+"""The embedded default: authenticate, parse MCP, serve the virtual servers (answer their
+discovery and lists, hand each call to the backend it belongs to), enforce the servers' allow-lists, then policy,
 then the tool pins (``toolPinning``: ``Observe`` by default), then swap the agent's credential
 for the upstream one and bind/keep legacy sessions.
 

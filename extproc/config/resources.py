@@ -36,6 +36,7 @@ from extproc.config.models import (
     MCPServer,
     MCPServerSpec,
     MCPToolPolicy,
+    MCPVirtualServer,
     Model,
     ObjectMeta,
     Resource,
@@ -51,6 +52,7 @@ __all__ = [
     "MCPServer",
     "MCPServerSpec",
     "MCPToolPolicy",
+    "MCPVirtualServer",
     "ObjectMeta",
     "Secret",
     "load_resources",
@@ -68,6 +70,7 @@ class Catalog:
     agents: Mapping[str, MCPAgent] = field(default_factory=dict)
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     config_maps: Mapping[str, ConfigMap] = field(default_factory=dict)
+    virtual_servers: Mapping[str, MCPVirtualServer] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
     generation: int = 0
     """Bumped on every successful reload, so caches keyed by it never outlive a change."""
@@ -81,6 +84,7 @@ class Catalog:
             agents=found[MCPAgent],
             secrets=found[Secret],
             config_maps=found[ConfigMap],
+            virtual_servers=found[MCPVirtualServer],
             sources=sources,
         )
 
@@ -90,6 +94,11 @@ class Catalog:
         if len(parts) < 2:
             return None
         return self.servers.get(parts[1])
+
+    def virtual_for_path(self, path: str) -> MCPVirtualServer | None:
+        """The virtual server whose agent-facing prefix ``/<name>/`` starts ``path``."""
+        parts = path.split("/", 2)
+        return self.virtual_servers.get(parts[1]) if len(parts) >= 2 else None
 
     def policies_for(self, server: str) -> list[MCPToolPolicy]:
         """The policies targeting ``server``, in name order."""
@@ -123,7 +132,10 @@ class Catalog:
           servers' upstream auth references (any other Secret stays out);
         * ``sources`` as given, and generation 0.
         """
-        kept = {name: self.servers[name] for name in servers if name in self.servers}
+        servers = list(servers)
+        virtual = {n: self.virtual_servers[n] for n in servers if n in self.virtual_servers}
+        backends = [b.name for v in virtual.values() for b in v.spec.servers]
+        kept = {name: self.servers[name] for name in [*servers, *backends] if name in self.servers}
         agents = list(agents)
         chosen = {r.name: self.policies[r.name] for a in agents for r in a.spec.policy_refs if r.name in self.policies}
         chosen.update((n, p) for n, p in self.policies.items() if n not in chosen)
@@ -136,7 +148,7 @@ class Catalog:
                 )
         trimmed_agents = {}
         for agent in agents:
-            refs = [r for r in agent.spec.mcp_server_refs if r.name in kept]
+            refs = [r for r in agent.spec.mcp_server_refs if r.name in kept or r.name in virtual]
             if refs:
                 policy_refs = [r for r in agent.spec.policy_refs if r.name in policies]
                 spec = agent.spec.model_copy(update={"mcp_server_refs": refs, "policy_refs": policy_refs})
@@ -155,6 +167,7 @@ class Catalog:
             agents=trimmed_agents,
             secrets={n: self.secrets[n] for n in secret_names if n in self.secrets},
             config_maps=maps,
+            virtual_servers=virtual,
             sources=sources,
         )
 
@@ -210,11 +223,23 @@ def reference_problems(catalog: Catalog) -> list[str]:
                 problems.append(f"MCPToolPolicy {name!r}: spec.rego.configMapRef: {exc}")
     for name, agent in sorted(catalog.agents.items()):
         for i, ref in enumerate(agent.spec.mcp_server_refs):
-            if ref.name not in catalog.servers:
-                problems.append(f"MCPAgent {name!r}: spec.mcpServerRefs[{i}]: no MCPServer named {ref.name!r}")
-        for i, ref in enumerate(agent.spec.policy_refs):
-            if ref.name not in catalog.policies:
-                problems.append(f"MCPAgent {name!r}: spec.policyRefs[{i}]: no MCPToolPolicy named {ref.name!r}")
+            known = catalog.servers if ref.kind == "MCPServer" else catalog.virtual_servers
+            if ref.name not in known:
+                problems.append(f"MCPAgent {name!r}: spec.mcpServerRefs[{i}]: no {ref.kind} named {ref.name!r}")
+        for i, policy_ref in enumerate(agent.spec.policy_refs):
+            if policy_ref.name not in catalog.policies:
+                problems.append(f"MCPAgent {name!r}: spec.policyRefs[{i}]: no MCPToolPolicy named {policy_ref.name!r}")
+    for name, virtual in sorted(catalog.virtual_servers.items()):
+        if name in catalog.servers:
+            problems.append(
+                f"MCPVirtualServer {name!r}: metadata.name: an MCPServer has this name; "
+                f"both would be served at /{name}/mcp, so pick another"
+            )
+        for i, backend in enumerate(virtual.spec.servers):
+            if backend.name not in catalog.servers:
+                problems.append(
+                    f"MCPVirtualServer {name!r}: spec.servers[{i}].name: no MCPServer named {backend.name!r}"
+                )
     for name, server in sorted(catalog.servers.items()):
         for where, key_ref in _secret_refs(server):
             try:

@@ -65,8 +65,10 @@ def new_context(
     method = method if method is not None else headers.get(":method", "GET")
     path = path if path is not None else headers.get(":path", "/")
     server = catalog.servers.get(server_hint) if server_hint else None
-    if server is None:
+    virtual = catalog.virtual_servers.get(server_hint) if server_hint else None
+    if server is None and virtual is None:
         server = catalog.server_for_path(path)
+        virtual = catalog.virtual_for_path(path) if server is None else None
     return Context(
         request_id=request_id,
         http_method=method,
@@ -74,6 +76,7 @@ def new_context(
         request_headers=headers,
         request_header_list=pairs,
         server=server,
+        virtual=virtual,
         catalog=catalog,
         front_door=front_door,
         log=ExchangeLog(_exchange_logger, {"request_id": request_id}),

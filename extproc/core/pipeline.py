@@ -12,6 +12,10 @@ Data flow for one phase of one exchange::
                                                            closed → Deny 503, open → skip
             ◀── Continue (merged) | Deny | Answer ──
 
+A stage that sends exchanges of its own through the stages after it (the ``virtual`` stage
+asks each backend of a virtual server for its lists) gets a :class:`~extproc.api.Downstream` at
+construction, through its ``bind_downstream`` method, if it has one.
+
 With tracing on, each hook runs under a span of its own (``ctx.book.trace.hook``,
 :mod:`extproc.core.traces`); off, ``ctx.book.trace`` is ``None`` and the hook is awaited as is.
 
@@ -56,6 +60,11 @@ class Pipeline:
         }
         self._response_stages = tuple(s for s in self.stages if reads_responses(type(s)))
         self.needs = self.plan.needs
+        self._position = {stage.name: index for index, stage in enumerate(self.stages)}
+        for index, stage in enumerate(self.stages):
+            bind = getattr(stage, "bind_downstream", None)
+            if callable(bind):
+                bind(_Downstream(self, index))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -89,6 +98,12 @@ class Pipeline:
     def check(self, catalog: Catalog) -> list[str]:
         """Every stage's problems with ``catalog``, each prefixed with the stage name."""
         problems: list[str] = []
+        if catalog.virtual_servers and "virtual" not in self.names:
+            names = ", ".join(sorted(catalog.virtual_servers))
+            problems.append(
+                f"pipeline: MCPVirtualServer {names} needs the 'virtual' stage (after 'mcp'); the pipeline is "
+                f"{list(self.names)}"
+            )
         for stage in self.stages:
             try:
                 found = stage.check(catalog)
@@ -125,12 +140,14 @@ class Pipeline:
                 self.metrics.stage_faults.labels(stage.name, stage.failure_mode.value).inc()
                 ctx.log.error("stage %r raised in on_exchange_end: %s: %s", stage.name, type(exc).__name__, exc)
 
-    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Stop:
-        """Run ``phase`` over every stage that overrides its hook; merge their verdicts."""
+    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"", *, after: int = -1) -> Continue | Stop:
+        """Run ``phase`` over every stage that overrides its hook (past position ``after``); merge their verdicts."""
         hook_name = HOOK_NAMES[phase]
         merged = Mutations()
         trace = ctx.book.trace  # None unless tracing is on (extproc.core.traces)
         for stage in self._by_phase[phase]:
+            if after >= 0 and self._position[stage.name] <= after:
+                continue
             hook = getattr(stage, hook_name)
             started = time.perf_counter()
             try:
@@ -182,3 +199,17 @@ class Pipeline:
             message=f"the {stage.name!r} stage failed; the request was not forwarded",
             reason=f"stage_fault:{stage.name}",
         )
+
+
+class _Downstream:
+    """The stages after one stage (:class:`extproc.api.Downstream`)."""
+
+    __slots__ = ("_after", "_pipeline")
+
+    def __init__(self, pipeline: Pipeline, after: int) -> None:
+        self._pipeline = pipeline
+        self._after = after
+
+    async def run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Stop:
+        """Run ``phase`` of ``ctx`` over the stages after the bound one."""
+        return await self._pipeline.run(phase, ctx, chunk, after=self._after)

@@ -69,7 +69,7 @@ from extproc.render.filters import (
 )
 from extproc.render.hardening import admin, connection_limits, overload_manager
 from extproc.render.options import BootstrapOptions, PhaseNeeds
-from extproc.render.routes import not_found_route, server_cluster, server_route, well_known_route
+from extproc.render.routes import not_found_route, server_cluster, server_route, virtual_routes, well_known_route
 from extproc.render.tracer import collector_cluster, hcm_tracing
 from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 
@@ -129,7 +129,17 @@ def _listener(options: BootstrapOptions, buffer_limit: int, hcm: dict[str, Any])
 
 
 def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
-    """The bootstrap as a plain dict, before the typed check."""
+    """The bootstrap as a plain dict, before the typed check.
+
+    Raises:
+        ConfigError: a virtual server with the ``ext_authz`` front door (it needs ext_proc).
+    """
+    if catalog.virtual_servers and options.front_door == "ext_authz":
+        names = ", ".join(sorted(catalog.virtual_servers))
+        raise ConfigError(
+            f"MCPVirtualServer {names}: a virtual server needs ext_proc (it answers lists and rewrites calls); "
+            "use --front-door auto or ext_proc"
+        )
     # Request bodies are buffered for the stages; Envoy answers 413 past this limit.
     # A little headroom lets our own check answer with a JSON-RPC error first.
     listener_buffer = options.max_request_bytes + 64 * 1024
@@ -161,6 +171,9 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             routes.append(not_fast(unsized_route(route, server.name)))
         routes.extend(call_routes(route, server.name, fast_calls))
         routes.append(not_fast(route))
+    if options.front_door != "ext_authz":  # a virtual server needs ext_proc (mcp-extproc check says so)
+        for virtual in catalog.virtual_servers.values():
+            routes.extend(not_fast(route) for route in virtual_routes(virtual, catalog, options))
     routes += [not_fast(well_known_route()), not_fast(not_found_route(catalog, options))]
     http_filters.append(
         {

@@ -3,8 +3,13 @@
 Each ``MCPServer`` named N gets a cluster (its URL's host, TLS for https) and a route
 ``/N/mcp`` that rewrites the path and host to the upstream's, has no timeout (GET
 streams and SSE responses stay open) and names the server to the front-door filter.
-Two more routes end the list: RFC 9728 metadata (answered by the ``authn`` stage, a
-JSON 404 without it) and a JSON-RPC 404 for every other path.
+Each ``MCPVirtualServer`` named V gets routes ``/V/mcp``: one per backend, taken once the
+``virtual`` stage named that backend in ``x-mcp-backend`` (the route is chosen again after
+the request body), sending to the backend's cluster with that header removed and the backend's
+``Mcp-Session-Id`` removed from its answers; and one for everything else, which the stage
+answers itself (should anything get past it, a JSON-RPC 500). Two more routes end the list:
+RFC 9728 metadata (answered by the ``authn`` stage, a JSON 404 without it) and a JSON-RPC
+404 for every other path.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ import json
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from extproc.config.resources import Catalog, MCPServer
-from extproc.mcp.spec import METHOD_NOT_FOUND
+from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
+from extproc.mcp.spec import INTERNAL_ERROR, METHOD_NOT_FOUND
 from extproc.render.filters import socket_address
 from extproc.render.options import BootstrapOptions
-from extproc.render.wire import EXT_AUTHZ_FILTER, EXT_PROC_FILTER, SERVER_METADATA_KEY
+from extproc.render.wire import BACKEND_HEADER, EXT_AUTHZ_FILTER, EXT_PROC_FILTER, MCP_FILTER, SERVER_METADATA_KEY
 
 _T: Final = "type.googleapis.com/"
 WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
@@ -124,7 +129,51 @@ def server_route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]
     }
 
 
+def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: BootstrapOptions) -> list[dict[str, Any]]:
+    """The routes of ``virtual``: one per backend (chosen by ``x-mcp-backend``), then its own."""
+    path = f"/{virtual.name}/mcp"
+    per_filter = {
+        **per_route(options, virtual.name),
+        # Envoy's MCP parser would only pick a route; the virtual stage picks it here.
+        MCP_FILTER: {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True},
+    }
+    routes = []
+    for backend in virtual.spec.servers:
+        server = catalog.servers.get(backend.name)
+        if server is None:
+            continue
+        route = server_route(server, options)
+        route["name"] = f"{virtual.name} via {server.name}"
+        route["match"] = {"path": path, "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": server.name}}]}
+        route["route"].pop("retry_policy", None)  # no GET reaches a backend through a virtual server
+        route["request_headers_to_remove"] = [BACKEND_HEADER]
+        # The backend's session id never reaches the agent, whose id is the virtual server's.
+        route["response_headers_to_remove"] = ["mcp-session-id"]
+        route["typed_per_filter_config"] = dict(per_filter)
+        routes.append(route)
+    body = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": INTERNAL_ERROR, "message": f"virtual server {virtual.name!r} did not route this request"},
+    }
+    routes.append(
+        {
+            "name": virtual.name,
+            "match": {"path": path},
+            "direct_response": {"status": 500, "body": {"inline_string": json.dumps(body)}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+            "typed_per_filter_config": dict(per_filter),
+        }
+    )
+    return routes
+
+
 def not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:
-    paths = ", ".join(f"/{name}/mcp" for name in sorted(catalog.servers))
+    paths = ", ".join(f"/{name}/mcp" for name in sorted([*catalog.servers, *catalog.virtual_servers]))
     route = _jsonrpc_404("not_found", "/", f"no MCP server at this path; this gateway serves {paths}")
     return {**route, "typed_per_filter_config": per_route(options, None)}

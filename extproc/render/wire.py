@@ -15,6 +15,8 @@ EXT_AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
 """Where Envoy puts the dynamic metadata an ext_authz ``Check`` answer carries."""
 SERVER_METADATA_KEY: Final = "x-mcp-server"
 """Per route: gRPC initial metadata (ext_proc) or context extension (ext_authz) naming the MCPServer."""
+BACKEND_HEADER: Final = "x-mcp-backend"
+"""Set by the ``virtual`` stage on a request it routes: the MCPServer whose route (cluster) takes it."""
 CALL_ERA_KEY: Final = "x-mcp-call"
 """ext_authz context extension of a fast route: the era of ``tools/call`` the route promised."""
 

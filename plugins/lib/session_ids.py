@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from extproc.config.session_keys import ALGORITHM, SessionKeys
 
@@ -56,6 +57,8 @@ class SessionClaims:
         principal: ``issuer|subject`` of the caller that opened it (``anonymous`` without authn).
         agent: the ``MCPAgent`` the caller was matched to, if any.
         expires: when the id stops being valid (seconds since the epoch).
+        extra: what the minter added (``ext``): a virtual server keeps the client's
+            ``initialize`` parameters there, to open backend sessions after a restart.
     """
 
     upstream_id: str
@@ -63,6 +66,7 @@ class SessionClaims:
     principal: str
     agent: str | None = None
     expires: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def belongs_to(self, principal: str, agent: str | None) -> bool:
         """True when ``principal`` (and its agent) is the caller the session was opened by."""
@@ -86,8 +90,10 @@ class SessionIds:
         self.clock = clock
         self._verified: OrderedDict[tuple[str, str], SessionClaims] = OrderedDict()
 
-    def mint(self, upstream_id: str, server: str, principal: str, agent: str | None) -> str:
-        """A signed session id for the upstream's ``upstream_id``."""
+    def mint(
+        self, upstream_id: str, server: str, principal: str, agent: str | None, extra: Mapping[str, Any] | None = None
+    ) -> str:
+        """A signed session id for the upstream's ``upstream_id`` (``extra``: signed along, as ``ext``)."""
         import jwt  # only once a session is opened (see the module imports)
 
         now = int(self.clock())
@@ -101,6 +107,8 @@ class SessionIds:
         }
         if agent is not None:
             payload["agt"] = agent
+        if extra:
+            payload["ext"] = dict(extra)
         key = self.keys.signing
         return jwt.encode(payload, key.secret, algorithm=ALGORITHM, headers={"kid": key.kid})
 
@@ -157,4 +165,12 @@ class SessionIds:
             raise BadSessionId("malformed")
         if expires <= self.clock():
             raise BadSessionId("expired")
-        return SessionClaims(upstream_id, server, principal, agent if isinstance(agent, str) else None, float(expires))
+        extra = payload.get("ext")
+        return SessionClaims(
+            upstream_id,
+            server,
+            principal,
+            agent if isinstance(agent, str) else None,
+            float(expires),
+            extra if isinstance(extra, dict) else {},
+        )

@@ -1,0 +1,778 @@
+"""The ``virtual`` stage: one endpoint, ``/<name>/mcp``, over several MCP servers (``MCPVirtualServer``).
+
+It does nothing on a server's own route. On a virtual server's route it either answers
+(from what the backends answer it) or picks the backend a request goes to, after which
+the later stages judge the request exactly as on that backend's own route and Envoy
+sends it straight to that backend's cluster::
+
+    initialize (legacy)  ──▶ open a session on every backend (the client's capabilities and
+                            clientInfo; then notifications/initialized) ──▶ answer: the union
+                            of their capabilities, the virtual server's serverInfo, and
+                            Mcp-Session-Id = a signed id (virtual session id, principal,
+                            the client's initialize parameters)
+    server/discover (modern), ping, notifications ──▶ answered here (notifications, and
+                            logging/setLevel, are sent on to every backend of the session)
+    tools/list, prompts/list, resources/list, resources/templates/list
+                         ──▶ each backend asked (plugins.lib.backends: through the later
+                            stages, so each list is filtered as on the backend's route:
+                            list = call), every page ──▶ merged (plugins.lib.aggregate:
+                            prefixes, conflicts left out), one page ──▶ answer
+    tools/call, prompts/get, resources/read|subscribe|unsubscribe, completion/complete
+                         ──▶ owner by name (prefix, else what each backend last listed)
+                         ──▶ body (and Mcp-Name) with the backend's own name, Mcp-Session-Id
+                            of the backend's session (opened now if it is not yet, or was
+                            lost), x-mcp-backend: <server> (Envoy re-routes to its cluster),
+                            ctx.server = the backend ──▶ the later stages
+    answer to a server request (id "mcpx~<server>~<id>") ──▶ back to that server, its own id
+    response of a routed request ──▶ the backend's Mcp-Session-Id removed; a 404 (the backend
+                            lost the session) ──▶ its session forgotten, a JSON-RPC error
+                            asking to retry; SSE: each server request's id namespaced
+    GET ──▶ 405 (no merged notification stream yet); DELETE ──▶ every backend session ended
+
+A backend that is down contributes nothing to a list; a call of its tools gets an error
+naming it. Backend sessions live in this process (kept alive by a session keeper of
+their own); the virtual session id carries what it takes to open them again, so after a
+restart they are re-opened on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import Field
+
+from extproc.api import Answer, Context, Continue, Deny, Downstream, FailureMode, Stage, StageConfig, StateKey, Verdict
+from extproc.config.models import VirtualBackend
+from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
+from extproc.config.session_keys import SessionKeys, load_key_set
+from extproc.mcp.headers import MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, Era
+from extproc.mcp.jsonrpc import McpRequest, Message, parse_request
+from extproc.mcp.spec import (
+    HANDSHAKE_PROTOCOL_VERSIONS,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+)
+from extproc.mcp.sse import SseDecoder, SseTooLarge
+from plugins.lib import aggregate
+from plugins.lib.backends import BackendFailed, Backends, Reply, answer_of, next_id
+from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
+from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
+from plugins.mcp_stage import derived_headers
+
+BACKEND_HEADER: Final = "x-mcp-backend"
+"""Set on a routed request: the MCPServer whose route Envoy sends it on (removed before it leaves);
+the renderer's twin is ``extproc.render.wire.BACKEND_HEADER``."""
+
+MAX_PAGES: Final = 50
+"""Pages read from one backend for one list."""
+
+log = logging.getLogger("mcp_extproc.virtual")
+
+
+class VirtualConfig(StageConfig):
+    """Configuration of the ``virtual`` stage.
+
+    Attributes:
+        key_file: the session key set (``up``/``serve`` fill it from ``--session-key-file``).
+        max_age_s: how long a virtual session id stays valid.
+        backend_timeout_s: how long a backend may take to answer the gateway's own requests.
+        idle_timeout_s: stop keeping a backend session no agent used for this long.
+        max_sessions: bound on backend sessions held (the least recently used go first).
+    """
+
+    key_file: str | None = Field(default=None, alias="keyFile")
+    max_age_s: float = Field(default=DEFAULT_MAX_AGE_S, gt=0, alias="maxSessionAgeSeconds")
+    backend_timeout_s: float = Field(default=10.0, gt=0, alias="backendTimeoutSeconds")
+    idle_timeout_s: float = Field(default=1800.0, gt=0, alias="idleTimeoutSeconds")
+    max_sessions: int = Field(default=100_000, gt=0, alias="maxSessions")
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """A virtual session: its id and what the client said in ``initialize``."""
+
+    sid: str
+    version: str
+    capabilities: Any
+    info: Any
+
+    def extra(self) -> dict[str, Any]:
+        return {"v": self.version, "caps": self.capabilities, "info": self.info}
+
+
+@dataclass
+class _BackendSession:
+    session_id: str
+    version: str
+    credential: Any = None
+    capabilities: Any = None
+    """What the backend answered ``initialize`` with (for the virtual server's own answer)."""
+
+
+@dataclass
+class _Exchange:
+    backend: str | None = None
+    client: _Client | None = None
+    rewrite: bool = False
+    decoder: SseDecoder | None = None
+
+
+_STATE = StateKey("virtual", _Exchange)
+
+
+@dataclass
+class _Sessions:
+    """Backend sessions by (virtual session id, backend), opened once each; the least recently
+    used go first past ``limit`` (their keeping stops; a later request opens them again)."""
+
+    limit: int
+    open: OrderedDict[tuple[str, str], _BackendSession] = field(default_factory=OrderedDict)
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def get(self, key: tuple[str, str]) -> _BackendSession | None:
+        found = self.open.get(key)
+        if found is not None:
+            self.open.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str], session: _BackendSession) -> list[tuple[str, _BackendSession]]:
+        """Remember ``session``; returns the evicted ones as (backend, session)."""
+        self.open[key] = session
+        self.open.move_to_end(key)
+        evicted = []
+        while len(self.open) > self.limit:
+            (_, backend), old = self.open.popitem(last=False)
+            self.locks.pop((_, backend), None)
+            evicted.append((backend, old))
+        return evicted
+
+    def drop(self, key: tuple[str, str]) -> _BackendSession | None:
+        self.locks.pop(key, None)
+        return self.open.pop(key, None)
+
+
+class VirtualStage(Stage[VirtualConfig]):
+    """Serve ``MCPVirtualServer`` routes: answer discovery and lists, route calls to their backend."""
+
+    name: ClassVar[str] = "virtual"
+    requires: ClassVar[tuple[str, ...]] = ("mcp",)
+    # A virtual server's routes always take ext_proc; on a server's own route this stage
+    # does nothing, so it never keeps a call off the fast route.
+    calls_need_ext_proc: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: VirtualConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+        super().__init__(config, failure_mode)
+        self.ids = SessionIds(SessionKeys.ephemeral(), max_age_s=config.max_age_s)
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(config.backend_timeout_s), follow_redirects=False)
+        self._streams = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), follow_redirects=False)
+        self.backends = Backends(self._client)
+        self.keeper = SessionKeeper(
+            KeeperSettings(idle_timeout_s=config.idle_timeout_s), KeeperMetrics(None), self._streams, self._client
+        )
+        self.sessions = _Sessions(config.max_sessions)
+        self.names: dict[str, aggregate.Names] = {}
+        self.events: Counter | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def bind_downstream(self, downstream: Downstream) -> None:
+        """The stages after this one judge every request this stage sends a backend."""
+        self.backends.downstream = downstream
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        self.events = Counter(
+            "mcp_extproc_virtual_events",
+            "Virtual server events: backend sessions opened/reopened, backends failed, name conflicts.",
+            ["virtual", "backend", "event"],
+            registry=registry,
+        )
+
+    async def startup(self) -> None:
+        if self.config.key_file is not None:
+            self.ids = SessionIds(
+                load_key_set(Path(self.config.key_file), create=True), max_age_s=self.config.max_age_s
+            )
+        self._sweeper = asyncio.create_task(self.keeper.sweep(), name="virtual-keeper-sweep")
+
+    async def shutdown(self) -> None:
+        for task in [*self._background, *([self._sweeper] if self._sweeper else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.keeper.close()
+        await self._client.aclose()
+        await self._streams.aclose()
+
+    def check(self, catalog: Catalog) -> list[str]:
+        """Name conflicts the resources alone prove: tools two backends both declare (by a
+        literal ``allowedTools`` entry or a ``pinnedTools`` key) under the same final name."""
+        problems = []
+        for virtual in catalog.virtual_servers.values():
+            names = aggregate.Names(virtual)
+            for backend in virtual.spec.servers:
+                server = catalog.servers.get(backend.name)
+                if server is not None:
+                    names.learn(backend.name, "tools/list", _declared_tools(server))
+            for name, conflict in sorted(names.conflicts("tools/list").items()):
+                problems.append(
+                    f"warning: MCPVirtualServer {virtual.name!r}: {conflict.message(name, virtual.name)} "
+                    "(both are hidden and refused)"
+                )
+        return problems
+
+    def needs_response(self, ctx: Context) -> bool | None:
+        return None if ctx.virtual is not None else False
+
+    def _names(self, virtual: MCPVirtualServer) -> aggregate.Names:
+        """What ``virtual``'s backends last listed (forgotten when a reload changes ``virtual``)."""
+        names = self.names.get(virtual.name)
+        if names is None or names.virtual != virtual:
+            names = self.names[virtual.name] = aggregate.Names(virtual)
+        return names
+
+    def _count(self, virtual: str, backend: str, event: str) -> None:
+        if self.events is not None:
+            self.events.labels(virtual, backend, event).inc()
+
+    # -- request -------------------------------------------------------------------------------
+
+    async def on_request_headers(self, ctx: Context) -> Verdict:
+        virtual = ctx.virtual
+        if virtual is None:
+            return None
+        if ctx.http_method == "GET":
+            return Deny(
+                status=405,
+                code=METHOD_NOT_FOUND,
+                message=f"virtual server {virtual.name!r} offers no standalone GET stream; POST requests to it",
+                reason="virtual_no_get",
+                headers={"allow": "POST, DELETE"},
+            )
+        if ctx.http_method == "DELETE":
+            return await self._delete(ctx, virtual)
+        return Continue(remove_headers=(BACKEND_HEADER,))
+
+    async def on_request_body(self, ctx: Context) -> Verdict:
+        virtual, request = ctx.virtual, ctx.mcp
+        if virtual is None or request is None:
+            return None
+        if request.is_batch:
+            return Deny(
+                code=INVALID_REQUEST, message=f"virtual server {virtual.name!r} takes no batches", reason="batch"
+            )
+        message = request.messages[0]
+        legacy = request.era is Era.LEGACY
+        client = None
+        if legacy:
+            if message.method == "initialize":
+                return await self._initialize(ctx, virtual, message)
+            found = self._client_of(ctx, virtual)
+            if isinstance(found, Deny):
+                return found
+            client = found
+        ctx.state(_STATE).client = client
+        if message.kind == "response":
+            return await self._answer_to_server(ctx, virtual, message, client)
+        if message.kind == "notification":
+            self._in_background(self._broadcast(ctx, virtual, message, client))
+            return Answer(body=b"", status=202, reason="virtual_notification")
+        method = message.method or ""
+        if method == "ping":
+            return _result(message, {})
+        if method == "server/discover":
+            return await self._discover(ctx, virtual, message)
+        if method in aggregate.LISTS:
+            return await self._list(ctx, virtual, message, client)
+        if method == "logging/setLevel":
+            await self._broadcast(ctx, virtual, message, client)
+            return _result(message, {})
+        if method in aggregate.KIND_OF_CALL or method == "completion/complete":
+            return await self._route(ctx, virtual, message, client)
+        return Deny(
+            code=METHOD_NOT_FOUND, message=f"virtual server {virtual.name!r} does not serve {method!r}", reason="method"
+        )
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _client_of(self, ctx: Context, virtual: MCPVirtualServer) -> _Client | Deny:
+        token = ctx.request_headers.get(MCP_SESSION_ID)
+        if not token:
+            return Deny(
+                status=400,
+                code=INVALID_REQUEST,
+                message="missing Mcp-Session-Id: send initialize first",
+                reason="no_session",
+            )
+        try:
+            claims = self.ids.verify(token, virtual.name)
+        except BadSessionId as exc:
+            return _lost_session(virtual, exc.reason)
+        principal = ctx.principal.key if ctx.principal is not None else "anonymous"
+        if not claims.belongs_to(principal, ctx.principal.agent if ctx.principal else None):
+            ctx.log.warning("refused a session of virtual server %r opened by another principal", virtual.name)
+            return _lost_session(virtual, "session_principal_mismatch")
+        extra = claims.extra
+        version = extra.get("v") if isinstance(extra.get("v"), str) else HANDSHAKE_PROTOCOL_VERSIONS[-1]
+        return _Client(claims.upstream_id, str(version), extra.get("caps") or {}, extra.get("info") or {})
+
+    async def _session(
+        self, ctx: Context, virtual: MCPVirtualServer, server: MCPServer, client: _Client
+    ) -> _BackendSession:
+        """The backend session of ``client`` on ``server``, opened (again) if need be.
+
+        Raises:
+            BackendFailed: the backend could not open one.
+        """
+        key = (client.sid, server.name)
+        lock = self.sessions.locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            known = self.sessions.get(key)
+            if known is not None and self._alive(server, known):
+                self.keeper.touch(server.name, known.session_id)
+                return known
+            if known is not None:
+                self._count(virtual.name, server.name, "reopened")
+                log.info("virtual server %r: the session on %r was lost; opening a new one", virtual.name, server.name)
+            opened = await self._open(ctx, server, client)
+            for backend, old in self.sessions.put(key, opened):
+                await self.keeper.stop(backend, old.session_id, "evicted")
+            self._count(virtual.name, server.name, "opened")
+            return opened
+
+    def _alive(self, server: MCPServer, session: _BackendSession) -> bool:
+        if not session.session_id:
+            return True  # a server without sessions loses none
+        if server.name in self.keeper.no_get_servers or server.spec.keepalive.value == "Never":
+            return True
+        return self.keeper.get(server.name, session.session_id) is not None
+
+    async def _open(self, ctx: Context, server: MCPServer, client: _Client) -> _BackendSession:
+        rid = next_id()
+        params = {"protocolVersion": client.version, "capabilities": client.capabilities, "clientInfo": client.info}
+        reply = await self._send(
+            ctx, server, {"jsonrpc": "2.0", "id": rid, "method": "initialize", "params": params}, client.version
+        )
+        session_id = reply.headers.get(MCP_SESSION_ID, "")
+        answer = answer_of(reply, rid)
+        result = answer.get("result") if answer else None
+        if not (200 <= reply.status < 300) or not isinstance(result, dict):
+            raise BackendFailed(f"MCP server {server.name!r} refused initialize (HTTP {reply.status})")
+        version = result.get("protocolVersion")
+        version = version if isinstance(version, str) else client.version
+        opened = _BackendSession(session_id, version, reply.credential, result.get("capabilities"))
+        await self._send(
+            ctx, server, {"jsonrpc": "2.0", "method": "notifications/initialized"}, version, session_id or None
+        )
+        if session_id and server.spec.keepalive.value != "Never":
+            self.keeper.keep(
+                server.name, server.spec.url, session_id, version, reply.credential, server.spec.keepalive_idle_s
+            )
+        return opened
+
+    async def _send(
+        self, ctx: Context, server: MCPServer, message: dict[str, Any], version: str, session_id: str | None = None
+    ) -> Reply:
+        """Raises BackendFailed, also for a stage's refusal (its message names why)."""
+        outcome = await self.backends.send(ctx, server, message, protocol_version=version, session_id=session_id)
+        if isinstance(outcome, Deny | Answer):
+            why = outcome.message if isinstance(outcome, Deny) else "answered by a stage"
+            raise BackendFailed(f"MCP server {server.name!r}: {why}")
+        return outcome
+
+    async def _initialize(self, ctx: Context, virtual: MCPVirtualServer, message: Message) -> Verdict:
+        params = message.params or {}
+        asked = params.get("protocolVersion")
+        version = asked if asked in HANDSHAKE_PROTOCOL_VERSIONS else HANDSHAKE_PROTOCOL_VERSIONS[-1]
+        client = _Client(
+            uuid.uuid4().hex, str(version), params.get("capabilities") or {}, params.get("clientInfo") or {}
+        )
+        opened = await self._each_backend(ctx, virtual, lambda server: self._session(ctx, virtual, server, client))
+        capabilities = aggregate.union_capabilities(s.capabilities for _, s in opened)
+        principal = ctx.principal.key if ctx.principal is not None else "anonymous"
+        agent = ctx.principal.agent if ctx.principal is not None else None
+        token = self.ids.mint(client.sid, virtual.name, principal, agent, client.extra())
+        result = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": _server_info(virtual)}
+        return _result(message, result, headers={MCP_SESSION_ID: token}, reason="virtual_initialize")
+
+    async def _each_backend(
+        self, ctx: Context, virtual: MCPVirtualServer, work: Any
+    ) -> list[tuple[VirtualBackend, Any]]:
+        """``work(server)`` for every backend at once; those that fail are logged, counted and left out."""
+        entries = [b for b in virtual.spec.servers if ctx.catalog is not None and b.name in ctx.catalog.servers]
+        assert ctx.catalog is not None
+        servers = [ctx.catalog.servers[b.name] for b in entries]
+        results = await asyncio.gather(*(work(s) for s in servers), return_exceptions=True)
+        done: list[tuple[VirtualBackend, Any]] = []
+        for entry, outcome in zip(entries, results, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, BackendFailed | httpx.HTTPError | asyncio.TimeoutError):
+                    raise outcome
+                self._count(virtual.name, entry.name, "failed")
+                ctx.log.warning("virtual server %r: backend %r left out: %s", virtual.name, entry.name, outcome)
+                continue
+            done.append((entry, outcome))
+        return done
+
+    async def _delete(self, ctx: Context, virtual: MCPVirtualServer) -> Verdict:
+        found = self._client_of(ctx, virtual)
+        if isinstance(found, Deny):
+            return found
+        for backend in virtual.spec.servers:
+            opened = self.sessions.drop((found.sid, backend.name))
+            if opened is None or ctx.catalog is None or backend.name not in ctx.catalog.servers:
+                continue
+            await self.keeper.stop(backend.name, opened.session_id, "delete")
+            server = ctx.catalog.servers[backend.name]
+            headers = {MCP_SESSION_ID: opened.session_id, MCP_PROTOCOL_VERSION: opened.version}
+            with contextlib.suppress(Exception):
+                if opened.credential is not None:
+                    headers.update(await opened.credential())
+                await self._client.delete(server.spec.url, headers=headers)
+        return Answer(body=b"", status=200, reason="virtual_delete")
+
+    # -- lists ---------------------------------------------------------------------------------
+
+    async def _list(self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None) -> Verdict:
+        kind = message.method or ""
+        if (message.params or {}).get("cursor") is not None:
+            return Deny(code=INVALID_PARAMS, message="unknown cursor: this list has one page", reason="cursor")
+        names = self._names(virtual)
+        answers = await self._each_backend(ctx, virtual, lambda s: self._pages(ctx, virtual, s, kind, message, client))
+        for entry, (raw_names, _) in answers:
+            names.learn(entry.name, kind, raw_names)
+        template: dict[str, Any] = next((result for _, (_, result) in answers), {})
+        merged, conflicts = aggregate.merge(kind, names, [(entry, result) for entry, (_, result) in answers])
+        for name, conflict in conflicts.items():
+            for backend in conflict.backends:
+                self._count(virtual.name, backend, "conflict")
+            ctx.log.warning("virtual server %r: %s", virtual.name, conflict.message(name, virtual.name))
+        array = aggregate.LISTS[kind][0]
+        result = {k: v for k, v in template.items() if k not in (array, "nextCursor")}
+        result.update(merged)
+        return _result(message, result, reason="virtual_list")
+
+    async def _pages(
+        self,
+        ctx: Context,
+        virtual: MCPVirtualServer,
+        server: MCPServer,
+        kind: str,
+        message: Message,
+        client: _Client | None,
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Every page of ``server``'s list: (the names it really has, its filtered result)."""
+        raw_names: list[str] = []
+        result: dict[str, Any] = {}
+        items: list[Any] = []
+        cursor = None
+        array = aggregate.LISTS[kind][0]
+        for _ in range(MAX_PAGES):
+            params: dict[str, Any] = {k: v for k, v in (message.params or {}).items() if k != "cursor"}
+            if cursor is not None:
+                params["cursor"] = cursor
+            reply, answer = await self._ask(ctx, virtual, server, kind, params, client)
+            if answer is None or not isinstance(answer.get("result"), dict):
+                raise BackendFailed(f"MCP server {server.name!r} gave no {kind} result (HTTP {reply.status})")
+            raw = answer_of(reply, answer["id"], raw=True)
+            raw_names += aggregate.list_names(kind, raw.get("result") if raw else None)
+            result = answer["result"]
+            page = result.get(array)
+            items += page if isinstance(page, list) else []
+            cursor = result.get("nextCursor")
+            if not isinstance(cursor, str) or not cursor:
+                break
+        return raw_names, {**result, array: items}
+
+    async def _ask(
+        self,
+        ctx: Context,
+        virtual: MCPVirtualServer,
+        server: MCPServer,
+        method: str,
+        params: dict[str, Any],
+        client: _Client | None,
+    ) -> tuple[Reply, dict[str, Any] | None]:
+        """One request of the gateway's own to ``server`` (in the client's session, if legacy)."""
+        rid = next_id()
+        body = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
+        if client is None:
+            version = ctx.request_headers.get(MCP_PROTOCOL_VERSION, "")
+            reply = await self._send(ctx, server, body, version)
+            return reply, answer_of(reply, rid)
+        session = await self._session(ctx, virtual, server, client)
+        reply = await self._send(ctx, server, body, session.version, session.session_id or None)
+        if reply.status == 404 and session.session_id:
+            # Lost upstream: open a new session and ask once more.
+            self.sessions.drop((client.sid, server.name))
+            await self.keeper.stop(server.name, session.session_id, "lost")
+            session = await self._session(ctx, virtual, server, client)
+            reply = await self._send(ctx, server, body, session.version, session.session_id or None)
+        return reply, answer_of(reply, rid)
+
+    async def _discover(self, ctx: Context, virtual: MCPVirtualServer, message: Message) -> Verdict:
+        params = dict(message.params or {})
+        answers = await self._each_backend(
+            ctx, virtual, lambda s: self._ask(ctx, virtual, s, "server/discover", params, None)
+        )
+        results = [a["result"] for _, (_, a) in answers if a is not None and isinstance(a.get("result"), dict)]
+        if not results:
+            return Deny(
+                status=502,
+                code=INTERNAL_ERROR,
+                message=f"no MCP server behind virtual server {virtual.name!r} answered server/discover",
+                reason="virtual_no_backend",
+            )
+        result = dict(results[0])
+        result["capabilities"] = aggregate.union_capabilities(r.get("capabilities") for r in results)
+        versions = [set(r.get("supportedVersions") or []) for r in results]
+        result["supportedVersions"] = sorted(set.intersection(*versions)) if versions else []
+        result.pop("instructions", None)
+        meta = result.get("_meta")
+        if isinstance(meta, dict):
+            result["_meta"] = {k: (_server_info(virtual) if k.endswith("/serverInfo") else v) for k, v in meta.items()}
+        return _result(message, result, reason="virtual_discover")
+
+    # -- routing -------------------------------------------------------------------------------
+
+    async def _owner(
+        self, ctx: Context, virtual: MCPVirtualServer, kind: str, name: str, client: _Client | None
+    ) -> aggregate.Owner | Deny:
+        names = self._names(virtual)
+        owners = names.owners(kind, name)
+        if not owners:
+            # Not listed yet (a call before any list, a new tool, a restart): ask again, once.
+            await self._list_quietly(ctx, virtual, kind, client)
+            owners = names.owners(kind, name)
+        unprefixed = [b for b in virtual.spec.servers if b.prefix is None]
+        if not owners and aggregate.is_uri_kind(kind) and len(unprefixed) == 1:
+            owners = [aggregate.Owner(unprefixed[0], name)]  # a URI from a template of the one unprefixed server
+        if len(owners) > 1:
+            conflict = aggregate.Conflict(tuple(o.backend.name for o in owners))
+            return Deny(
+                status=200, code=INVALID_PARAMS, message=conflict.message(name, virtual.name), reason="virtual_conflict"
+            )
+        if not owners:
+            what = "resource" if aggregate.is_uri_kind(kind) else kind.split("/")[0].rstrip("s")
+            return Deny(
+                status=200,  # a well-formed call refused at the JSON-RPC level, as a server would
+                code=INVALID_PARAMS,
+                message=f"no MCP server behind virtual server {virtual.name!r} has the {what} {name!r}",
+                reason="virtual_unknown_name",
+            )
+        return owners[0]
+
+    async def _list_quietly(self, ctx: Context, virtual: MCPVirtualServer, kind: str, client: _Client | None) -> None:
+        names = self._names(virtual)
+        fake = Message(kind="request", id=None, method=kind, params={}, raw={})
+        if client is None and ctx.mcp is not None:
+            meta = (ctx.mcp.messages[0].params or {}).get("_meta")
+            fake = Message(kind="request", id=None, method=kind, params={"_meta": meta} if meta else {}, raw={})
+        answers = await self._each_backend(ctx, virtual, lambda s: self._pages(ctx, virtual, s, kind, fake, client))
+        for entry, (raw_names, _) in answers:
+            names.learn(entry.name, kind, raw_names)
+
+    async def _route(
+        self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None
+    ) -> Verdict:
+        method = message.method or ""
+        params = dict(message.params or {})
+        if method == "completion/complete":
+            ref = params.get("ref")
+            if not isinstance(ref, dict):
+                return Deny(code=INVALID_PARAMS, message="completion/complete needs params.ref", reason="virtual_ref")
+            kind, key = ("prompts/list", "name") if ref.get("type") == "ref/prompt" else ("resources/list", "uri")
+            holder: dict[str, Any] = dict(ref)
+        else:
+            kind = aggregate.KIND_OF_CALL[method]
+            key = "uri" if aggregate.is_uri_kind(kind) else "name"
+            holder = params
+        name = holder.get(key)
+        if not isinstance(name, str):
+            return Deny(code=INVALID_PARAMS, message=f"{method} needs a string params.{key}", reason="virtual_name")
+        owner = await self._owner(ctx, virtual, kind, name, client)
+        if isinstance(owner, Deny):
+            return owner
+        holder[key] = owner.inner
+        if method == "completion/complete":
+            params["ref"] = holder
+        rewritten = {**message.raw, "params": params}
+        assert ctx.catalog is not None
+        server = ctx.catalog.servers[owner.backend.name]
+        return await self._forward(ctx, virtual, server, rewritten, client, name=owner.inner)
+
+    async def _forward(
+        self,
+        ctx: Context,
+        virtual: MCPVirtualServer,
+        server: MCPServer,
+        rewritten: dict[str, Any],
+        client: _Client | None,
+        *,
+        name: str | None = None,
+    ) -> Verdict:
+        headers = dict(ctx.request_headers)
+        set_headers = {BACKEND_HEADER: server.name}
+        if client is not None:
+            try:
+                session = await self._session(ctx, virtual, server, client)
+            except BackendFailed as exc:
+                return _unavailable(virtual, server, str(exc))
+            if session.session_id:
+                set_headers[MCP_SESSION_ID] = session.session_id
+            set_headers[MCP_PROTOCOL_VERSION] = session.version
+        elif name is not None and MCP_NAME in headers:
+            set_headers[MCP_NAME] = name
+        headers.update(set_headers)
+        body = json.dumps(rewritten, separators=(",", ":")).encode()
+        parsed = parse_request(body, headers)
+        if not isinstance(parsed, McpRequest):
+            return Deny(code=INVALID_REQUEST, message=parsed.message, reason="virtual_rewrite")
+        ctx.server, ctx.mcp, ctx.request_headers = server, parsed, headers
+        derived, metadata = derived_headers(parsed, server.name)
+        ctx.state(_STATE).backend = server.name
+        return Continue(
+            body=body,
+            set_headers={**derived, **set_headers},
+            metadata={**metadata, "virtual": virtual.name},
+        )
+
+    async def _answer_to_server(
+        self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None
+    ) -> Verdict:
+        unwrapped = aggregate.unwrap_id(message.id)
+        backend = virtual.backend(unwrapped[0]) if unwrapped else None
+        if unwrapped is None or backend is None or ctx.catalog is None or backend.name not in ctx.catalog.servers:
+            ctx.log.info("virtual server %r: dropped an answer to no request of its servers", virtual.name)
+            return Answer(body=b"", status=202, reason="virtual_stray_answer")
+        rewritten = {**message.raw, "id": unwrapped[1]}
+        return await self._forward(ctx, virtual, ctx.catalog.servers[backend.name], rewritten, client)
+
+    async def _broadcast(
+        self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None
+    ) -> None:
+        if message.method == "notifications/initialized":
+            return  # each backend session got its own when it was opened
+        body = dict(message.raw)
+        if client is None:
+            return  # 2026-07-28: no sessions, nothing to tell
+        for backend in virtual.spec.servers:
+            opened = self.sessions.get((client.sid, backend.name))
+            if opened is None or ctx.catalog is None or backend.name not in ctx.catalog.servers:
+                continue
+            with contextlib.suppress(BackendFailed, httpx.HTTPError):
+                await self._send(ctx, ctx.catalog.servers[backend.name], body, opened.version, opened.session_id)
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- response ------------------------------------------------------------------------------
+
+    async def on_response_headers(self, ctx: Context) -> Verdict:
+        state = ctx.state(_STATE)
+        virtual = ctx.virtual
+        if virtual is None or state.backend is None:
+            return None
+        if ctx.response_status == 404 and state.client is not None:
+            opened = self.sessions.drop((state.client.sid, state.backend))
+            if opened is not None:
+                await self.keeper.stop(state.backend, opened.session_id, "lost")
+            self._count(virtual.name, state.backend, "lost")
+            return Deny(
+                code=INTERNAL_ERROR,
+                message=f"MCP server {state.backend!r} behind virtual server {virtual.name!r} lost this session; "
+                "the gateway opens a new one: send the request again",
+                reason="virtual_backend_session_lost",
+            )
+        if ctx.response_is_sse:
+            state.rewrite = True
+            ctx.want_response_body()
+        return Continue(remove_headers=(MCP_SESSION_ID,))
+
+    async def on_response_body(self, ctx: Context, chunk: bytes) -> Verdict:
+        state = ctx.state(_STATE)
+        if ctx.virtual is None or state.backend is None or not state.rewrite:
+            return None
+        if state.decoder is None:
+            state.decoder = SseDecoder()
+        try:
+            events = state.decoder.feed(chunk)
+        except SseTooLarge:
+            state.rewrite = False  # an event too big to read holds no request of the server's
+            return Continue(body=state.decoder.flush() + chunk)
+        entry = ctx.virtual.backend(state.backend)
+        out = bytearray()
+        for event in events:
+            out += _outward_event(event.raw, event.data, state.backend, entry)
+        if ctx.end_of_stream:
+            out += state.decoder.flush()
+        return None if out == chunk else Continue(body=bytes(out))
+
+
+def _outward_event(raw: bytes, data: str, backend: str, entry: VirtualBackend | None) -> bytes:
+    """An SSE event as the agent must see it: a server request's id namespaced, resource URIs prefixed."""
+    try:
+        message = json.loads(data) if data else None
+    except ValueError:
+        return raw
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        return raw
+    changed = dict(message)
+    if "id" in message and message["id"] is not None:
+        changed["id"] = aggregate.wrap_id(backend, message["id"])
+    params = message.get("params")
+    if entry is not None and message["method"] == "notifications/resources/updated" and isinstance(params, dict):
+        uri = params.get("uri")
+        if isinstance(uri, str):
+            changed["params"] = {**params, "uri": aggregate.outward(entry, "resources/list", uri)}
+    if changed == message:
+        return raw
+    head = b"".join(line + b"\n" for line in raw.splitlines() if line and not line.startswith(b"data:"))
+    return head + b"data: " + json.dumps(changed, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _declared_tools(server: MCPServer) -> set[str]:
+    """The tool names ``server``'s resource names outright (no glob)."""
+    literal = {n for n in server.spec.allowed_tools if not any(c in n for c in "*?[")}
+    return literal | set(server.spec.pinned_tools)
+
+
+def _server_info(virtual: MCPVirtualServer) -> dict[str, str]:
+    return {"name": virtual.name, "title": f"{virtual.name} (mcp-extproc virtual server)", "version": "1"}
+
+
+def _result(message: Message, result: Any, *, headers: dict[str, str] | None = None, reason: str = "virtual") -> Answer:
+    body = json.dumps({"jsonrpc": "2.0", "id": message.id, "result": result}, separators=(",", ":")).encode()
+    return Answer(body=body, headers={"content-type": "application/json", **(headers or {})}, reason=reason)
+
+
+def _lost_session(virtual: MCPVirtualServer, reason: str) -> Deny:
+    return Deny(
+        status=404,
+        code=INVALID_REQUEST,
+        message=f"session not found: this Mcp-Session-Id is not valid for virtual server {virtual.name!r} ({reason}); "
+        "send initialize to start a session",
+        reason=reason,
+    )
+
+
+def _unavailable(virtual: MCPVirtualServer, server: MCPServer, why: str) -> Deny:
+    return Deny(
+        status=200,
+        code=INTERNAL_ERROR,
+        message=f"MCP server {server.name!r} behind virtual server {virtual.name!r} is unavailable: {why}",
+        reason="virtual_backend_unavailable",
+    )
