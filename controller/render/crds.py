@@ -2,7 +2,7 @@
 
 Data flow::
 
-    extproc.config.models.MCPServer / MCPToolPolicy / MCPAgent
+    extproc.config.models.MCPServer / MCPToolPolicy / MCPAgent / MCPVirtualServer
         ──model_json_schema(by_alias=True)──▶ JSON Schema (2020-12, $defs/$ref, anyOf null)
         ──structural()──▶ Kubernetes structural OpenAPI v3: $refs inlined, ``nullable``,
                           ``exclusiveMinimum`` as a flag, no ``title``/``additionalProperties: false``,
@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from pydantic.functional_validators import AfterValidator
 
 from extproc.config import models
-from extproc.config.models import API_VERSION, MCPAgent, MCPServer, MCPToolPolicy
+from extproc.config.models import API_VERSION, MCPAgent, MCPServer, MCPToolPolicy, MCPVirtualServer
 
 GROUP: Final = API_VERSION.split("/")[0]
 VERSION: Final = API_VERSION.split("/")[1]
@@ -64,6 +64,21 @@ _MODEL_RULES: Final[dict[type[BaseModel], list[dict[str, str]]]] = {
             "identity out",
         }
     ],
+    models.VirtualBackend: [
+        {
+            # A transition rule: the list is a map keyed by name, so an entry meets its old self.
+            "rule": "has(self.prefix) == has(oldSelf.prefix) && (!has(self.prefix) || self.prefix == oldSelf.prefix)",
+            "message": "prefix is immutable: agents and policies know the tools by it; "
+            "remove the server and add it back to change it",
+        }
+    ],
+    models.MCPVirtualServerSpec: [
+        {
+            "rule": "self.servers.all(a, !has(a.prefix) || self.servers.all(b, a.name == b.name || "
+            "!has(b.prefix) || !b.prefix.startsWith(a.prefix)))",
+            "message": "a prefix is used twice, or starts another: a name could belong to either server",
+        }
+    ],
     models.MCPServerSpec: [
         {
             "rule": "!has(self.productionMode) || !self.productionMode || self.url.startsWith('https://')",
@@ -81,6 +96,7 @@ _MODEL_RULES: Final[dict[type[BaseModel], list[dict[str, str]]]] = {
 _FIELD_EXTRAS: Final[dict[tuple[type[BaseModel], str], dict[str, Any]]] = {
     (models.MCPServerSpec, "allowedTools"): {"items": {"pattern": r"\S"}},
     (models.MCPServerSpec, "deniedTools"): {"items": {"pattern": r"\S"}},
+    (models.MCPVirtualServerSpec, "servers"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     (models.Rego, "query"): {"pattern": r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$"},
     (models.JwtIdentity, "algorithms"): {"minItems": 1, "items": {"enum": list(models.DEFAULT_ALGORITHMS)}},
 }
@@ -135,6 +151,16 @@ CRD_KINDS: Final = (
         (
             ("Attachment", "string", ".spec.attachment", 0),
             ("Servers", "string", ".spec.mcpServerRefs[*].name", 0),
+        ),
+    ),
+    CrdKind(
+        MCPVirtualServer,
+        "MCPVirtualServer",
+        "mcpvirtualservers",
+        ("mcpvs",),
+        (
+            ("Servers", "string", ".spec.servers[*].name", 0),
+            ("Prefixes", "string", ".spec.servers[*].prefix", 1),
         ),
     ),
 )

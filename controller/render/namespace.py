@@ -26,8 +26,9 @@ from typing import Any
 from controller.render import extserver, gateway, istio, netpol, sidecar
 from controller.render.meta import ControllerSettings
 from controller.render.view import Key, NamespaceView, build_view, group_by_namespace
-from extproc.config.models import MCPServer
+from extproc.config.models import MCPAgent, MCPServer
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, PipelineConfig
+from extproc.config.resources import Catalog
 from extproc.core.registry import Registry
 
 
@@ -57,7 +58,7 @@ def render_namespace(
     serves = False  # some extension server here mounts the session key Secret
     for name, agent in sorted(catalog.agents.items()):
         key = ("MCPAgent", name)
-        servers = [catalog.servers[r.name] for r in agent.spec.mcp_server_refs if r.name in catalog.servers]
+        servers = [catalog.servers[n] for n in _server_names(catalog, agent) if n in catalog.servers]
         selector = agent.spec.selector
         if selector is None:
             problems.setdefault(key, []).append("spec.selector: required in a cluster (which pods are the agent?)")
@@ -104,3 +105,14 @@ def render_documents(
         view = build_view(namespace, docs, services)
         out[namespace] = (view, render_namespace(view, settings))
     return out
+
+
+def _server_names(catalog: Catalog, agent: MCPAgent) -> list[str]:
+    """The servers ``agent`` reaches: those it references, and the backends of its virtual servers."""
+    names: list[str] = []
+    for ref in agent.spec.mcp_server_refs:
+        virtual = catalog.virtual_servers.get(ref.name) if ref.kind == "MCPVirtualServer" else None
+        for name in [b.name for b in virtual.spec.servers] if virtual is not None else [ref.name]:
+            if name not in names:
+                names.append(name)
+    return names

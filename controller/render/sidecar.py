@@ -71,6 +71,7 @@ def documents(catalog: Catalog) -> list[dict[str, Any]]:
         *catalog.servers.values(),
         *catalog.policies.values(),
         *catalog.agents.values(),
+        *catalog.virtual_servers.values(),
         *catalog.config_maps.values(),
         *catalog.secrets.values(),
     ]

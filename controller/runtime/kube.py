@@ -69,6 +69,7 @@ _KINDS: Final = [
     KindInfo("mcp.extproc.io/v1alpha1", "MCPServer", "mcpservers"),
     KindInfo("mcp.extproc.io/v1alpha1", "MCPToolPolicy", "mcptoolpolicies"),
     KindInfo("mcp.extproc.io/v1alpha1", "MCPAgent", "mcpagents"),
+    KindInfo("mcp.extproc.io/v1alpha1", "MCPVirtualServer", "mcpvirtualservers"),
 ]
 KINDS: Final = {k.kind: k for k in _KINDS}
 RENDERED_KINDS: Final = (

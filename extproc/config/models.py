@@ -577,8 +577,6 @@ class MCPAgent(Model):
 
 # --- MCPVirtualServer ----------------------------------------------------------------------
 
-_PREFIX_CEL = "self == oldSelf"
-
 
 class VirtualBackend(Model):
     """One server behind a virtual server.
@@ -593,11 +591,7 @@ class VirtualBackend(Model):
     """
 
     name: str
-    prefix: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-        json_schema_extra={"x-kubernetes-validations": [{"rule": _PREFIX_CEL, "message": "prefix is immutable"}]},
-    )
+    prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class MCPVirtualServerSpec(Model):
