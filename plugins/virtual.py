@@ -554,10 +554,9 @@ class VirtualStage(Stage[VirtualConfig]):
         if not owners:
             # Not listed yet (a call before any list, a new tool, a restart): ask again, once.
             await self._list_quietly(ctx, virtual, kind, client)
+            if kind == "resources/list":
+                await self._list_quietly(ctx, virtual, "resources/templates/list", client)
             owners = names.owners(kind, name)
-        unprefixed = [b for b in virtual.spec.servers if b.prefix is None]
-        if not owners and aggregate.is_uri_kind(kind) and len(unprefixed) == 1:
-            owners = [aggregate.Owner(unprefixed[0], name)]  # a URI from a template of the one unprefixed server
         if len(owners) > 1:
             conflict = aggregate.Conflict(tuple(o.backend.name for o in owners))
             return Deny(

@@ -47,6 +47,21 @@ _UPSTREAM_FAILURE_BODY: Final = json.dumps(
     separators=(",", ":"),
 )
 """A JSON-RPC error whose message Envoy fills in (its ``%...%`` operators)."""
+_BACKEND_FAILURE_BODY: Final = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": INTERNAL_ERROR,
+            "message": "MCP server '%DYNAMIC_METADATA(mcp_extproc:server)%' behind virtual server "
+            "'%DYNAMIC_METADATA(mcp_extproc:virtual)%' could not be reached or failed "
+            "(%RESPONSE_CODE% %RESPONSE_FLAGS%: %RESPONSE_CODE_DETAILS%)",
+        },
+    },
+    separators=(",", ":"),
+)
+"""The same, for a call a virtual server routed: it names the backend (dynamic metadata the
+``virtual`` stage published; server names are DNS labels, so they never need escaping)."""
 
 
 PAYLOAD_TOO_LARGE_DETAILS: Final = "request_payload_too_large"
@@ -77,6 +92,28 @@ def local_replies(*, max_request_bytes: int, carried_statuses: bool = False) -> 
     return {
         "mappers": [
             *status_back,
+            {
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
+                            {
+                                "metadata_filter": {
+                                    "matcher": {
+                                        "filter": METADATA_NAMESPACE,
+                                        "path": [{"key": "virtual"}],
+                                        "value": {"present_match": True},
+                                    }
+                                }
+                            },
+                        ]
+                    }
+                },
+                "body_format_override": {
+                    "text_format_source": {"inline_string": _BACKEND_FAILURE_BODY},
+                    "content_type": "application/json",
+                },
+            },
             {
                 "filter": {"response_flag_filter": {"flags": _UPSTREAM_FAILURE_FLAGS}},
                 "body_format_override": {

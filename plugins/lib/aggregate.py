@@ -18,6 +18,7 @@ refused by name of both backends.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -97,12 +98,17 @@ class Names:
         self.listed[(backend, kind)] = frozenset(names)
 
     def owners(self, kind: str, name: str) -> list[Owner]:
-        """Every backend that would take ``name`` in list ``kind`` (more than one: a conflict)."""
+        """Every backend that would take ``name`` in list ``kind`` (more than one: a conflict).
+
+        An unprefixed backend takes a resource URI it listed, or one that matches a
+        template it listed (``resources/templates/list``).
+        """
         found: list[Owner] = []
         for backend in self.virtual.spec.servers:
             known = self.known(backend.name, kind)
             if backend.prefix is None:
-                if known is not None and name in known:
+                templates = self.known(backend.name, "resources/templates/list") if kind == "resources/list" else None
+                if (known is not None and name in known) or any(matches(t, name) for t in templates or ()):
                     found.append(Owner(backend, name))
                 continue
             head = f"{backend.name}+" if is_uri_kind(kind) else backend.prefix
@@ -121,6 +127,17 @@ class Names:
             for name in self.known(backend.name, kind) or ():
                 seen.setdefault(outward(backend, kind, name), []).append(backend.name)
         return {name: Conflict(tuple(owners)) for name, owners in seen.items() if len(owners) > 1}
+
+
+def matches(template: str, uri: str) -> bool:
+    """True when ``uri`` is one that the RFC 6570 ``template`` can produce (any expression, any value)."""
+    pattern = ""
+    for literal, expression in re.findall(r"([^{]*)(\{[^}]*\})?", template):
+        pattern += re.escape(literal)
+        if expression:
+            # {+x} and {#x} may hold "/"; simple expansions may not.
+            pattern += ".*" if expression[1:2] in ("+", "#", "/", "?", "&", ";", ".") else "[^/?#]*"
+    return re.fullmatch(pattern, uri) is not None
 
 
 def list_names(kind: str, result: Any) -> list[str]:
