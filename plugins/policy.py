@@ -207,6 +207,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
             generation,
             self._caller(ctx, principal),
             server.name,
+            ctx.virtual.name if ctx.virtual is not None else None,
             tool,
             _sha256(arguments),
             None if annotations is None else _sha256(annotations),
@@ -258,6 +259,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
                 required=ruled.required,
                 policy=policy.name,
                 listing=listing,
+                virtual=ctx.virtual.name if ctx.virtual is not None else None,
             )
             try:
                 backend = self._backend(ctx, policy, rego)

@@ -69,6 +69,7 @@ def record(metrics: Metrics, ctx: Context, decision: str, reason: str) -> None:
         "issuer": principal.issuer or None if principal is not None else None,
         "agent": principal.agent if principal is not None else None,
         "server": ctx.server.name if ctx.server else None,
+        "virtual_server": ctx.virtual.name if ctx.virtual else None,
         "http_method": ctx.http_method,
         "method": method,
         "tool": ctx.mcp.tool_name if ctx.mcp is not None else None,

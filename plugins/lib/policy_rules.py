@@ -119,8 +119,12 @@ def rego_input(
     required: Trust,
     policy: str,
     listing: bool,
+    virtual: str | None = None,
 ) -> dict[str, Any]:
-    """The Rego input document, version ``v1`` (documented in the README)."""
+    """The Rego input document, version ``v1`` (documented in the README).
+
+    ``virtual``: the virtual server the agent called, when it reached ``server`` through one.
+    """
     return {
         "version": REGO_INPUT_VERSION,
         "principal": {
@@ -132,6 +136,7 @@ def rego_input(
         },
         "agent": principal.agent,
         "server": server,
+        "virtual_server": virtual,
         "method": "tools/call",
         "tool": tool,
         "arguments": dict(arguments) if arguments is not None else {},
