@@ -58,10 +58,12 @@ test: venv node chromium stage-package lint conformance
 
 # The MCP conformance suite (pinned in package.json, run on the Node.js of the `node` npm
 # package) against each upstream directly and through `mcp-extproc up`: every scenario that
-# passes directly must pass through the gateway (docs/conformance.md).
+# passes directly must pass through the gateway (docs/conformance.md); the Python SDK
+# fixture again through an MCPVirtualServer of its own (docs/virtual-servers.md).
 .PHONY: conformance
 conformance: venv node
 	$(BIN)/python -m tests.conformance.run
+	$(BIN)/python -m tests.conformance.run --target py-legacy --target py-modern --via-virtual
 
 unit: venv
 	$(BIN)/pytest tests/unit

@@ -75,6 +75,9 @@ BACKEND_HEADER: Final = "x-mcp-backend"
 """Set on a routed request: the MCPServer whose route Envoy sends it on (removed before it leaves);
 the renderer's twin is ``extproc.render.wire.BACKEND_HEADER``."""
 
+_REMOVED_IN_MODERN: Final = frozenset({"ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+"""Methods 2026-07-28 no longer has (a modern client gets 404 -32601, as from a server)."""
+
 MAX_PAGES: Final = 50
 """Pages read from one backend for one list."""
 
@@ -182,6 +185,8 @@ class VirtualStage(Stage[VirtualConfig]):
             KeeperSettings(idle_timeout_s=config.idle_timeout_s), KeeperMetrics(None), self._streams, self._client
         )
         self.sessions = _Sessions(config.max_sessions)
+        self.ended: OrderedDict[str, None] = OrderedDict()
+        """Virtual sessions the client ended (DELETE): their ids are refused from then on."""
         self.names: dict[str, aggregate.Names] = {}
         self.events: Counter | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -289,6 +294,12 @@ class VirtualStage(Stage[VirtualConfig]):
             self._in_background(self._broadcast(ctx, virtual, message, client))
             return Answer(body=b"", status=202, reason="virtual_notification")
         method = message.method or ""
+        if not legacy and method in _REMOVED_IN_MODERN:
+            return Deny(
+                code=METHOD_NOT_FOUND,
+                message=f"method {method!r} does not exist in protocol version 2026-07-28",
+                reason="method",
+            )
         if method == "ping":
             return _result(message, {})
         if method == "server/discover":
@@ -319,6 +330,8 @@ class VirtualStage(Stage[VirtualConfig]):
             claims = self.ids.verify(token, virtual.name)
         except BadSessionId as exc:
             return _lost_session(virtual, exc.reason)
+        if claims.upstream_id in self.ended:
+            return _lost_session(virtual, "ended")
         principal = ctx.principal.key if ctx.principal is not None else "anonymous"
         if not claims.belongs_to(principal, ctx.principal.agent if ctx.principal else None):
             ctx.log.warning("refused a session of virtual server %r opened by another principal", virtual.name)
@@ -368,7 +381,7 @@ class VirtualStage(Stage[VirtualConfig]):
         answer = answer_of(reply, rid)
         result = answer.get("result") if answer else None
         if not (200 <= reply.status < 300) or not isinstance(result, dict):
-            raise BackendFailed(f"MCP server {server.name!r} refused initialize (HTTP {reply.status})")
+            raise BackendFailed(f"MCP server {server.name!r} refused initialize (HTTP {reply.status})", reply.status)
         version = result.get("protocolVersion")
         version = version if isinstance(version, str) else client.version
         opened = _BackendSession(session_id, version, reply.credential, result.get("capabilities"))
@@ -398,7 +411,18 @@ class VirtualStage(Stage[VirtualConfig]):
         client = _Client(
             uuid.uuid4().hex, str(version), params.get("capabilities") or {}, params.get("clientInfo") or {}
         )
-        opened = await self._each_backend(ctx, virtual, lambda server: self._session(ctx, virtual, server, client))
+        refused: list[BackendFailed] = []
+        opened = await self._each_backend(
+            ctx, virtual, lambda server: self._session(ctx, virtual, server, client), refused
+        )
+        if not opened and refused and all(400 <= f.status < 500 for f in refused):
+            # Every backend refused this client (a bad Origin, say): so does the virtual server.
+            return Deny(
+                status=refused[0].status,
+                code=INVALID_REQUEST,
+                message=f"no MCP server behind virtual server {virtual.name!r} accepted initialize: {refused[0]}",
+                reason="virtual_initialize_refused",
+            )
         capabilities = aggregate.union_capabilities(s.capabilities for _, s in opened)
         principal = ctx.principal.key if ctx.principal is not None else "anonymous"
         agent = ctx.principal.agent if ctx.principal is not None else None
@@ -407,9 +431,10 @@ class VirtualStage(Stage[VirtualConfig]):
         return _result(message, result, headers={MCP_SESSION_ID: token}, reason="virtual_initialize")
 
     async def _each_backend(
-        self, ctx: Context, virtual: MCPVirtualServer, work: Any
+        self, ctx: Context, virtual: MCPVirtualServer, work: Any, failures: list[BackendFailed] | None = None
     ) -> list[tuple[VirtualBackend, Any]]:
-        """``work(server)`` for every backend at once; those that fail are logged, counted and left out."""
+        """``work(server)`` for every backend at once; those that fail are logged, counted, left out
+        (and their :class:`BackendFailed` added to ``failures``)."""
         entries = [b for b in virtual.spec.servers if ctx.catalog is not None and b.name in ctx.catalog.servers]
         assert ctx.catalog is not None
         servers = [ctx.catalog.servers[b.name] for b in entries]
@@ -419,6 +444,8 @@ class VirtualStage(Stage[VirtualConfig]):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, BackendFailed | httpx.HTTPError | asyncio.TimeoutError):
                     raise outcome
+                if failures is not None and isinstance(outcome, BackendFailed):
+                    failures.append(outcome)
                 self._count(virtual.name, entry.name, "failed")
                 ctx.log.warning("virtual server %r: backend %r left out: %s", virtual.name, entry.name, outcome)
                 continue
@@ -429,6 +456,9 @@ class VirtualStage(Stage[VirtualConfig]):
         found = self._client_of(ctx, virtual)
         if isinstance(found, Deny):
             return found
+        self.ended[found.sid] = None
+        while len(self.ended) > self.config.max_sessions:
+            self.ended.popitem(last=False)
         for backend in virtual.spec.servers:
             opened = self.sessions.drop((found.sid, backend.name))
             if opened is None or ctx.catalog is None or backend.name not in ctx.catalog.servers:
@@ -449,7 +479,13 @@ class VirtualStage(Stage[VirtualConfig]):
         if (message.params or {}).get("cursor") is not None:
             return Deny(code=INVALID_PARAMS, message="unknown cursor: this list has one page", reason="cursor")
         names = self._names(virtual)
-        answers = await self._each_backend(ctx, virtual, lambda s: self._pages(ctx, virtual, s, kind, message, client))
+        failed: list[BackendFailed] = []
+        answers = await self._each_backend(
+            ctx, virtual, lambda s: self._pages(ctx, virtual, s, kind, message, client), failed
+        )
+        refused = [(f.status, f.error) for f in failed if f.error is not None]
+        if not answers and refused:
+            return _passed_on(*refused[0])  # the client's request was wrong for every backend
         for entry, (raw_names, _) in answers:
             names.learn(entry.name, kind, raw_names)
         template: dict[str, Any] = next((result for _, (_, result) in answers), {})
@@ -484,7 +520,11 @@ class VirtualStage(Stage[VirtualConfig]):
                 params["cursor"] = cursor
             reply, answer = await self._ask(ctx, virtual, server, kind, params, client)
             if answer is None or not isinstance(answer.get("result"), dict):
-                raise BackendFailed(f"MCP server {server.name!r} gave no {kind} result (HTTP {reply.status})")
+                raise BackendFailed(
+                    f"MCP server {server.name!r} gave no {kind} result (HTTP {reply.status})",
+                    reply.status,
+                    answer.get("error") if answer else None,
+                )
             raw = answer_of(reply, answer["id"], raw=True)
             raw_names += aggregate.list_names(kind, raw.get("result") if raw else None)
             result = answer["result"]
@@ -527,6 +567,14 @@ class VirtualStage(Stage[VirtualConfig]):
             ctx, virtual, lambda s: self._ask(ctx, virtual, s, "server/discover", params, None)
         )
         results = [a["result"] for _, (_, a) in answers if a is not None and isinstance(a.get("result"), dict)]
+        refusals = [
+            (r.status, a["error"]) for _, (r, a) in answers if a is not None and isinstance(a.get("error"), dict)
+        ]
+        if not results and refusals:
+            return _passed_on(*refusals[0])
+        statuses = [r.status for _, (r, _) in answers if 400 <= r.status < 500]
+        if not results and statuses:
+            return _passed_on(statuses[0], {"code": INVALID_REQUEST, "message": f"refused (HTTP {statuses[0]})"})
         if not results:
             return Deny(
                 status=502,
@@ -535,7 +583,13 @@ class VirtualStage(Stage[VirtualConfig]):
                 reason="virtual_no_backend",
             )
         result = dict(results[0])
-        result["capabilities"] = aggregate.union_capabilities(r.get("capabilities") for r in results)
+        capabilities = aggregate.union_capabilities(r.get("capabilities") for r in results)
+        for feature in capabilities.values():
+            if isinstance(feature, dict):
+                # subscriptions/listen is not merged: promise no list_changed and no subscribe.
+                feature.pop("listChanged", None)
+                feature.pop("subscribe", None)
+        result["capabilities"] = capabilities
         versions = [set(r.get("supportedVersions") or []) for r in results]
         result["supportedVersions"] = sorted(set.intersection(*versions)) if versions else []
         result.pop("instructions", None)
@@ -753,16 +807,41 @@ def _server_info(virtual: MCPVirtualServer) -> dict[str, str]:
     return {"name": virtual.name, "title": f"{virtual.name} (mcp-extproc virtual server)", "version": "1"}
 
 
+def _passed_on(status: int, error: dict[str, Any] | None) -> Deny:
+    """A backend's JSON-RPC refusal, passed on as it is (the client's request was at fault)."""
+    error = error or {}
+    code = error.get("code")
+    return Deny(
+        status=status if 400 <= status < 600 else 0,
+        code=code if isinstance(code, int) and not isinstance(code, bool) else INTERNAL_ERROR,
+        message=str(error.get("message", "refused")),
+        data=error.get("data"),
+        reason="virtual_backend_refused",
+    )
+
+
 def _result(message: Message, result: Any, *, headers: dict[str, str] | None = None, reason: str = "virtual") -> Answer:
     body = json.dumps({"jsonrpc": "2.0", "id": message.id, "result": result}, separators=(",", ":")).encode()
     return Answer(body=body, headers={"content-type": "application/json", **(headers or {})}, reason=reason)
 
 
+_WHY: Final[dict[str, str]] = {
+    "ended": "the session was ended with DELETE",
+    "malformed": "it is not a session id this gateway issued",
+    "unknown_key": "it was signed with a key this gateway no longer has",
+    "bad_signature": "its signature does not verify",
+    "expired": "it has expired",
+    "other_server": "it belongs to another server",
+    "session_principal_mismatch": "it belongs to another caller",
+}
+
+
 def _lost_session(virtual: MCPVirtualServer, reason: str) -> Deny:
+    why = _WHY.get(reason, reason)
     return Deny(
         status=404,
         code=INVALID_REQUEST,
-        message=f"session not found: this Mcp-Session-Id is not valid for virtual server {virtual.name!r} ({reason}); "
+        message=f"session not found: this Mcp-Session-Id is not valid for virtual server {virtual.name!r} ({why}); "
         "send initialize to start a session",
         reason=reason,
     )

@@ -208,7 +208,7 @@ def unwrap_id(value: Any) -> tuple[str, Any] | None:
         return None
     try:
         original = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # the agent chose this id: deep nesting must not raise
         return None
     if not isinstance(original, str | int) or isinstance(original, bool):
         return None

@@ -27,7 +27,7 @@ import httpx
 
 from extproc.api import Context, Continue, Downstream, FrontDoor, Phase, Stop
 from extproc.config.resources import MCPServer
-from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, header_hints
+from extproc.mcp.headers import MCP_METHOD, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, Era, header_hints
 from extproc.mcp.jsonrpc import McpRequest, parse_request
 from extproc.mcp.spec import MODERN_PROTOCOL_VERSIONS
 from extproc.mcp.sse import SseDecoder
@@ -40,7 +40,17 @@ _ids = itertools.count(1)
 
 
 class BackendFailed(Exception):
-    """A backend could not be reached or did not answer usefully; the message says how."""
+    """A backend could not be reached or did not answer usefully; the message says how.
+
+    Attributes:
+        status: the HTTP status the backend refused with (0: it did not answer).
+        error: the JSON-RPC error object it answered with, if it did.
+    """
+
+    def __init__(self, message: str, status: int = 0, error: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error if isinstance(error, dict) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +109,12 @@ class Backends:
         }
         if session_id:
             headers[MCP_SESSION_ID] = session_id
+        if "origin" in parent.request_headers:
+            # The backend judges the agent's Origin (DNS rebinding protection) as on its own route.
+            headers["origin"] = parent.request_headers["origin"]
         method = message.get("method")
-        if protocol_version in MODERN_PROTOCOL_VERSIONS and isinstance(method, str):
+        modern = parent.mcp is not None and parent.mcp.era is Era.MODERN
+        if (modern or protocol_version in MODERN_PROTOCOL_VERSIONS) and isinstance(method, str):
             headers[MCP_METHOD] = method
         ctx = Context(
             request_id=parent.request_id,
@@ -177,6 +191,9 @@ def answer_of(reply: Reply, request_id: str, *, raw: bool = False) -> dict[str, 
         candidates = decoded if isinstance(decoded, list) else [decoded]
     for message in candidates:
         if isinstance(message, dict) and message.get("id") == request_id and "method" not in message:
+            return message
+    for message in candidates:  # an error the server could not tie to a request (id null)
+        if isinstance(message, dict) and message.get("id") is None and isinstance(message.get("error"), dict):
             return message
     return None
 

@@ -19,7 +19,10 @@ Built-in targets:
 - `py-legacy`: the Python SDK fixture (`tests.conformance.fixture`, stateful) at 2025-11-25;
 - `py-modern`: the same fixture, stateless, at 2026-07-28.
 
-`--url` runs an MCP server of your own instead (see docs/conformance.md).
+`--url` runs an MCP server of your own instead (see docs/conformance.md). `--via-virtual`
+puts each upstream behind an `MCPVirtualServer` of its own (one backend, no prefix) and runs
+the suite through that instead of the server's own route: a virtual server must not change
+what a server means either.
 
 A scenario passes when none of its checks failed (warnings do not fail, as in the
 suite). Every scenario that passes directly must pass through the gateway; one that
@@ -352,6 +355,16 @@ def mcp_server(name: str, url: str) -> dict[str, object]:
     }
 
 
+def virtual_server(name: str, backend: str) -> dict[str, object]:
+    """An ``MCPVirtualServer`` with ``backend`` as its one, unprefixed, server."""
+    return {
+        "apiVersion": "mcp.extproc.io/v1alpha1",
+        "kind": "MCPVirtualServer",
+        "metadata": {"name": name},
+        "spec": {"servers": [{"name": backend}]},
+    }
+
+
 @contextmanager
 def _stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
     def terminate(signum: int, frame: FrameType | None) -> None:
@@ -395,6 +408,9 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         else:
             targets = _builtin_upstreams(set(args.target or ["everything", "py-legacy", "py-modern"]), work, procs)
         docs = {t.server: mcp_server(t.server, t.url) for t in targets}
+        if args.via_virtual:
+            for server in list(docs):
+                docs[f"{server}-v"] = virtual_server(f"{server}-v", server)
         resources = work / "resources.yaml"
         resources.write_text(yaml.safe_dump_all(list(docs.values())))
         up, base, _metrics = start_gateway(resources, work, *(args.up_arg or []))
@@ -402,7 +418,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
         what = "`mcp-extproc up`" if args.url else "the upstreams and `mcp-extproc up`"
         print(f"started {what} in {time.monotonic() - started:.1f}s", flush=True)
         for index, target in enumerate(targets):
-            gateway_url = f"{base}/{target.server}/mcp"
+            gateway_url = f"{base}/{target.server}{'-v' if args.via_virtual else ''}/mcp"
             if target.revision == MODERN and (why := speaks_modern(target.url)) is not None:
                 report.not_run.append(
                     (f"{target.label}: requirement set {MODERN}", f"it does not serve {MODERN}: {why}")
@@ -439,6 +455,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         metavar="ARG",
         help="an extra argument for `mcp-extproc up` (repeatable), e.g. --up-arg=--front-door=ext_proc",
+    )
+    parser.add_argument(
+        "--via-virtual", action="store_true", help="through an MCPVirtualServer over each upstream, not its own route"
     )
     parser.add_argument("--keep", action="store_true", help="keep the suite's results and the process logs")
     parser.add_argument("--json", type=Path, help="also write the verdicts to this file")
