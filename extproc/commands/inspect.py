@@ -166,6 +166,8 @@ def check(settings: Settings) -> str:
     servers = ", ".join(sorted(catalog.servers))
     counts = f"{len(catalog.servers)} MCPServer: {servers}; {len(catalog.policies)} MCPToolPolicy; "
     counts += f"{len(catalog.agents)} MCPAgent"
+    if catalog.virtual_servers:
+        counts += f"; {len(catalog.virtual_servers)} MCPVirtualServer: {', '.join(sorted(catalog.virtual_servers))}"
     lines = [f"{settings.resources}: {warning}" for warning in warnings]
     lines.append(f"{settings.resources}: OK ({counts}; stages: {', '.join(pipeline.names)})")
     return "\n".join(lines)
