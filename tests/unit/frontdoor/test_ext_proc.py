@@ -64,6 +64,7 @@ async def test_denied_call_is_answered_with_the_same_id(catalog: Catalog, caplog
         "event": "decision",
         "request_id": "req-1",
         "server": "demo",
+        "virtual_server": None,
         "http_method": "POST",
         "method": "tools/call",
         "tool": "add_secret",
