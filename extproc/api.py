@@ -288,6 +288,7 @@ class Bookkeeping:
             unknown length) rather than whole.
         trace: the exchange's span while tracing is on
             (:class:`extproc.core.traces.ExchangeTrace`); ``None`` while it is off.
+        audit: fields :meth:`Context.audit` added to the audit line.
     """
 
     started: float = field(default_factory=time.perf_counter)
@@ -295,6 +296,7 @@ class Bookkeeping:
     wants_response_body: bool = False
     response_streamed: bool = False
     trace: Any = None
+    audit: dict[str, Any] = field(default_factory=dict)
 
 
 class Context:
@@ -417,6 +419,13 @@ class Context:
         Never put a token or secret in ``text``.
         """
         self.book.explanations.append(text)
+
+    def audit(self, name: str, value: Any) -> None:
+        """Add field ``name`` to the audit line (the fields the line has of its own win).
+
+        Never put a token or secret in ``value``.
+        """
+        self.book.audit[name] = value
 
     def want_response_body(self) -> None:
         """Ask the pipeline to send this exchange's response body to the stages.

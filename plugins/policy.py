@@ -4,6 +4,11 @@ Data flow for a ``tools/call`` (and, with ``listing`` set and no arguments, for
 each tool of a ``tools/list`` result, so a tool the caller may not call is not
 listed)::
 
+    grants and consents for the server (plugins.lib.grants.standing, never cached: a
+        revocation or an expiry counts from the next request)
+        refused ──▶ 403 no_matching_grant / consent_revoked / consent_expired, or -32003
+        a standing ──▶ the caller's granted = its ceiling, consented = its consent
+        no grants ──▶ the caller as authn found it (MCPAgent.spec.trust)
     policies = MCPToolPolicies targeting the server, plus the agent's policyRefs
     cache[(catalog generation, caller digest, server, tool, sha256(arguments),
            sha256(annotations), listing)] hit? ──▶ decision
@@ -26,23 +31,26 @@ per token: a fresh token does not refill them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
 from pydantic import Field
 
 from extproc.api import Context, Deny, FailureMode, Principal, StageConfig, StateKey
-from extproc.config.models import MCPToolPolicy, Rego
+from extproc.config.models import MCPToolPolicy, Rego, Trust
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
 from extproc.mcp.codes import POLICY_DENIED, RATE_LIMITED
 from extproc.mcp.jsonrpc import Message
 from extproc.mcp.spec import INTERNAL_ERROR
 from plugins.authn import insufficient_scope
+from plugins.lib import grants
 from plugins.lib.buckets import TokenBuckets, TtlCache
 from plugins.lib.policy_rules import Decision, check_rules, read_rego_value, rego_input
 from plugins.lib.rego import EmbeddedRego, RegoBackend, RemoteOpa, compile_problem
@@ -51,6 +59,8 @@ from plugins.lib.toolgate import ToolGate
 log = logging.getLogger("mcp_extproc.policy")
 
 _ANONYMOUS: Final = Principal(subject="anonymous")
+_ANNOTATIONS_KEPT_S: Final = 7 * 24 * 3600.0
+"""How long a tool's annotations from a ``tools/list`` are remembered (its side effect for grants)."""
 
 
 def _sha256(value: object) -> str:
@@ -93,11 +103,18 @@ _CALLER = StateKey("policy_caller", _Caller)
 
 
 class PolicyConfig(StageConfig):
-    """Configuration of the ``policy`` stage."""
+    """Configuration of the ``policy`` stage.
+
+    Attributes:
+        user_claim: the validated token's claim that names the user grants and consents match.
+        groups_claim: the claim listing the user's groups (a list, or a space-separated string).
+    """
 
     decision_cache_seconds: float = Field(default=5.0, ge=0, alias="decisionCacheSeconds")
     decision_cache_size: int = Field(default=10_000, gt=0, alias="decisionCacheSize")
     rate_limit_keys: int = Field(default=100_000, gt=0, alias="rateLimitKeys")
+    user_claim: str = Field(default="sub", min_length=1, alias="userClaim")
+    groups_claim: str = Field(default="groups", min_length=1, alias="groupsClaim")
 
 
 def rego_module(catalog: Catalog, policy: MCPToolPolicy) -> str | None:
@@ -120,12 +137,18 @@ class PolicyStage(ToolGate[PolicyConfig]):
 
     name: ClassVar[str] = "policy"
 
-    def __init__(self, config: PolicyConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        failure_mode: FailureMode = FailureMode.CLOSED,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         super().__init__(config, failure_mode)
         self._cache: TtlCache[Decision] = TtlCache(config.decision_cache_seconds, config.decision_cache_size)
         self._buckets = TokenBuckets(config.rate_limit_keys)
         self._backends: dict[str, RegoBackend] = {}  # by the Rego source, so reloads reuse compiled policies
-        self._annotations: TtlCache[Mapping[str, Any]] = TtlCache(3600.0, 10_000)
+        self._annotations: TtlCache[Mapping[str, Any]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
+        self._now = now
 
     async def shutdown(self) -> None:
         for backend in self._backends.values():
@@ -162,7 +185,51 @@ class PolicyStage(ToolGate[PolicyConfig]):
         return found
 
     def applies(self, ctx: Context, server: MCPServer) -> bool:
-        return bool(self._policies(ctx, server))
+        return bool(self._policies(ctx, server)) or self._grants(ctx, server)
+
+    # -- grants and consents ----------------------------------------------------------------
+
+    @staticmethod
+    def _grants(ctx: Context, server: MCPServer) -> bool:
+        """Whether grants or consents apply to ``server`` (or the virtual server of the call)."""
+        catalog = ctx.catalog
+        if catalog is None or not (catalog.grants or catalog.consents):
+            return False
+        virtual = ctx.virtual.name if ctx.virtual is not None else None
+        return bool(catalog.grants_for(server.name, virtual) or catalog.consents_for(server.name, virtual))
+
+    def _standing(
+        self,
+        ctx: Context,
+        server: MCPServer,
+        policies: list[MCPToolPolicy],
+        principal: Principal,
+        tool: str,
+        annotations: Mapping[str, Any] | None,
+    ) -> grants.Standing | grants.Refusal | None:
+        catalog = ctx.catalog
+        if catalog is None or not (catalog.grants or catalog.consents):
+            return None
+        virtual = ctx.virtual.name if ctx.virtual is not None else None
+        found = catalog.grants_for(server.name, virtual)
+        consents = catalog.consents_for(server.name, virtual)
+        if not found and not consents:
+            return None
+        agent = catalog.agents.get(principal.agent) if principal.agent else None
+        claim_cap = None
+        if agent is not None and agent.spec.trust.consent_claim is not None:
+            claim_cap = _level(principal.consented)
+        return grants.standing(
+            found,
+            consents,
+            grants.caller_of(principal, user_claim=self.config.user_claim, groups_claim=self.config.groups_claim),
+            server=server.name,
+            tool=tool,
+            effect=grants.side_effect(policies, tool, annotations),
+            now=self._now(),
+            agent_ceiling=_level(principal.granted),
+            claim_cap=claim_cap,
+        )
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -170,7 +237,17 @@ class PolicyStage(ToolGate[PolicyConfig]):
         tool = message.tool_name or ""
         policies = self._policies(ctx, server)
         principal = ctx.principal or _ANONYMOUS
-        decision = await self._decide(ctx, policies, principal, server, tool, message.arguments, listing=False)
+        found = self._standing(ctx, server, policies, principal, tool, self._annotations.get((server.name, tool)))
+        if isinstance(found, grants.Refusal):
+            ctx.explain(found.explanation)
+            ctx.audit("trust", {"grant": found.grant, "consent": found.consent})
+            return Deny(status=found.status, code=POLICY_DENIED, message=found.message, reason=found.reason)
+        if found is not None:
+            ctx.audit("trust", found.audit())
+            principal = _with_standing(principal, found)
+        decision = await self._decide(
+            ctx, policies, principal, server, tool, message.arguments, listing=False, standing=found
+        )
         if decision.explanation:
             ctx.explain(decision.explanation)
         if not decision.allowed:
@@ -187,7 +264,14 @@ class PolicyStage(ToolGate[PolicyConfig]):
             self._annotations.put((server.name, name), annotations)
         principal = ctx.principal or _ANONYMOUS
         policies = self._policies(ctx, server)
-        decision = await self._decide(ctx, policies, principal, server, name, None, listing=True)
+        found = self._standing(
+            ctx, server, policies, principal, name, annotations if isinstance(annotations, Mapping) else None
+        )
+        if isinstance(found, grants.Refusal):
+            return True
+        if found is not None:
+            principal = _with_standing(principal, found)
+        decision = await self._decide(ctx, policies, principal, server, name, None, listing=True, standing=found)
         return not decision.allowed
 
     async def _decide(
@@ -200,6 +284,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         arguments: Mapping[str, Any] | None,
         *,
         listing: bool,
+        standing: grants.Standing | None = None,
     ) -> Decision:
         generation = ctx.catalog.generation if ctx.catalog is not None else -1
         annotations = self._annotations.get((server.name, tool))
@@ -212,6 +297,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
             _sha256(arguments),
             None if annotations is None else _sha256(annotations),
             listing,
+            None if standing is None else (standing.grant, standing.consent),
         )
         cached = self._cache.get(key)
         if cached is not None:
@@ -219,7 +305,16 @@ class PolicyStage(ToolGate[PolicyConfig]):
         decision = check_rules(policies, principal, tool)
         if decision.allowed:
             decision = await self._rego(
-                ctx, policies, principal, server, tool, arguments, decision, listing=listing, annotations=annotations
+                ctx,
+                policies,
+                principal,
+                server,
+                tool,
+                arguments,
+                decision,
+                listing=listing,
+                annotations=annotations,
+                standing=standing,
             )
         if decision.reason != "policy_backend":
             self._cache.put(key, decision)
@@ -244,6 +339,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         *,
         listing: bool,
         annotations: Mapping[str, Any] | None,
+        standing: grants.Standing | None,
     ) -> Decision:
         explanations = list(ruled.checks)
         for policy in policies:
@@ -260,6 +356,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
                 policy=policy.name,
                 listing=listing,
                 virtual=ctx.virtual.name if ctx.virtual is not None else None,
+                standing=None if standing is None else standing.audit(),
             )
             try:
                 backend = self._backend(ctx, policy, rego)
@@ -320,3 +417,16 @@ class PolicyStage(ToolGate[PolicyConfig]):
                     headers={"retry-after": str(retry)},
                 )
         return None
+
+
+def _with_standing(principal: Principal, standing: grants.Standing) -> Principal:
+    """``principal`` with the trust its grants and consents give (what rules and Rego read)."""
+    return dataclasses.replace(principal, granted=standing.ceiling.value, consented=standing.consented.value)
+
+
+def _level(value: str) -> Trust:
+    """A trust level as the principal carries it; an unreadable one counts as low."""
+    try:
+        return Trust(value)
+    except ValueError:
+        return Trust.LOW

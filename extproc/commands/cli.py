@@ -1,8 +1,8 @@
 """The ``mcp-extproc`` command line: flags → one frozen :class:`Settings` → a command.
 
-Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``, ``session-keys``, ``pins``; ``render k8s`` and
-``controller`` come from the controller package through entry points (the core never imports it). A user error
-(:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
+Commands: ``up``, ``serve``, ``render envoy``, ``check``, ``stages``, ``session-keys``, ``pins``, ``consent``;
+``render k8s`` and ``controller`` come from the controller package through entry points (the core never imports
+it). A user error (:class:`~extproc.errors.ExtProcError`) prints one line to stderr and exits 2;
 nothing prints a traceback for bad input.
 """
 
@@ -201,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _pins_parser(commands)
+    _consent_parser(commands)
     stages = commands.add_parser("stages", help="list installed stages (entry points) with their config schema")
     stages.add_argument("--json", action="store_true", help="print JSON instead of text")
     controller = commands.add_parser("controller", help="run the Kubernetes controller (reconcile loop + webhook)")
@@ -282,6 +283,48 @@ def _pins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consent_parser(commands: Any) -> None:
+    """``consent grant|revoke|list``, on MCPConsent documents of a local resource file."""
+    consent = commands.add_parser(
+        "consent", help="record, revoke or list MCPConsent documents in a resource file (up reloads it)"
+    )
+    consent.add_argument("action", choices=["grant", "revoke", "list"])
+    consent.add_argument("-f", "--file", type=Path, required=True, help="the resource file up or serve reads")
+    consent.add_argument("--server", help="the MCPServer or MCPVirtualServer consented to")
+    consent.add_argument("--user", help="the user who consents (the token's user claim)")
+    consent.add_argument("--agent", help="the MCPAgent the user consents for")
+    consent.add_argument("--name", help="the MCPConsent's name (default: made of user, agent and server)")
+    consent.add_argument("--trust", choices=["low", "medium", "high"], help="grant: the trust consented to")
+    consent.add_argument("--expires", help="grant: when it lapses: RFC 3339 with a zone, or a duration (8h, 7d)")
+
+
+def _consent(args: argparse.Namespace) -> int:
+    """``mcp-extproc consent grant|revoke|list``; a user error is one line and exit 2."""
+    from datetime import UTC, datetime
+
+    from extproc.commands import consent
+    from extproc.config.models import Trust
+
+    wanted = consent.Wanted(args.server, args.user, args.agent, args.name)
+    try:
+        if args.action == "list":
+            sys.stdout.write(consent.listing(args.file))
+        elif args.action == "revoke":
+            sys.stdout.write(consent.revoke(args.file, wanted))
+        else:
+            if args.trust is None:
+                raise ConfigError("consent grant needs --trust low|medium|high")
+            expires = consent.expiry(args.expires, datetime.now(UTC))
+            sys.stdout.write(consent.grant(args.file, wanted, Trust(args.trust), expires))
+    except ExtProcError as exc:
+        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mcp-extproc: error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings of the flags the parsed command has; a field it has no flag for keeps its default."""
     given: dict[str, Any] = {
@@ -310,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stages(args)
     if args.command == "pins":
         return _pins(args)
+    if args.command == "consent":
+        return _consent(args)
     if args.command == "session-keys":
         return _session_keys(args)
     if args.command == "controller" or getattr(args, "what", None) == "k8s":

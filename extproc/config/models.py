@@ -14,6 +14,10 @@ Kinds::
                    (inbound JWT, mTLS service account), granted trust
     MCPVirtualServer  one endpoint over several MCPServers, each with an optional,
                    immutable tool prefix (:mod:`plugins.virtual` serves it)
+    MCPAccessGrant a subject's (user, agent, group) trust ceiling, side effects and
+                   tool rules on servers (:mod:`plugins.lib.grants` decides with it)
+    MCPConsent     the trust a user consented to for an agent on a server, with an
+                   expiry and a revocation switch
     Secret         core ``v1`` Secret (``data`` base64, ``stringData`` plain)
     ConfigMap      core ``v1`` ConfigMap (Rego modules)
 """
@@ -27,6 +31,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -353,6 +358,14 @@ class TargetRef(Model):
     name: str
 
 
+class SideEffect(StrEnum):
+    """What calling a tool may do: an ``MCPAccessGrant`` allows some of these."""
+
+    READ = "read"
+    WRITE = "write"
+    DESTRUCTIVE = "destructive"
+
+
 class ToolRule(Model):
     """One rule: the first rule whose globs match a tool decides for it.
 
@@ -361,12 +374,15 @@ class ToolRule(Model):
         action: ``Allow`` (subject to trust and scopes) or ``Deny``.
         required_trust: the least effective trust a caller needs.
         scopes: token scopes a caller needs (403 ``insufficient_scope`` otherwise).
+        side_effect: what the tools do, declared (else read from their annotations);
+            grants allow side effects.
     """
 
     tools: list[str] = Field(min_length=1)
     action: Literal["Allow", "Deny"] = "Allow"
     required_trust: Trust = Field(default=Trust.LOW, alias="requiredTrust")
     scopes: list[str] = Field(default_factory=list)
+    side_effect: SideEffect | None = Field(default=None, alias="sideEffect")
 
 
 class RateLimit(Model):
@@ -637,6 +653,129 @@ class MCPVirtualServer(Model):
         return next((b for b in self.spec.servers if b.name == name), None)
 
 
+# --- MCPAccessGrant, MCPConsent ----------------------------------------------------------
+
+
+class Subject(Model):
+    """Whom a grant or a consent is for: every field given must match.
+
+    Attributes:
+        user: the validated token's user (its ``sub``, or the claim the ``policy``
+            stage's ``userClaim`` names); a caller without a token has no user.
+        agent: the ``MCPAgent`` the caller was matched to.
+        group: one of the token's groups (the ``groupsClaim`` claim, ``groups`` by default).
+    """
+
+    user: str | None = Field(default=None, min_length=1)
+    agent: str | None = Field(default=None, min_length=1)
+    group: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.user is None and self.agent is None and self.group is None:
+            raise ValueError("set user, agent, group or several: an empty subject would match every caller")
+        return self
+
+    def shown(self) -> str:
+        """``user=alice,agent=ops`` (for messages and status)."""
+        return ",".join(f"{k}={v}" for k, v in (("user", self.user), ("agent", self.agent), ("group", self.group)) if v)
+
+
+class MCPAccessGrantSpec(Model):
+    """What a subject may do on the target servers.
+
+    Attributes:
+        target_refs: the servers (or virtual servers) it applies to.
+        subject: whom it is for.
+        max_trust: the highest effective trust it gives (the ceiling).
+        allowed_side_effects: the side effects of the tools it covers; a destructive
+            tool needs a grant that allows ``destructive``.
+        tool_rules: optional rules (as in ``MCPToolPolicy``): a ``Deny`` rule takes
+            the tools it matches out of the grant; an ``Allow`` rule's
+            ``requiredTrust`` adds to what the call needs.
+        disabled: a disabled grant gives nothing.
+    """
+
+    target_refs: list[ServerRef] = Field(min_length=1, alias="targetRefs")
+    subject: Subject
+    max_trust: Trust = Field(alias="maxTrust")
+    allowed_side_effects: list[SideEffect] = Field(
+        default_factory=lambda: [SideEffect.READ, SideEffect.WRITE], min_length=1, alias="allowedSideEffects"
+    )
+    tool_rules: list[ToolRule] = Field(default_factory=list, alias="toolRules")
+    disabled: bool = False
+
+    @model_validator(mode="after")
+    def _plain_rules(self) -> Self:
+        for i, rule in enumerate(self.tool_rules):
+            if rule.scopes or rule.side_effect is not None:
+                raise ValueError(
+                    f"toolRules[{i}]: a grant's rules take tools, action and requiredTrust only; "
+                    "declare scopes and sideEffect in an MCPToolPolicy rule"
+                )
+        return self
+
+
+class MCPAccessGrant(Model):
+    """``kind: MCPAccessGrant``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPAccessGrant"]
+    metadata: ObjectMeta
+    spec: MCPAccessGrantSpec
+
+    @property
+    def name(self) -> str:
+        """The grant's name."""
+        return self.metadata.name
+
+    def targets(self, server: str, virtual: str | None) -> bool:
+        """True when it applies to ``server`` (or to the virtual server the call came through)."""
+        return any(_refers(ref, server, virtual) for ref in self.spec.target_refs)
+
+
+class MCPConsentSpec(Model):
+    """The trust a user consented to for an agent on one server.
+
+    Attributes:
+        server_ref: the server (or virtual server).
+        subject: whose consent (usually ``user`` and ``agent``).
+        consented_trust: the highest effective trust consented to.
+        expires_at: when it lapses (RFC 3339 with a time zone); left out, it does not.
+        revoked: a revoked consent refuses every call it covers.
+    """
+
+    server_ref: ServerRef = Field(alias="serverRef")
+    subject: Subject
+    consented_trust: Trust = Field(alias="consentedTrust")
+    expires_at: AwareDatetime | None = Field(default=None, alias="expiresAt")
+    revoked: bool = False
+
+
+class MCPConsent(Model):
+    """``kind: MCPConsent``."""
+
+    api_version: Literal["mcp.extproc.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MCPConsent"]
+    metadata: ObjectMeta
+    spec: MCPConsentSpec
+
+    @property
+    def name(self) -> str:
+        """The consent's name."""
+        return self.metadata.name
+
+    def targets(self, server: str, virtual: str | None) -> bool:
+        """True when it covers ``server`` (or the virtual server the call came through)."""
+        return _refers(self.spec.server_ref, server, virtual)
+
+
+def _refers(ref: ServerRef, server: str, virtual: str | None) -> bool:
+    if ref.kind == "MCPServer":
+        return ref.name == server
+    return virtual is not None and ref.name == virtual
+
+
 # --- core v1 -------------------------------------------------------------------------------
 
 
@@ -675,13 +814,15 @@ class ConfigMap(Model):
         return self.metadata.name
 
 
-Resource = MCPServer | MCPToolPolicy | MCPAgent | MCPVirtualServer | Secret | ConfigMap
+Resource = MCPServer | MCPToolPolicy | MCPAgent | MCPVirtualServer | MCPAccessGrant | MCPConsent | Secret | ConfigMap
 
 KINDS: dict[tuple[str, str], type[Resource]] = {
     (API_VERSION, "MCPServer"): MCPServer,
     (API_VERSION, "MCPToolPolicy"): MCPToolPolicy,
     (API_VERSION, "MCPAgent"): MCPAgent,
     (API_VERSION, "MCPVirtualServer"): MCPVirtualServer,
+    (API_VERSION, "MCPAccessGrant"): MCPAccessGrant,
+    (API_VERSION, "MCPConsent"): MCPConsent,
     ("v1", "Secret"): Secret,
     ("v1", "ConfigMap"): ConfigMap,
 }

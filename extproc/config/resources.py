@@ -32,7 +32,9 @@ from extproc.config.models import (
     KINDS,
     ConfigMap,
     KeyRef,
+    MCPAccessGrant,
     MCPAgent,
+    MCPConsent,
     MCPServer,
     MCPServerSpec,
     MCPToolPolicy,
@@ -41,6 +43,7 @@ from extproc.config.models import (
     ObjectMeta,
     Resource,
     Secret,
+    ServerRef,
 )
 from extproc.errors import ConfigError
 
@@ -48,7 +51,9 @@ __all__ = [
     "API_VERSION",
     "Catalog",
     "ConfigMap",
+    "MCPAccessGrant",
     "MCPAgent",
+    "MCPConsent",
     "MCPServer",
     "MCPServerSpec",
     "MCPToolPolicy",
@@ -56,6 +61,7 @@ __all__ = [
     "ObjectMeta",
     "Secret",
     "load_resources",
+    "load_text",
     "parse_documents",
     "reference_problems",
 ]
@@ -71,6 +77,8 @@ class Catalog:
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     config_maps: Mapping[str, ConfigMap] = field(default_factory=dict)
     virtual_servers: Mapping[str, MCPVirtualServer] = field(default_factory=dict)
+    grants: Mapping[str, MCPAccessGrant] = field(default_factory=dict)
+    consents: Mapping[str, MCPConsent] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
     generation: int = 0
     """Bumped on every successful reload, so caches keyed by it never outlive a change."""
@@ -85,6 +93,8 @@ class Catalog:
             secrets=found[Secret],
             config_maps=found[ConfigMap],
             virtual_servers=found[MCPVirtualServer],
+            grants=found[MCPAccessGrant],
+            consents=found[MCPConsent],
             sources=sources,
         )
 
@@ -103,6 +113,14 @@ class Catalog:
     def policies_for(self, server: str) -> list[MCPToolPolicy]:
         """The policies targeting ``server``, in name order."""
         return [p for _, p in sorted(self.policies.items()) if any(t.name == server for t in p.spec.target_refs)]
+
+    def grants_for(self, server: str, virtual: str | None = None) -> list[MCPAccessGrant]:
+        """The grants (enabled or not) for ``server``, or for the virtual server a call came through, in name order."""
+        return [g for _, g in sorted(self.grants.items()) if g.targets(server, virtual)]
+
+    def consents_for(self, server: str, virtual: str | None = None) -> list[MCPConsent]:
+        """The consents covering ``server`` or the virtual server a call came through, in name order."""
+        return [c for _, c in sorted(self.consents.items()) if c.targets(server, virtual)]
 
     def lone_agent_without_identity(self) -> MCPAgent | None:
         """The only ``MCPAgent``, when it declares no ``spec.identity``: what ``up`` serves as the
@@ -130,6 +148,8 @@ class Catalog:
           ``policyRefs`` trimmed to what is kept;
         * the ConfigMaps the kept policies' Rego references and the Secrets the kept
           servers' upstream auth references (any other Secret stays out);
+        * the grants and consents of a kept server or virtual server (grants trimmed
+          to their kept targets);
         * ``sources`` as given, and generation 0.
         """
         servers = list(servers)
@@ -161,6 +181,13 @@ class Catalog:
             and ref.name in self.config_maps
         }
         secret_names = sorted({ref.name for s in kept.values() for _, ref in _secret_refs(s)})
+        reachable = {*kept, *virtual}
+        grants = {}
+        for name, grant in self.grants.items():
+            refs = [r for r in grant.spec.target_refs if r.name in reachable]
+            if refs:
+                grants[name] = grant.model_copy(update={"spec": grant.spec.model_copy(update={"target_refs": refs})})
+        consents = {n: c for n, c in self.consents.items() if c.spec.server_ref.name in reachable}
         return Catalog(
             servers=kept,
             policies=policies,
@@ -168,6 +195,8 @@ class Catalog:
             secrets={n: self.secrets[n] for n in secret_names if n in self.secrets},
             config_maps=maps,
             virtual_servers=virtual,
+            grants=grants,
+            consents=consents,
             sources=sources,
         )
 
@@ -223,9 +252,7 @@ def reference_problems(catalog: Catalog) -> list[str]:
                 problems.append(f"MCPToolPolicy {name!r}: spec.rego.configMapRef: {exc}")
     for name, agent in sorted(catalog.agents.items()):
         for i, ref in enumerate(agent.spec.mcp_server_refs):
-            known = catalog.servers if ref.kind == "MCPServer" else catalog.virtual_servers
-            if ref.name not in known:
-                problems.append(f"MCPAgent {name!r}: spec.mcpServerRefs[{i}]: no {ref.kind} named {ref.name!r}")
+            problems += _server_ref_problem(catalog, f"MCPAgent {name!r}: spec.mcpServerRefs[{i}]", ref)
         for i, policy_ref in enumerate(agent.spec.policy_refs):
             if policy_ref.name not in catalog.policies:
                 problems.append(f"MCPAgent {name!r}: spec.policyRefs[{i}]: no MCPToolPolicy named {policy_ref.name!r}")
@@ -240,6 +267,11 @@ def reference_problems(catalog: Catalog) -> list[str]:
                 problems.append(
                     f"MCPVirtualServer {name!r}: spec.servers[{i}].name: no MCPServer named {backend.name!r}"
                 )
+    for name, grant in sorted(catalog.grants.items()):
+        for i, ref in enumerate(grant.spec.target_refs):
+            problems += _server_ref_problem(catalog, f"MCPAccessGrant {name!r}: spec.targetRefs[{i}]", ref)
+    for name, consent in sorted(catalog.consents.items()):
+        problems += _server_ref_problem(catalog, f"MCPConsent {name!r}: spec.serverRef", consent.spec.server_ref)
     for name, server in sorted(catalog.servers.items()):
         for where, key_ref in _secret_refs(server):
             try:
@@ -247,6 +279,11 @@ def reference_problems(catalog: Catalog) -> list[str]:
             except ConfigError as exc:
                 problems.append(f"MCPServer {name!r}: {where}: {exc}")
     return problems
+
+
+def _server_ref_problem(catalog: Catalog, where: str, ref: ServerRef) -> list[str]:
+    known = catalog.servers if ref.kind == "MCPServer" else catalog.virtual_servers
+    return [] if ref.name in known else [f"{where}: no {ref.kind} named {ref.name!r}"]
 
 
 def _secret_refs(server: MCPServer) -> list[tuple[str, KeyRef]]:
@@ -334,6 +371,15 @@ def load_resources(path: str | Path) -> Catalog:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    return load_text(text, source)
+
+
+def load_text(text: str, source: str) -> Catalog:
+    """:func:`load_resources` of a file's text (``source`` names it in errors).
+
+    Raises:
+        ConfigError: as :func:`load_resources`.
+    """
     try:
         docs = list(strict_yaml.load_all(text))
     except strict_yaml.RepeatedKeyError as exc:

@@ -78,4 +78,6 @@ def record(metrics: Metrics, ctx: Context, decision: str, reason: str) -> None:
         "rule": "; ".join(ctx.book.explanations) or None,
         "latency_ms": round(elapsed * 1000, 3),
     }
+    for name, value in ctx.book.audit.items():
+        line.setdefault(name, value)
     audit.info(json.dumps(line, separators=(",", ":"), default=str))

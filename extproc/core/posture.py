@@ -103,6 +103,14 @@ def posture_problems(catalog: Catalog, stages: Sequence[StagePosture], *, pipeli
         policies, plural = _named("MCPToolPolicy", catalog.policies, "MCPToolPolicies")
         declares = _verb(plural, "declares", "declare") + " tool rules"
         needs.append(("policy", policies, declares, "the rules would not be enforced"))
+    if catalog.grants:
+        grants, plural = _named("MCPAccessGrant", catalog.grants)
+        declares = _verb(plural, "grants", "grant") + " trust to its subjects"
+        needs.append(("policy", grants, declares, "the grants would not limit anyone"))
+    if catalog.consents:
+        consents, plural = _named("MCPConsent", catalog.consents)
+        declares = _verb(plural, "records", "record") + " consent"
+        needs.append(("policy", consents, declares, "lowered, revoked and expired consents would be ignored"))
     upstream = [n for n, s in catalog.servers.items() if s.spec.upstream_auth is not None]
     if upstream:
         servers, plural = _named("MCPServer", upstream)

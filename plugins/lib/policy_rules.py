@@ -120,10 +120,12 @@ def rego_input(
     policy: str,
     listing: bool,
     virtual: str | None = None,
+    standing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Rego input document, version ``v1`` (documented in the README).
 
     ``virtual``: the virtual server the agent called, when it reached ``server`` through one.
+    ``standing``: what the caller's grants and consents give (``Standing.audit()``), if any apply.
     """
     return {
         "version": REGO_INPUT_VERSION,
@@ -146,6 +148,9 @@ def rego_input(
             "consented": principal.consented,
             "effective": effective_trust(principal).value,
             "required": required.value,
+            "ceiling": standing["ceiling"] if standing is not None else principal.granted,
+            "grant": standing["grant"] if standing is not None else None,
+            "consent": standing["consent"] if standing is not None else None,
         },
         "listing": listing,
         "policy": policy,
