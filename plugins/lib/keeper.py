@@ -61,6 +61,9 @@ from extproc.mcp.headers import MCP_PROTOCOL_VERSION, MCP_SESSION_ID
 from extproc.mcp.spec import INTERNAL_ERROR
 from extproc.mcp.sse import SseDecoder, SseTooLarge
 
+STEADY_STREAM_S: Final = 1.0
+"""A GET stream open at least this long counts as held: the reconnect backoff starts over."""
+
 log = logging.getLogger("mcp_extproc.keeper")
 
 CredentialProvider = Callable[[], Awaitable[dict[str, str]]]
@@ -365,6 +368,7 @@ class SessionKeeper:
                     await self.clock.sleep(self.clock.jitter(0, delay))
                     delay = min(delay * 2, self.settings.backoff_max_s)
                 first = False
+                opened = self.clock.now()
                 with tracing.root_span("keeper stream", kept.link, _span_attributes(kept, "GET")) as span:
                     outcome = await self._hold(kept)
                     span.set_attribute("http.response.status_code", outcome)
@@ -376,7 +380,9 @@ class SessionKeeper:
                         self.no_get_servers.add(kept.server)
                     asyncio.get_running_loop().call_soon(self._stop_soon, kept, "lost" if outcome == 404 else "no_get")
                     return
-                if outcome == 200:
+                if outcome == 200 and self.clock.now() - opened >= STEADY_STREAM_S:
+                    # Only a stream that stayed open resets the backoff: one that ends at
+                    # once, every time, must not make the keeper reconnect in a tight loop.
                     delay = self.settings.backoff_initial_s
         finally:
             if kept.task is asyncio.current_task():
@@ -406,6 +412,12 @@ class SessionKeeper:
             async with self.client.stream("GET", kept.url, headers={**headers, "accept": "text/event-stream"}) as reply:
                 if reply.status_code != 200:
                     return reply.status_code
+                if not reply.headers.get("content-type", "").startswith("text/event-stream"):
+                    # Not a stream (the spec allows only SSE or 405): the server offers none.
+                    log.info(
+                        "keeper: %r answered GET with %r, not a stream", kept.server, reply.headers.get("content-type")
+                    )
+                    return 405
                 self.metrics.holding.inc()
                 try:
                     await self._read(kept, reply)

@@ -119,10 +119,12 @@ def ping(id_: object) -> bytes:
 
 @dataclass
 class Stream:
-    """A 200 SSE reply: these events, then the stream stays open (``hold``) or ends."""
+    """A 200 SSE reply: these events, then the stream stays open (``hold``) or ends,
+    ``lasted`` virtual seconds after it opened."""
 
     events: list[bytes] = field(default_factory=list)
     hold: bool = True
+    lasted: float = 0.0
 
 
 class Fail:
@@ -142,6 +144,8 @@ class Upstream:
         self.posts: list[httpx.Request] = []
         self.open = 0
         self.transport = httpx.MockTransport(self.handle)
+        self.clock: FakeClock | None = None
+        """Advanced by a stream's ``lasted``, when set."""
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -153,6 +157,8 @@ class Upstream:
             raise httpx.ConnectError("connection refused", request=request)
         if isinstance(step, int):
             return httpx.Response(step)
+        if self.clock is not None:
+            self.clock.t += step.lasted
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=self._sse(step))
 
     async def _sse(self, stream: Stream) -> AsyncIterator[bytes]:
@@ -261,16 +267,45 @@ async def test_a_404_or_405_on_the_get_stops_keeping_the_session(status: int, re
 
 
 async def test_errors_reconnect_with_jittered_doubling_backoff_bounded_by_backoff_max_s() -> None:
-    upstream = Upstream(Fail(), 503, Fail(), 500, Fail(), Stream(hold=False), 404)
+    upstream = Upstream(Fail(), 503, Fail(), 500, Fail(), Stream(hold=False, lasted=2.0), 404)
     clock = FakeClock()
+    upstream.clock = clock
     async with keeper_of(upstream, clock, backoff_initial_s=1.0, backoff_max_s=5.0) as (keeper, metric):
         keeper.keep("demo", URL, "sess-1", VERSION, None)
         await settle(lambda: keeper.get("demo", "sess-1") is None, "stopped by the final 404")
         assert len(upstream.gets) == 7
-        # Full jitter over a doubling delay capped at 5 s; a stream that ran (200) resets it.
+        # Full jitter over a doubling delay capped at 5 s; a stream that stayed open (200, 2 s) resets it.
         assert clock.jitters == [(0, 1.0), (0, 2.0), (0, 4.0), (0, 5.0), (0, 5.0), (0, 1.0)]
         assert clock.sleeps == [0.5, 1.0, 2.0, 2.5, 2.5, 0.5]  # what jitter answered, slept as is
         assert metric("mcp_extproc_keeper_reconnects_total", server="demo") == 6
+
+
+async def test_a_stream_that_ends_at_once_every_time_backs_off_instead_of_spinning() -> None:
+    upstream = Upstream(*[Stream(hold=False) for _ in range(5)], 404)
+    clock = FakeClock()
+    upstream.clock = clock
+    async with keeper_of(upstream, clock, backoff_initial_s=1.0, backoff_max_s=5.0) as (keeper, _metric):
+        keeper.keep("demo", URL, "sess-1", VERSION, None)
+        await settle(lambda: keeper.get("demo", "sess-1") is None, "stopped by the final 404")
+        assert clock.jitters == [(0, 1.0), (0, 2.0), (0, 4.0), (0, 5.0), (0, 5.0)]
+
+
+async def test_a_get_answered_with_json_is_no_stream_and_stops_keeping() -> None:
+    class JsonGet(Upstream):
+        async def handle(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "GET":
+                self.gets.append(request)
+                return httpx.Response(200, json={"jsonrpc": "2.0", "id": 1, "result": {}})
+            return await super().handle(request)
+
+    upstream = JsonGet()
+    clock = FakeClock()
+    async with keeper_of(upstream, clock) as (keeper, metric):
+        keeper.keep("demo", URL, "sess-1", VERSION, None)
+        await settle(lambda: keeper.get("demo", "sess-1") is None, "session forgotten")
+        assert len(upstream.gets) == 1 and clock.sleeps == []
+        assert metric("mcp_extproc_keeper_sessions_stopped_total", reason="no_get") == 1
+        assert "demo" in keeper.no_get_servers
 
 
 async def test_a_409_stands_by_retrying_every_standby_s_and_at_the_sessions_next_request() -> None:
