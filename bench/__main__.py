@@ -1,4 +1,4 @@
-"""``python -m bench``: plain Envoy vs. Envoy + mcp-extproc, in one run, one table.
+"""``python -m bench``: plain Envoy vs. Envoy + mcp-extproc, and a virtual server vs. its backend, in one run.
 
 Exit status: 0 done; 1 the stack could not be set up or failed its sanity check;
 2 ``wrk`` is missing or the flags are wrong; 130 interrupted.
@@ -17,10 +17,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from bench.report import machine, table, write_json
-from bench.run import LATENCY_LOAD, PLAIN, THROUGHPUT_LOAD, build_targets, extproc_argv, measure, mint_session_id
+from bench import virtual
+from bench.report import Row, machine, table, write_json
+from bench.run import (
+    LATENCY_LOAD,
+    PLAIN,
+    THROUGHPUT_LOAD,
+    Case,
+    build_targets,
+    call_cases,
+    check_targets,
+    extproc_argv,
+    measure,
+    mint_session_id,
+)
 from bench.shapes import SHAPES, session_call
-from bench.stack import BenchError, Stack
+from bench.stack import BenchError, Envoy, Stack
 from bench.wrk import INSTALL_HINT, WrkError, wrk_binary
 from extproc.commands.envoy import envoy_binary
 
@@ -45,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-external", action="store_true", help="skip the configurations with an external stage (TCP, unix)"
     )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--no-virtual", action="store_true", help="skip the virtual server rows")
+    which.add_argument(
+        "--only-virtual", action="store_true", help="run the virtual server rows only (no tools/call configurations)"
+    )
     return parser
 
 
@@ -54,6 +71,45 @@ def _rounds(rounds: int, duration: float) -> str:
 
 def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _call_groups(stack: Stack, upstream: Envoy, *, external: bool) -> list[list[Case]]:
+    """The tools/call configurations, checked, one group per shape."""
+    shapes = (*SHAPES, session_call(mint_session_id(stack.session_keys)))
+    targets = build_targets(stack, upstream, external=external)
+    check_targets(targets, shapes)
+    _progress(
+        "sanity check passed: every configuration answers 200 with the canned result; "
+        "the default pipeline refuses a tool outside allowedTools with -32003"
+    )
+    return call_cases(targets, shapes)
+
+
+def _virtual_groups(stack: Stack, upstream: Envoy) -> list[list[Case]]:
+    """The virtual server rows, checked."""
+    groups = virtual.build_virtual(stack, upstream)
+    _progress(
+        "virtual sanity check passed: a_echo reaches backend a as echo, the merged list holds a_ and b_ tools, "
+        "a tool outside allowedTools is refused with -32003 on both routes"
+    )
+    return groups
+
+
+def _print_tables(rows: list[Row]) -> None:
+    calls = [row for row in rows if row.baseline == PLAIN]
+    virtual_rows = [row for row in rows if row.baseline != PLAIN]
+    if calls:
+        print(f"\n+ms: latency added to {PLAIN}; % of plain: throughput relative to {PLAIN}\n")
+        print(table(calls, "plain"))
+    if virtual_rows:
+        print(f"\n{virtual.NOTE}\n")
+        print(table(virtual_rows, "own route"))
+    for row in rows:
+        if abs(row.upstream_share - row.upstream_expected) > 0.01 * row.upstream_expected:
+            print(
+                f"warning: {row.shape} {row.config}: {row.upstream_share:.3f} requests reached the upstream "
+                f"per request Envoy answered, expected {row.upstream_expected:g}"
+            )
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -84,17 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Stack(workdir, extproc_argv()) as stack:
             _progress(f"starting the stack in {workdir}")
-            shapes = (*SHAPES, session_call(mint_session_id(stack.session_keys)))
-            upstream, targets = build_targets(stack, external=not args.no_external)
+            upstream = stack.start_upstream()
+            groups = [] if args.only_virtual else _call_groups(stack, upstream, external=not args.no_external)
+            groups += [] if args.no_virtual else _virtual_groups(stack, upstream)
             rows = measure(
-                upstream,
-                targets,
-                workdir,
-                duration_s=duration,
-                warmup_s=warmup,
-                progress=_progress,
-                rounds=rounds,
-                shapes=shapes,
+                upstream, groups, workdir, duration_s=duration, warmup_s=warmup, progress=_progress, rounds=rounds
             )
     except (BenchError, WrkError) as exc:
         keep_workdir = True
@@ -113,19 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {facts['python']}, Envoy {facts['envoy']}\n"
         f"each cell: {_rounds(rounds, duration)}, each after a {warmup:g} s warm-up; "
         f"latency: wrk -t {LATENCY_LOAD[0]} -c {LATENCY_LOAD[1]}; "
-        f"throughput: wrk -t {THROUGHPUT_LOAD[0]} -c {THROUGHPUT_LOAD[1]}; upstream: canned Envoy direct_response\n"
-        f"+ms: latency added to {PLAIN}; % of plain: throughput relative to {PLAIN}; "
-        "errors: socket errors + non-2xx over both runs;\n"
+        f"throughput: wrk -t {THROUGHPUT_LOAD[0]} -c {THROUGHPUT_LOAD[1]}; "
+        "upstream: canned Envoy direct_response (Lua backends for the virtual server rows)\n"
+        "errors: socket errors + non-2xx over both runs; "
         "calls/req: ext_proc messages plus ext_authz Checks (gRPC or HTTP) Envoy sent our server per request "
-        "(each one a round trip)\n"
+        "(each one a round trip)"
     )
-    print(table(rows, PLAIN))
-    for row in rows:
-        if abs(row.upstream_share - 1.0) > 0.01:
-            print(
-                f"warning: {row.shape} {row.config}: "
-                f"{100 * row.upstream_share:.1f}% of the requests Envoy answered reached the upstream"
-            )
+    _print_tables(rows)
     print(f"\ntotal time: {elapsed:.0f} s")
     if args.json is not None:
         settings = {
@@ -135,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "latency_load": LATENCY_LOAD,
             "throughput_load": THROUGHPUT_LOAD,
         }
-        write_json(args.json, facts, settings, rows, PLAIN)
+        write_json(args.json, facts, settings, rows)
         print(f"results written to {args.json}")
     return 0
 

@@ -1,4 +1,9 @@
-"""The report: machine facts, the one results table, and the JSON file. Pure except :func:`machine`."""
+"""The report: machine facts, the results tables, and the JSON file. Pure except :func:`machine`.
+
+Every row names its baseline, the configuration of the same request its ``+ms`` and
+``%`` columns compare with: plain Envoy for the ``tools/call`` configurations, the
+backend's own route for the virtual server rows (one table each).
+"""
 
 from __future__ import annotations
 
@@ -21,21 +26,25 @@ class Row:
     """One configuration measured with one request shape.
 
     Attributes:
-        shape: The request's protocol revision.
+        shape: The request (its protocol revision, and method for the virtual server rows).
         config: The configuration's label.
+        baseline: The configuration of the same request this row is compared with.
         latency: The 1-connection run.
         throughput: The 16-connection run.
         extproc_msgs_per_request: gRPC calls Envoy made to our server per request (ext_proc
             messages plus ext_authz ``Check``s; throughput run).
         upstream_share: Requests that reached the upstream / requests Envoy answered.
+        upstream_expected: What ``upstream_share`` should be (2 for a list merged from two backends).
     """
 
     shape: str
     config: str
+    baseline: str
     latency: WrkResult
     throughput: WrkResult
     extproc_msgs_per_request: float
     upstream_share: float
+    upstream_expected: float = 1.0
 
 
 def machine(envoy: str) -> dict[str, Any]:
@@ -68,8 +77,14 @@ def _added(value: float, base: float) -> str:
     return f"{value - base:+.3f}"
 
 
-def table(rows: Sequence[Row], baseline: str) -> str:
-    """The results as one text table; ratios are against the ``baseline`` row of the same shape."""
+def _baselines(rows: Sequence[Row]) -> list[Row]:
+    """Each row's baseline row (the same request, the configuration it names)."""
+    by_name = {(r.shape, r.config): r for r in rows}
+    return [by_name[(r.shape, r.baseline)] for r in rows]
+
+
+def table(rows: Sequence[Row], base_name: str = "plain") -> str:
+    """The results as one text table; ratios are against each row's baseline (``base_name`` in the header)."""
     header = (
         "request",
         "configuration",
@@ -78,14 +93,12 @@ def table(rows: Sequence[Row], baseline: str) -> str:
         "p99 ms",
         "+p99 ms",
         "req/s @16",
-        "% of plain",
+        f"% of {base_name}",
         "calls/req",
         "errors",
     )
-    base = {r.shape: r for r in rows if r.config == baseline}
     lines: list[tuple[str, ...]] = [header]
-    for r in rows:
-        b = base[r.shape]
+    for r, b in zip(rows, _baselines(rows), strict=True):
         plain = r is b
         lines.append(
             (
@@ -111,19 +124,17 @@ def table(rows: Sequence[Row], baseline: str) -> str:
     return "\n".join(out)
 
 
-def write_json(path: Path, facts: dict[str, Any], settings: dict[str, Any], rows: Sequence[Row], baseline: str) -> None:
-    """The machine facts, the settings and every row (raw wrk numbers plus ratios) as JSON."""
-    base = {r.shape: r for r in rows if r.config == baseline}
+def write_json(path: Path, facts: dict[str, Any], settings: dict[str, Any], rows: Sequence[Row]) -> None:
+    """The machine facts, the settings and every row (raw wrk numbers plus ratios to its baseline) as JSON."""
     results = []
-    for r in rows:
-        b = base[r.shape]
+    for r, b in zip(rows, _baselines(rows), strict=True):
         results.append(
             {
                 **asdict(r),
                 "added_p50_ms": r.latency.p50_ms - b.latency.p50_ms,
                 "added_p99_ms": r.latency.p99_ms - b.latency.p99_ms,
-                "throughput_pct_of_plain": 100 * r.throughput.rps / b.throughput.rps if b.throughput.rps else None,
+                "throughput_pct_of_baseline": 100 * r.throughput.rps / b.throughput.rps if b.throughput.rps else None,
             }
         )
-    document = {"machine": facts, "settings": settings, "baseline": baseline, "results": results}
+    document = {"machine": facts, "settings": settings, "results": results}
     path.write_text(json.dumps(document, indent=2) + "\n")

@@ -15,18 +15,23 @@ The resources give the stages real work: an MCPToolPolicy with a rule and an
 embedded Rego module, and a static upstream bearer from a Secret. ``ext_proc, no
 stages`` gets the same ext_proc filter as the pipelines (rendered from the default
 pipeline's needs), so it shows what the framework and gRPC cost before any stage
-runs. Cells run interleaved: for each request shape and load, every configuration
-in turn, the order rotated between cells so drift does not always favour the same
-configuration; with ``rounds`` > 1 the whole sequence repeats and each cell reports the
-median of its rounds (on a shared 2-core VM one 10 s run of the same cell moved by
-±0.3 ms at p50 between runs; the median of interleaved rounds moves less).
+runs.
+
+What is measured is a list of groups of cases (:class:`Case`), one group per request: the
+``tools/call`` configurations above for each shape (:func:`call_cases`), and the
+virtual server rows (:mod:`bench.virtual`). Cells run interleaved: for each group and
+load, every case of the group in turn, the order rotated between cells so drift does
+not always favour the same configuration; with ``rounds`` > 1 the whole sequence repeats
+and each cell reports the median of its rounds (on a shared 2-core VM one 10 s run of
+the same cell moved by ±0.3 ms at p50 between runs; the median of interleaved rounds
+moves less).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -35,12 +40,12 @@ import yaml
 
 from bench.checks import sanity_check
 from bench.report import Row
-from bench.shapes import ALLOWED_TOOL, SHAPES, Shape, wrk_script
+from bench.shapes import ALLOWED_TOOL, Shape, wrk_script
 from bench.stack import Envoy, Stack
 from bench.wrk import WrkResult, median_of, run_wrk
 from extproc.api import Principal
 from extproc.config.pipeline_file import DEFAULT_PIPELINE, load_pipeline_config
-from extproc.config.resources import parse_documents
+from extproc.config.resources import Catalog, parse_documents
 from extproc.config.session_keys import load_key_set
 from extproc.core.registry import Registry
 from extproc.render.options import PhaseNeeds
@@ -57,6 +62,7 @@ EXTERNAL_TCP: Final = "+ external stage, TCP"
 EXTERNAL_UNIX: Final = "+ external stage, unix"
 FOUR_STAGES: Final = ("mcp", "allowlist", "policy", "credentials")
 """The issue's pipeline: everything but authn (no agents declared) and session."""
+API_VERSION: Final = "mcp.extproc.io/v1alpha1"
 UPSTREAM_TOKEN: Final = "bench-upstream-token"  # noqa: S105 - a made-up token the canned upstream ignores
 _POLICY_REGO: Final = """package mcp
 import rego.v1
@@ -85,13 +91,37 @@ class Target:
         return f"{self.envoy.base_url}/{SERVER}/mcp"
 
 
+@dataclass(frozen=True)
+class Case:
+    """One row of the report: a request sent to one configuration.
+
+    Attributes:
+        request: The report's request column; the cases of one group share it.
+        config: The configuration's label.
+        envoy: The front Envoy it goes through.
+        url: Where it is sent.
+        shape: What is sent.
+        baseline: The ``config`` of the case of the same group this one is compared with.
+        upstream_per_request: Requests the upstream must see per request answered.
+    """
+
+    request: str
+    config: str
+    envoy: Envoy
+    url: str
+    shape: Shape
+    baseline: str
+    upstream_per_request: int = 1
+
+
 def extproc_argv() -> list[str]:
     """``mcp-extproc`` beside this Python (the venv's console script), else ``python -m extproc``."""
     script = Path(sys.executable).with_name("mcp-extproc")
     return [str(script)] if script.exists() else [sys.executable, "-m", "extproc"]
 
 
-def _pipeline_file(path: Path, stages: Sequence[str], external: str | None = None) -> Path:
+def pipeline_file(path: Path, stages: Sequence[str], external: str | None = None) -> Path:
+    """Write a pipeline file of ``stages`` (plus the ``external`` stage calling ``external``) to ``path``."""
     entries: list[dict[str, Any]] = [{"name": name} for name in stages]
     if external is not None:
         # The benchmark stage reads no response and rewrites nothing: it vouches for the fast route.
@@ -100,20 +130,24 @@ def _pipeline_file(path: Path, stages: Sequence[str], external: str | None = Non
     return path
 
 
-def _documents(upstream_url: str) -> list[dict[str, Any]]:
-    """The MCPServer (with a static upstream bearer), its Secret, and a policy with a rule and Rego."""
-    api = "mcp.extproc.io/v1alpha1"
-    return [
+def documents(urls: Mapping[str, str], allowed_tools: Sequence[str] = (ALLOWED_TOOL,)) -> list[dict[str, Any]]:
+    """An MCPServer per name in ``urls`` (at its URL, with a static upstream bearer), their Secret, and a
+    policy with a rule and Rego targeting them all."""
+    servers = [
         {
-            "apiVersion": api,
+            "apiVersion": API_VERSION,
             "kind": "MCPServer",
-            "metadata": {"name": SERVER},
+            "metadata": {"name": name},
             "spec": {
-                "url": upstream_url,
-                "allowedTools": [ALLOWED_TOOL],
+                "url": url,
+                "allowedTools": list(allowed_tools),
                 "upstreamAuth": {"bearer": {"secretRef": {"name": "bench-upstream", "key": "token"}}},
             },
-        },
+        }
+        for name, url in urls.items()
+    ]
+    return [
+        *servers,
         {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -121,11 +155,11 @@ def _documents(upstream_url: str) -> list[dict[str, Any]]:
             "stringData": {"token": UPSTREAM_TOKEN},
         },
         {
-            "apiVersion": api,
+            "apiVersion": API_VERSION,
             "kind": "MCPToolPolicy",
             "metadata": {"name": "bench-policy"},
             "spec": {
-                "targetRefs": [{"kind": "MCPServer", "name": SERVER}],
+                "targetRefs": [{"kind": "MCPServer", "name": name} for name in urls],
                 "rules": [{"tools": ["delete_*"], "action": "Deny"}, {"tools": [ALLOWED_TOOL], "requiredTrust": "low"}],
                 "rego": {"query": "data.mcp.allow", "module": _POLICY_REGO},
             },
@@ -133,26 +167,29 @@ def _documents(upstream_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def mint_session_id(key_file: Path) -> str:
-    """A session id of :data:`SERVER` for the anonymous caller, signed with the key set every
+def mint_session_id(key_file: Path, server: str = SERVER) -> str:
+    """A session id of ``server`` for the anonymous caller, signed with the key set every
     ``serve`` of the bench is given (created here, before any starts)."""
     keys = load_key_set(key_file, create=True)
-    return SessionIds(keys).mint("bench-upstream-session", SERVER, Principal(subject="anonymous").key, None)
+    return SessionIds(keys).mint("bench-upstream-session", server, Principal(subject="anonymous").key, None)
 
 
-def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[Target]]:
-    """Start the upstream, the gRPC servers (and external stages) and the front Envoys."""
-    upstream = stack.start_upstream()
-    documents = _documents(f"{upstream.base_url}/mcp")
-    catalog = parse_documents(documents, "bench")
+def write_resources(path: Path, docs: list[dict[str, Any]]) -> Catalog:
+    """Write ``docs`` to ``path`` (what ``serve -f`` reads); returns their catalog (the front Envoy's routes)."""
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return parse_documents(docs, "bench")
+
+
+def build_targets(stack: Stack, upstream: Envoy, *, external: bool = True) -> list[Target]:
+    """Start the gRPC servers (and external stages) and the front Envoys of the ``tools/call`` configurations."""
     resources = stack.workdir / "resources.yaml"
-    resources.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    catalog = write_resources(resources, documents({SERVER: f"{upstream.base_url}/mcp"}))
     work = stack.workdir
     default_names = [spec.name for spec in DEFAULT_PIPELINE.stages]
     pipelines = {
-        "none": _pipeline_file(work / "no-stages.yaml", []),
-        "four": _pipeline_file(work / "four.yaml", FOUR_STAGES),
-        "six": _pipeline_file(work / "six.yaml", default_names),
+        "none": pipeline_file(work / "no-stages.yaml", []),
+        "four": pipeline_file(work / "four.yaml", FOUR_STAGES),
+        "six": pipeline_file(work / "six.yaml", default_names),
     }
     built = {key: Registry().build_pipeline(load_pipeline_config(path)) for key, path in pipelines.items()}
     needs = built["six"].needs
@@ -178,12 +215,25 @@ def build_targets(stack: Stack, *, external: bool = True) -> tuple[Envoy, list[T
             (EXTERNAL_UNIX, "external-unix", f"unix:{work}/bench-stage.sock"),
         ):
             listening = stack.start_stage(f"{name}-stage", address)
-            path = _pipeline_file(work / f"{name}.yaml", default_names, listening)
+            path = pipeline_file(work / f"{name}.yaml", default_names, listening)
             pipeline = Registry().build_pipeline(load_pipeline_config(path))
             sock = stack.start_extproc(f"extproc-{name}", resources, path)
             front = stack.start_front(name, catalog, pipeline.needs, sock, pipeline.fast_call_eras)
             targets.append(Target(label, front, True, external=True))
-    return upstream, targets
+    return targets
+
+
+def check_targets(targets: Sequence[Target], shapes: Sequence[Shape]) -> None:
+    """The sanity check of every ``tools/call`` configuration with every shape (:mod:`bench.checks`)."""
+    for target in targets:
+        sanity_check(
+            target.label, target.url, shapes, enforces_allowlist=target.enforces_allowlist, external=target.external
+        )
+
+
+def call_cases(targets: Sequence[Target], shapes: Sequence[Shape]) -> list[list[Case]]:
+    """One group per shape: that ``tools/call`` on every configuration, compared with plain Envoy."""
+    return [[Case(shape.name, t.label, t.envoy, t.url, shape, PLAIN) for t in targets] for shape in shapes]
 
 
 @dataclass
@@ -196,59 +246,74 @@ class _Cell:
 
 
 def _measure(
-    target: Target, upstream: Envoy, script: Path, load: tuple[int, int], duration_s: float, warmup_s: float
+    case: Case, upstream: Envoy, script: Path, load: tuple[int, int], duration_s: float, warmup_s: float
 ) -> tuple[WrkResult, int, int, int]:
     """Warm up, then measure; also returns the calls Envoy made to our server (ext_proc
     messages plus ext_authz Checks, each one round trip), the requests Envoy answered and
     those that reached the upstream."""
     threads, connections = load
-    run_wrk(target.url, script, threads=threads, connections=connections, duration_s=warmup_s)
-    before, up_before = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
-    result = run_wrk(target.url, script, threads=threads, connections=connections, duration_s=duration_s)
-    after, up_after = target.envoy.counters("http.mcp."), upstream.counters("http.canned.")
+    run_wrk(case.url, script, threads=threads, connections=connections, duration_s=warmup_s)
+    before, up_before = case.envoy.counters("http.mcp."), upstream.counters("http.canned.")
+    result = run_wrk(case.url, script, threads=threads, connections=connections, duration_s=duration_s)
+    after, up_after = case.envoy.counters("http.mcp."), upstream.counters("http.canned.")
     answered = after.get(_FRONT_RQ, 0) - before.get(_FRONT_RQ, 0)
     calls = sum(after.get(name, 0) - before.get(name, 0) for name in (_EXTPROC_MSGS, *_AUTHZ_CALLS))
     reached = up_after.get(_UPSTREAM_RQ, 0) - up_before.get(_UPSTREAM_RQ, 0)
     return result, calls, answered, reached
 
 
+def _scripts(groups: Sequence[Sequence[Case]], workdir: Path) -> dict[tuple[str, str], Path]:
+    """The wrk script of every case, by (request, config)."""
+    scripts = {}
+    for g, group in enumerate(groups):
+        for c, case in enumerate(group):
+            path = workdir / f"wrk-{g}-{c}.lua"
+            path.write_text(wrk_script(case.shape))
+            scripts[(case.request, case.config)] = path
+    return scripts
+
+
+def _row(case: Case, cell: _Cell) -> Row:
+    return Row(
+        case.request,
+        case.config,
+        case.baseline,
+        median_of(cell.latency),
+        median_of(cell.throughput),
+        cell.calls / cell.answered if cell.answered else 0.0,
+        cell.reached / cell.answered if cell.answered else 0.0,
+        case.upstream_per_request,
+    )
+
+
 def measure(
     upstream: Envoy,
-    targets: Sequence[Target],
+    groups: Sequence[Sequence[Case]],
     workdir: Path,
     *,
     duration_s: float,
     warmup_s: float,
     progress: Callable[[str], None],
-    shapes: Sequence[Shape] = SHAPES,
     rounds: int = 1,
 ) -> list[Row]:
-    """Sanity-check every target, then measure every (shape, load, target) cell ``rounds`` times."""
-    for target in targets:
-        sanity_check(
-            target.label, target.url, shapes, enforces_allowlist=target.enforces_allowlist, external=target.external
-        )
-    progress(
-        "sanity check passed: every configuration answers 200 with the canned result; "
-        "the default pipeline refuses a tool outside allowedTools with -32003"
-    )
-    cells: dict[tuple[str, str], _Cell] = {(s.name, t.label): _Cell() for s in shapes for t in targets}
+    """Measure every (group, load, case) cell ``rounds`` times; one row per case, in group order."""
+    cells: dict[tuple[str, str], _Cell] = {(c.request, c.config): _Cell() for group in groups for c in group}
+    scripts = _scripts(groups, workdir)
     rotation = 0
-    scripts = {}
-    for shape in shapes:
-        scripts[shape.name] = workdir / f"wrk-{shape.name}.lua"
-        scripts[shape.name].write_text(wrk_script(shape))
     for round_no in range(1, rounds + 1):
-        for shape in shapes:
+        for group in groups:
             for kind, load in (("latency", LATENCY_LOAD), ("throughput", THROUGHPUT_LOAD)):
-                order = [*targets[rotation:], *targets[:rotation]]
-                rotation = (rotation + 1) % len(targets)
-                for target in order:
+                # Shifted by the round too: when a round has a multiple of the group's size of
+                # cells (groups of two), each cell would otherwise start with the same case.
+                turn = (rotation + round_no) % len(group)
+                rotation += 1
+                for case in [*group[turn:], *group[:turn]]:
                     started = time.monotonic()
+                    key = (case.request, case.config)
                     result, calls, answered, reached = _measure(
-                        target, upstream, scripts[shape.name], load, duration_s, warmup_s
+                        case, upstream, scripts[key], load, duration_s, warmup_s
                     )
-                    cell = cells[(shape.name, target.label)]
+                    cell = cells[key]
                     if kind == "latency":
                         cell.latency.append(result)
                     else:
@@ -259,16 +324,8 @@ def measure(
                             cell.reached + reached,
                         )
                     progress(
-                        f"round {round_no}/{rounds} {shape.name} {kind:<10} {target.label:<20} "
+                        f"round {round_no}/{rounds} {case.request} {kind:<10} {case.config:<24} "
                         f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  {result.rps:,.0f} req/s  "
                         f"errors {result.errors}  ({time.monotonic() - started:.0f} s)"
                     )
-    rows = []
-    for shape in shapes:
-        for target in targets:
-            cell = cells[(shape.name, target.label)]
-            calls_per_request = cell.calls / cell.answered if cell.answered else 0.0
-            upstream_share = cell.reached / cell.answered if cell.answered else 0.0
-            latency, throughput = median_of(cell.latency), median_of(cell.throughput)
-            rows.append(Row(shape.name, target.label, latency, throughput, calls_per_request, upstream_share))
-    return rows
+    return [_row(case, cells[(case.request, case.config)]) for group in groups for case in group]

@@ -1,6 +1,7 @@
 """The MCP requests the benchmark sends: what goes on the wire, and the wrk script for it.
 
-Pure: no I/O. Shapes of the same ``tools/call``:
+Pure: no I/O. Shapes of the same ``tools/call`` (and of a ``tools/list``, for the
+virtual server rows):
 
 * ``2025-06-18``: legacy era, the protocol version only in a header;
 * ``2026-07-28``: the method and tool mirrored in ``Mcp-Method`` / ``Mcp-Name`` and the
@@ -8,6 +9,8 @@ Pure: no I/O. Shapes of the same ``tools/call``:
 * ``2025-06-18+session``: the legacy call inside a session: with the gateway-signed
   ``Mcp-Session-Id`` the ``session`` stage verifies and swaps for the upstream's (what the
   signature check costs; the id is minted by the bench with the server's key set).
+
+:func:`initialize` opens a legacy session (on a virtual server: the gateway answers it).
 """
 
 from __future__ import annotations
@@ -62,16 +65,25 @@ def legacy_call(tool: str = ALLOWED_TOOL) -> Shape:
     return Shape(LEGACY_VERSION, _common_headers(LEGACY_VERSION), body)
 
 
-def modern_call(tool: str = ALLOWED_TOOL) -> Shape:
-    """A 2026-07-28 ``tools/call`` of ``tool`` (routing headers plus ``params._meta``)."""
-    meta = {
+def _modern_meta() -> dict[str, Any]:
+    return {
         "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
         "io.modelcontextprotocol/clientCapabilities": {},
     }
-    params: dict[str, Any] = {"name": tool, "arguments": {"text": "hi"}, "_meta": meta}
+
+
+def modern_call(tool: str = ALLOWED_TOOL) -> Shape:
+    """A 2026-07-28 ``tools/call`` of ``tool`` (routing headers plus ``params._meta``)."""
+    params: dict[str, Any] = {"name": tool, "arguments": {"text": "hi"}, "_meta": _modern_meta()}
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
     headers = {**_common_headers(MODERN_VERSION), "mcp-method": "tools/call", "mcp-name": tool}
     return Shape(MODERN_VERSION, headers, body)
+
+
+def modern_list() -> Shape:
+    """A 2026-07-28 ``tools/list``."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": _modern_meta()}}
+    return Shape(MODERN_VERSION, {**_common_headers(MODERN_VERSION), "mcp-method": "tools/list"}, body)
 
 
 SESSION_SHAPE: Final = f"{LEGACY_VERSION}+session"
@@ -81,6 +93,19 @@ def session_call(session_id: str, tool: str = ALLOWED_TOOL) -> Shape:
     """The legacy ``tools/call`` of ``tool`` in the session ``session_id``."""
     plain = legacy_call(tool)
     return Shape(SESSION_SHAPE, {**plain.headers, "mcp-session-id": session_id}, plain.body)
+
+
+def session_list(session_id: str) -> Shape:
+    """A legacy ``tools/list`` in the session ``session_id``."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    return Shape(SESSION_SHAPE, {**_common_headers(LEGACY_VERSION), "mcp-session-id": session_id}, body)
+
+
+def initialize() -> Shape:
+    """A legacy ``initialize`` (no session yet)."""
+    params = {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
+    return Shape(LEGACY_VERSION, _common_headers(LEGACY_VERSION), body)
 
 
 SHAPES: Final = (legacy_call(), modern_call())

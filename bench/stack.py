@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,8 +46,8 @@ class BenchError(RuntimeError):
 
 def http(
     url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None, timeout_s: float = 5.0
-) -> tuple[int, bytes]:
-    """One HTTP request on loopback; returns status and body (error statuses included).
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on loopback; returns status, headers (lower-case names) and body (error statuses included).
 
     Raises:
         BenchError: ``url`` is not ``http://127.0.0.1:...`` (the benchmark talks to loopback only).
@@ -59,9 +60,13 @@ def http(
     )
     try:
         with _OPENER.open(request, timeout=timeout_s) as reply:
-            return int(reply.status), bytes(reply.read())
+            return int(reply.status), _lower(reply.headers.items()), bytes(reply.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
+        return int(exc.code), _lower(exc.headers.items()), bytes(exc.read())
+
+
+def _lower(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in items}
 
 
 @dataclass(frozen=True)
