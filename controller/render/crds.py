@@ -2,7 +2,8 @@
 
 Data flow::
 
-    extproc.config.models.MCPServer / MCPToolPolicy / MCPAgent / MCPVirtualServer
+    extproc.config.models.MCPServer / MCPToolPolicy / MCPAgent / MCPVirtualServer /
+                          MCPAccessGrant / MCPConsent
         ──model_json_schema(by_alias=True)──▶ JSON Schema (2020-12, $defs/$ref, anyOf null)
         ──structural()──▶ Kubernetes structural OpenAPI v3: $refs inlined, ``nullable``,
                           ``exclusiveMinimum`` as a flag, no ``title``/``additionalProperties: false``,
@@ -32,12 +33,21 @@ from pydantic import BaseModel
 from pydantic.functional_validators import AfterValidator
 
 from extproc.config import models
-from extproc.config.models import API_VERSION, MCPAgent, MCPServer, MCPToolPolicy, MCPVirtualServer
+from extproc.config.models import (
+    API_VERSION,
+    MCPAccessGrant,
+    MCPAgent,
+    MCPConsent,
+    MCPServer,
+    MCPToolPolicy,
+    MCPVirtualServer,
+)
 
 GROUP: Final = API_VERSION.split("/")[0]
 VERSION: Final = API_VERSION.split("/")[1]
 
 _READY = '.status.conditions[?(@.type=="Ready")]'
+_EXPIRED = '.status.conditions[?(@.type=="Expired")]'
 _MAX_URL: Final = 2048
 _HTTP_URL_RULE: Final = {
     # The same check as extproc.config.models.http_url: a scheme of http or https, then a host.
@@ -79,6 +89,12 @@ _MODEL_RULES: Final[dict[type[BaseModel], list[dict[str, str]]]] = {
             "message": "a prefix is used twice, or starts another: a name could belong to either server",
         }
     ],
+    models.Subject: [
+        {
+            "rule": "has(self.user) || has(self.agent) || has(self.group)",
+            "message": "set user, agent, group or several: an empty subject would match every caller",
+        }
+    ],
     models.MCPServerSpec: [
         {
             "rule": "!has(self.productionMode) || !self.productionMode || self.url.startsWith('https://')",
@@ -99,6 +115,22 @@ _FIELD_EXTRAS: Final[dict[tuple[type[BaseModel], str], dict[str, Any]]] = {
     (models.MCPVirtualServerSpec, "servers"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     (models.Rego, "query"): {"pattern": r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$"},
     (models.JwtIdentity, "algorithms"): {"minItems": 1, "items": {"enum": list(models.DEFAULT_ALGORITHMS)}},
+    # AwareDatetime: a time zone is required (``format: date-time``, which the API server
+    # checks, is RFC 3339 and would otherwise also take a local time).
+    (models.MCPConsentSpec, "expiresAt"): {"pattern": r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"},
+    # MCPAccessGrantSpec's validator, on each rule (ToolRule is MCPToolPolicy's too, where both
+    # are allowed); a rule per item keeps the CEL cost estimate flat over an unbounded list.
+    (models.MCPAccessGrantSpec, "toolRules"): {
+        "items": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(!has(self.scopes) || size(self.scopes) == 0) && !has(self.sideEffect)",
+                    "message": "a grant's rules take tools, action and requiredTrust only; "
+                    "declare scopes and sideEffect in an MCPToolPolicy rule",
+                }
+            ]
+        }
+    },
 }
 
 
@@ -161,6 +193,40 @@ CRD_KINDS: Final = (
         (
             ("Servers", "string", ".spec.servers[*].name", 0),
             ("Prefixes", "string", ".spec.servers[*].prefix", 1),
+        ),
+    ),
+    # One JSONPath cannot print a whole subject readably (an object prints as map[...]),
+    # so its fields get a column each.
+    CrdKind(
+        MCPAccessGrant,
+        "MCPAccessGrant",
+        "mcpaccessgrants",
+        ("mcpgrant",),
+        (
+            ("User", "string", ".spec.subject.user", 0),
+            ("Agent", "string", ".spec.subject.agent", 0),
+            ("Group", "string", ".spec.subject.group", 0),
+            ("Targets", "string", ".spec.targetRefs[*].name", 0),
+            ("Max Trust", "string", ".spec.maxTrust", 0),
+            ("Side Effects", "string", ".spec.allowedSideEffects", 1),
+            ("Disabled", "boolean", ".spec.disabled", 0),
+        ),
+    ),
+    CrdKind(
+        MCPConsent,
+        "MCPConsent",
+        "mcpconsents",
+        ("mcpconsent",),
+        (
+            ("User", "string", ".spec.subject.user", 0),
+            ("Agent", "string", ".spec.subject.agent", 0),
+            ("Group", "string", ".spec.subject.group", 1),
+            ("Server", "string", ".spec.serverRef.name", 0),
+            ("Trust", "string", ".spec.consentedTrust", 0),
+            # A string, not a date: kubectl prints a date as an age, and a future one as <invalid>.
+            ("Expires", "string", ".spec.expiresAt", 0),
+            ("Revoked", "boolean", ".spec.revoked", 0),
+            ("Expired", "string", f"{_EXPIRED}.status", 0),
         ),
     ),
 )
@@ -304,7 +370,8 @@ def _condition_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    """The status every kind shares: conditions (Accepted, ResolvedRefs, Ready) and observedGeneration."""
+    """The status every kind shares: conditions (Accepted, ResolvedRefs, Ready; an MCPConsent's
+    Expired and Revoked too: :mod:`controller.render.status`) and observedGeneration."""
     return {
         "type": "object",
         "description": "Written by the controller.",

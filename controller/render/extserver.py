@@ -2,7 +2,8 @@
 
 Data flow::
 
-    the namespace's MCPServers used by a Gateway or an Istio agent (+ their policies)
+    the namespace's MCPServers used by a Gateway or an Istio agent (+ their policies,
+    grants and consents)
         ──▶ ConfigMap mcp-extproc  (resources.yaml, pipeline.yaml; resources.yaml in
                                     Secret mcp-extproc instead when it holds Secrets)
         ──▶ Deployment mcp-extproc (``mcp-extproc serve --grpc 0.0.0.0:<port>``, 2 replicas spread
@@ -32,7 +33,7 @@ APP_LABEL = "app.kubernetes.io/name"
 
 
 def shared_catalog(view: NamespaceView, servers: list[MCPServer]) -> Catalog:
-    """The servers, the policies targeting them, and what those reference."""
+    """The servers, the policies, grants and consents targeting them, and what those reference."""
     return view.catalog.subset(s.name for s in servers)
 
 

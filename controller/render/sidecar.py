@@ -4,7 +4,9 @@ Data flow::
 
     NamespaceView + MCPAgent
         ──agent_catalog──▶ Catalog of what the agent may use (its resolved servers,
-                           its policies, the ConfigMaps and Secrets those reference)
+                           its policies, the ConfigMaps and Secrets those reference,
+                           the MCPAccessGrants and MCPConsents of its servers and
+                           virtual servers: the extension server decides with them)
         ──extproc.render.bootstrap.render_bootstrap_yaml (the renderer `up` uses)──▶ envoy.yaml
         ──documents──▶ resources.yaml, pipeline.yaml (an agent without spec.identity: the
                        authn stage's workloadAgent names it, for the pod is that agent)
@@ -72,6 +74,8 @@ def documents(catalog: Catalog) -> list[dict[str, Any]]:
         *catalog.policies.values(),
         *catalog.agents.values(),
         *catalog.virtual_servers.values(),
+        *catalog.grants.values(),
+        *catalog.consents.values(),
         *catalog.config_maps.values(),
         *catalog.secrets.values(),
     ]

@@ -26,7 +26,7 @@ from extproc.config.resources import Catalog, reference_problems
 Key = tuple[str, str]
 """(kind, name) of a resource in one namespace."""
 
-CUSTOM_KINDS = ("MCPServer", "MCPToolPolicy", "MCPAgent", "MCPVirtualServer")
+CUSTOM_KINDS = ("MCPServer", "MCPToolPolicy", "MCPAgent", "MCPVirtualServer", "MCPAccessGrant", "MCPConsent")
 _META_KEPT = ("name", "namespace", "labels", "annotations")
 
 

@@ -70,6 +70,8 @@ _KINDS: Final = [
     KindInfo("mcp.extproc.io/v1alpha1", "MCPToolPolicy", "mcptoolpolicies"),
     KindInfo("mcp.extproc.io/v1alpha1", "MCPAgent", "mcpagents"),
     KindInfo("mcp.extproc.io/v1alpha1", "MCPVirtualServer", "mcpvirtualservers"),
+    KindInfo("mcp.extproc.io/v1alpha1", "MCPAccessGrant", "mcpaccessgrants"),
+    KindInfo("mcp.extproc.io/v1alpha1", "MCPConsent", "mcpconsents"),
 ]
 KINDS: Final = {k.kind: k for k in _KINDS}
 RENDERED_KINDS: Final = (

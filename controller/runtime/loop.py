@@ -2,9 +2,10 @@
 
 Data flow::
 
-    watch MCPServer / MCPToolPolicy / MCPAgent (all namespaces) ──event──▶ queue(namespace)
+    watch every custom kind (view.CUSTOM_KINDS, all namespaces) ──event──▶ queue(namespace)
     every resync_s: every namespace                                  ──▶ queue
-    worker: queue ──Reconciler.reconcile(ns)──▶ ok: forget failures
+    worker: queue ──Reconciler.reconcile(ns)──▶ ok: forget failures; a consent expiring
+                                            │      within resync_s: queue(ns) at that time
                                             └─ KubeError: requeue after min(cap, base·2^n)
     LeaseElector: only the leader watches and reconciles; every replica serves
     /healthz, /metrics and the injection webhook.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -71,6 +72,11 @@ class Metrics:
         )
 
 
+EXPIRY_SLACK_S: Final = 0.5
+"""How long after a consent's ``expiresAt`` its namespace is reconciled again (so the pass
+sees it past even with the wall clock a little behind the monotonic one)."""
+
+
 def backoff(failures: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with jitter: about base·2^(failures-1), never above ``cap_s``."""
     delay: float = min(cap_s, base_s * 2 ** max(0, failures - 1))
@@ -78,7 +84,18 @@ def backoff(failures: int, base_s: float, cap_s: float) -> float:
 
 
 class Controller:
-    """The leader's work: watch, queue and reconcile."""
+    """The leader's work: watch, queue and reconcile.
+
+    Time alone changes one thing: an ``MCPConsent`` whose ``expiresAt`` passes gets
+    ``Expired=True`` without any object changing, so no watch event announces it. Every
+    reconcile returns when the namespace's next consent expires; when that is within one
+    resync interval, the namespace is queued for that moment (plus :data:`EXPIRY_SLACK_S`),
+    and a later expiry is queued by a later pass (the resync comes round first). So the
+    condition turns within about a second of ``expiresAt`` while the worker keeps up, and
+    never later than one resync interval (``resync_s``) after it: were the timer lost (a
+    failed pass retried, a new leader), the resync's pass writes it. The extension servers
+    refuse a lapsed consent on their own clock either way; the status is for people.
+    """
 
     def __init__(self, kube: Kube, settings: ControllerSettings, options: ControllerOptions, metrics: Metrics) -> None:
         self.kube = kube
@@ -117,7 +134,7 @@ class Controller:
         while (namespace := self._next(stop)) is not None:
             started = time.monotonic()
             try:
-                self.reconciler.reconcile(namespace)
+                expiry_s = self.reconciler.reconcile(namespace)
             except KubeError as exc:
                 failures = self._failures.get(namespace, 0) + 1
                 self._failures[namespace] = failures
@@ -129,6 +146,8 @@ class Controller:
                 self._failures.pop(namespace, None)
                 self.metrics.reconciles.labels("ok").inc()
                 self.metrics.seconds.observe(time.monotonic() - started)
+                if expiry_s is not None and expiry_s <= self.options.resync_s:
+                    self.enqueue(namespace, expiry_s + EXPIRY_SLACK_S)
 
     def watch(self, kind: str, stop: threading.Event) -> None:
         """Queue the namespace of every change to ``kind``; restart the watch when it ends or fails."""

@@ -2,13 +2,15 @@
 
 Data flow::
 
-    Kube.list(MCPServer, MCPToolPolicy, MCPAgent in ns) + the Secrets, ConfigMaps and
+    Kube.list(every custom kind in ns: view.CUSTOM_KINDS) + the Secrets, ConfigMaps and
     Services they name ──build_view──▶ NamespaceView ──render_namespace──▶ objects, problems
         ──rendered.session_keys──▶ ensure_session_keys: Secret mcp-extproc-session-keys
                                    created when missing, never overwritten (session_keys.py)
         ──Kube.apply (server-side apply, field manager mcp-extproc-controller)──▶ cluster
         ──Kube.list(label managed-by) minus rendered──▶ Kube.delete  (prune)
-        ──compute_status──▶ Kube.patch_status (only when it changed)
+        ──compute_status (+ an MCPConsent's Expired/Revoked at the clock's now)──▶
+          Kube.patch_status (only when it changed)
+        ──▶ seconds until the namespace's next consent expiry (the loop comes back then)
 
 A transient API error (no answer, 429, 5xx) is raised for the loop to retry with
 backoff; any other error applying an object is written into its owner's status
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from controller.render.meta import MANAGED_BY, MANAGER, ControllerSettings
 from controller.render.namespace import render_namespace
 from controller.render.netpol import service_host
-from controller.render.status import compute_status, same_status
+from controller.render.status import Condition, compute_status, consent_conditions, next_expiry, rfc3339, same_status
 from controller.render.view import CUSTOM_KINDS, Key, build_view
 from controller.runtime.kube import RENDERED_KINDS, Kube, KubeError
 from controller.runtime.session_keys import ensure_session_keys
@@ -51,16 +53,24 @@ def _walk_refs(node: Any, key: str) -> Iterator[str]:
             yield from _walk_refs(item, key)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_now() -> datetime.datetime:
+    """The wall clock, aware, in UTC (the reconciler's default clock)."""
+    return datetime.datetime.now(datetime.UTC)
 
 
 class Reconciler:
-    """Brings one namespace in line with its custom resources."""
+    """Brings one namespace in line with its custom resources.
 
-    def __init__(self, kube: Kube, settings: ControllerSettings) -> None:
+    ``clock`` gives the aware time a pass judges consents' ``expiresAt`` by and writes as
+    ``lastTransitionTime`` (tests pass a fake one).
+    """
+
+    def __init__(
+        self, kube: Kube, settings: ControllerSettings, clock: Callable[[], datetime.datetime] = utc_now
+    ) -> None:
         self.kube = kube
         self.settings = settings
+        self.clock = clock
 
     def namespaces(self) -> set[str]:
         """Every namespace holding a custom resource or something the controller rendered."""
@@ -89,8 +99,14 @@ class Reconciler:
                     services[(svc.namespace, svc.name)] = found
         return custom + extra, services
 
-    def reconcile(self, namespace: str) -> None:
+    def reconcile(self, namespace: str) -> float | None:
         """One pass over ``namespace``.
+
+        Returns:
+            Seconds until the earliest ``expiresAt`` of the namespace's consents still to
+            come (``None`` without one): its ``Expired`` condition turns ``True`` then
+            with no change to any object, so no watch event would say so. The loop
+            reconciles the namespace again at that moment (:class:`controller.runtime.loop.Controller`).
 
         Raises:
             KubeError: a transient API error; nothing is assumed about what was written.
@@ -113,14 +129,20 @@ class Reconciler:
                     apply_errors.setdefault((owner["kind"], owner["name"]), str(exc))
                 log.warning("apply %s %s/%s failed: %s", obj["kind"], namespace, obj["metadata"]["name"], exc)
         self._prune(namespace, wanted)
-        now = _now()
+        moment = self.clock()
+        now = rfc3339(moment)
         for key, raw in sorted(view.raw.items()):
+            extra: list[Condition] = []
+            consent = view.catalog.consents.get(key[1]) if key[0] == "MCPConsent" else None
+            if consent is not None:
+                extra = consent_conditions(consent, moment)
             status = compute_status(
                 raw,
                 invalid=view.invalid.get(key),
                 problems=rendered.problems.get(key, []),
                 apply_error=apply_errors.get(key),
                 previous=raw.get("status"),
+                extra=extra,
                 now=now,
             )
             if not same_status(raw.get("status"), status):
@@ -129,6 +151,8 @@ class Reconciler:
                 except KubeError as exc:
                     if transient(exc) or exc.status != 404:  # 404: deleted meanwhile
                         raise
+        lapse = next_expiry(view.catalog.consents.values(), moment)
+        return None if lapse is None else (lapse - moment).total_seconds()
 
     def _session_keys(self, namespace: str) -> None:
         """The session key Secret the namespace's extension servers mount: created when missing."""

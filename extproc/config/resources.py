@@ -181,13 +181,16 @@ class Catalog:
             and ref.name in self.config_maps
         }
         secret_names = sorted({ref.name for s in kept.values() for _, ref in _secret_refs(s)})
-        reachable = {*kept, *virtual}
+
+        def reachable(ref: ServerRef) -> bool:
+            return ref.name in (kept if ref.kind == "MCPServer" else virtual)
+
         grants = {}
         for name, grant in self.grants.items():
-            refs = [r for r in grant.spec.target_refs if r.name in reachable]
+            refs = [r for r in grant.spec.target_refs if reachable(r)]
             if refs:
                 grants[name] = grant.model_copy(update={"spec": grant.spec.model_copy(update={"target_refs": refs})})
-        consents = {n: c for n, c in self.consents.items() if c.spec.server_ref.name in reachable}
+        consents = {n: c for n, c in self.consents.items() if reachable(c.spec.server_ref)}
         return Catalog(
             servers=kept,
             policies=policies,
