@@ -148,6 +148,8 @@ class PolicyStage(ToolGate[PolicyConfig]):
         self._buckets = TokenBuckets(config.rate_limit_keys)
         self._backends: dict[str, RegoBackend] = {}  # by the Rego source, so reloads reuse compiled policies
         self._annotations: TtlCache[Mapping[str, Any]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
+        # Every listed tool's annotations, {} for none (its side effect for grants; absent: never listed).
+        self._listed: TtlCache[Mapping[str, Any]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
         self._now = now
 
     async def shutdown(self) -> None:
@@ -237,7 +239,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         tool = message.tool_name or ""
         policies = self._policies(ctx, server)
         principal = ctx.principal or _ANONYMOUS
-        found = self._standing(ctx, server, policies, principal, tool, self._annotations.get((server.name, tool)))
+        found = self._standing(ctx, server, policies, principal, tool, self._listed.get((server.name, tool)))
         if isinstance(found, grants.Refusal):
             ctx.explain(found.explanation)
             ctx.audit("trust", {"grant": found.grant, "consent": found.consent})
@@ -260,13 +262,13 @@ class PolicyStage(ToolGate[PolicyConfig]):
 
     async def hide_tool(self, ctx: Context, server: MCPServer, name: str, tool: Mapping[str, Any]) -> bool:
         annotations = tool.get("annotations")
+        listed: Mapping[str, Any] = annotations if isinstance(annotations, Mapping) else {}
         if isinstance(annotations, Mapping):
             self._annotations.put((server.name, name), annotations)
+        self._listed.put((server.name, name), listed)
         principal = ctx.principal or _ANONYMOUS
         policies = self._policies(ctx, server)
-        found = self._standing(
-            ctx, server, policies, principal, name, annotations if isinstance(annotations, Mapping) else None
-        )
+        found = self._standing(ctx, server, policies, principal, name, listed)
         if isinstance(found, grants.Refusal):
             return True
         if found is not None:

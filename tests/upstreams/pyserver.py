@@ -28,8 +28,9 @@ client (`tests.agents.legacy_session` / `modern_session`); the mode only decides
 legacy era is served. A modern response is JSON unless the handler emits a notification
 (e.g. progress) first, in which case it commits to SSE.
 
-Tools: `echo(text)`, `add(a, b)`, `delete_everything()` (the tool allow-list tests
-deny, so the record shows it never arrived), `slow_count(steps, delay)`, which
+Tools: `echo(text)` (annotated `readOnlyHint`), `add(a, b)` (no annotations),
+`delete_everything()` (annotated `destructiveHint`; the tool allow-list tests deny it, so
+the record shows it never arrived), `slow_count(steps, delay)`, which
 reports progress once per step before returning, and `push_unrelated(count, delay)` /
 `pushed_outcomes()`: notifications and an `elicitation/create` sent later on the
 session's standalone stream, and what became of the elicitation.
@@ -58,7 +59,7 @@ from typing import Any, Final, Literal, TypedDict, cast, get_args
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import JSONRPCMessage
+from mcp_types import JSONRPCMessage, ToolAnnotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.upstreams.serving import bind_loopback, serve_ready
@@ -85,7 +86,7 @@ def build_server() -> MCPServer[Any]:
     """Build the `MCPServer` with the test tools registered."""
     srv: MCPServer[Any] = MCPServer(name="pyserver", version="0.1.0", log_level="WARNING")
 
-    @srv.tool()
+    @srv.tool(annotations=ToolAnnotations(read_only_hint=True))
     def echo(text: str) -> str:
         """Return `text` unchanged."""
         return text
@@ -95,7 +96,7 @@ def build_server() -> MCPServer[Any]:
         """Return the sum of `a` and `b`."""
         return a + b
 
-    @srv.tool()
+    @srv.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
     def delete_everything() -> str:
         """A destructive-sounding tool that allow-list tests deny."""
         return "deleted everything"
