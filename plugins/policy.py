@@ -168,7 +168,32 @@ class PolicyStage(ToolGate[PolicyConfig]):
                 problem = compile_problem(f"{name}.rego", module, policy.spec.rego.query)
                 if problem is not None:
                     problems.append(f"MCPToolPolicy {name!r}: spec.rego: {problem}")
-        return problems
+        return problems + self._grant_warnings(catalog)
+
+    def _grant_warnings(self, catalog: Catalog) -> list[str]:
+        """Grants and consents that can never match, and consents already lapsed (warnings: nothing is refused)."""
+        found: list[str] = []
+        tokens = any(a.jwt is not None for a in catalog.agents.values())
+        documents = [("MCPAccessGrant", n, g.spec.subject) for n, g in sorted(catalog.grants.items())]
+        documents += [("MCPConsent", n, c.spec.subject) for n, c in sorted(catalog.consents.items())]
+        for kind, name, subject in documents:
+            if subject.agent is not None and subject.agent not in catalog.agents:
+                found.append(
+                    f"warning: {kind} {name!r}: subject.agent {subject.agent!r} is no MCPAgent: it never matches"
+                )
+            if (subject.user is not None or subject.group is not None) and not tokens:
+                found.append(
+                    f"warning: {kind} {name!r}: subject names a user or group, but no MCPAgent declares "
+                    "identity.jwt: users and groups come only from validated tokens, so it never matches"
+                )
+        now = self._now()
+        for name, consent in sorted(catalog.consents.items()):
+            expires = consent.spec.expires_at
+            if expires is not None and now >= expires and not consent.spec.revoked:
+                found.append(
+                    f"warning: MCPConsent {name!r}: expired at {expires.isoformat()}: the calls it covers are refused"
+                )
+        return found
 
     # -- which policies ---------------------------------------------------------------------
 

@@ -168,6 +168,8 @@ def check(settings: Settings) -> str:
     counts += f"{len(catalog.agents)} MCPAgent"
     if catalog.virtual_servers:
         counts += f"; {len(catalog.virtual_servers)} MCPVirtualServer: {', '.join(sorted(catalog.virtual_servers))}"
+    if catalog.grants or catalog.consents:
+        counts += f"; {len(catalog.grants)} MCPAccessGrant, {len(catalog.consents)} MCPConsent"
     lines = [f"{settings.resources}: {warning}" for warning in warnings]
     lines.append(f"{settings.resources}: OK ({counts}; stages: {', '.join(pipeline.names)})")
     return "\n".join(lines)
