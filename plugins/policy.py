@@ -244,8 +244,9 @@ class PolicyStage(ToolGate[PolicyConfig]):
             return None
         agent = catalog.agents.get(principal.agent) if principal.agent else None
         claim_cap = None
-        if agent is not None and agent.spec.trust.consent_claim is not None:
-            claim_cap = _level(principal.consented)
+        claim = agent.spec.trust.consent_claim if agent is not None else None
+        if claim is not None and principal.token and claim in principal.claims:
+            claim_cap = _level(principal.consented)  # authn read the claim into consented
         return grants.standing(
             found,
             consents,

@@ -33,7 +33,7 @@ from extproc.config.models import API_VERSION, MCPConsent, Trust
 from extproc.config.resources import Catalog, load_text
 from extproc.errors import ConfigError
 
-_SEPARATOR: Final = re.compile(r"^---[ \t]*(#.*)?$", re.MULTILINE)
+_SEPARATOR: Final = re.compile(r"^---[ \t]*(#[^\r\n]*)?\r?$", re.MULTILINE)
 _DURATION: Final = re.compile(r"^(\d+)([smhd])$")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -70,7 +70,8 @@ def split_documents(text: str) -> list[str]:
 
 def _load(path: Path) -> tuple[str, Catalog]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8", newline="") as source:  # CRLF files stay CRLF
+            text = source.read()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
     return text, load_text(text, str(path))
@@ -130,10 +131,11 @@ def _document(name: str, namespace: str | None, spec: dict[str, Any], separated:
 
 def _write(path: Path, text: str) -> None:
     load_text(text, str(path))
+    path = path.resolve()  # a symlinked file: its target is rewritten, the link stays
     mode = path.stat().st_mode & 0o777
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             out.write(text)
         os.chmod(temporary, mode)
         os.replace(temporary, path)
@@ -146,7 +148,7 @@ def _replace(path: Path, text: str, name: str, new: str) -> None:
     parts = split_documents(text)
     index = next(i for i, part in enumerate(parts) if _consent_of(part) == name)
     separated = bool(_SEPARATOR.match(parts[index]))
-    parts[index] = new if separated else new.removeprefix("---\n")
+    parts[index] = new if separated else new.removeprefix("---\r\n").removeprefix("---\n")
     _write(path, "".join(parts))
 
 
@@ -178,11 +180,11 @@ def grant(path: Path, wanted: Wanted, trust: Trust, expires: datetime | None) ->
     if expires is not None:
         spec["expiresAt"] = expires.astimezone(UTC).isoformat().replace("+00:00", "Z")
     spec["revoked"] = False
-    new = _document(name, namespace, spec, separated=True)
+    new = _lines_of(text, _document(name, namespace, spec, separated=True))
     if found:
         _replace(path, text, name, new)
     else:
-        joined = text if text.endswith("\n") or not text else text + "\n"
+        joined = text if text.endswith("\n") or not text else text + _lines_of(text, "\n")
         _write(path, joined + new)
     until = f" until {spec['expiresAt']}" if expires is not None else ""
     return f"MCPConsent {name!r}: {_who(subject)} consents to trust {trust.value} on {server_ref['name']!r}{until}\n"
@@ -204,7 +206,8 @@ def revoke(path: Path, wanted: Wanted) -> str:
     spec = consent.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     spec["subject"] = consent.spec.subject.model_dump(by_alias=True, exclude_none=True)
     spec["revoked"] = True
-    _replace(path, text, consent.name, _document(consent.name, consent.metadata.namespace, spec, separated=True))
+    new = _lines_of(text, _document(consent.name, consent.metadata.namespace, spec, separated=True))
+    _replace(path, text, consent.name, new)
     return f"MCPConsent {consent.name!r}: revoked; calls it covers are refused from the next reload\n"
 
 
@@ -239,6 +242,11 @@ def listing(path: Path, now: datetime | None = None) -> str:
         return f"{path}: no MCPConsent documents\n"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows)
+
+
+def _lines_of(text: str, new: str) -> str:
+    """``new`` with the line endings of ``text`` (a CRLF file stays CRLF)."""
+    return new.replace("\n", "\r\n") if "\r\n" in text else new
 
 
 def _who(subject: dict[str, Any]) -> str:

@@ -105,7 +105,7 @@ def posture_problems(catalog: Catalog, stages: Sequence[StagePosture], *, pipeli
         needs.append(("policy", policies, declares, "the rules would not be enforced"))
     if catalog.grants:
         grants, plural = _named("MCPAccessGrant", catalog.grants)
-        declares = _verb(plural, "grants", "grant") + " trust to its subjects"
+        declares = _verb(plural, "grants trust to its subject", "grant trust to their subjects")
         needs.append(("policy", grants, declares, "the grants would not limit anyone"))
     if catalog.consents:
         consents, plural = _named("MCPConsent", catalog.consents)
