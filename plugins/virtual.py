@@ -27,7 +27,13 @@ sends it straight to that backend's cluster::
     response of a routed request ──▶ the backend's Mcp-Session-Id removed; a 404 (the backend
                             lost the session) ──▶ its session forgotten, a JSON-RPC error
                             asking to retry; SSE: each server request's id namespaced
-    GET ──▶ 405 (no merged notification stream yet); DELETE ──▶ every backend session ended
+    GET (legacy, a valid session) ──▶ each backend session opened (again) if need be ──▶ a
+                            stream offer (extproc.streams): Envoy re-routes the GET to our
+                            stream service, which streams every backend session's GET stream
+                            as the keeper receives it (pings answered by the keeper; server
+                            requests' ids namespaced; event ids dropped) until the client
+                            goes; no stream service, or no backend with a stream ──▶ 405
+    DELETE ──▶ every backend session ended
 
 A backend that is down contributes nothing to a list; a call of its tools gets an error
 naming it. Backend sessions live in this process (kept alive by a session keeper of
@@ -43,6 +49,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -65,6 +72,7 @@ from extproc.mcp.spec import (
     METHOD_NOT_FOUND,
 )
 from extproc.mcp.sse import SseDecoder, SseTooLarge
+from extproc.streams import OFFERS, STREAM_HEADER
 from plugins.lib import aggregate
 from plugins.lib.backends import BackendFailed, Backends, Reply, answer_of, next_id
 from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
@@ -80,6 +88,9 @@ _REMOVED_IN_MODERN: Final = frozenset({"ping", "logging/setLevel", "resources/su
 
 MAX_PAGES: Final = 50
 """Pages read from one backend for one list."""
+
+MAX_QUEUED_EVENTS: Final = 1000
+"""Events waiting for a slow client on its merged stream; past it a backend's request is refused."""
 
 log = logging.getLogger("mcp_extproc.virtual")
 
@@ -258,16 +269,10 @@ class VirtualStage(Stage[VirtualConfig]):
         if virtual is None:
             return None
         if ctx.http_method == "GET":
-            return Deny(
-                status=405,
-                code=METHOD_NOT_FOUND,
-                message=f"virtual server {virtual.name!r} offers no standalone GET stream; POST requests to it",
-                reason="virtual_no_get",
-                headers={"allow": "POST, DELETE"},
-            )
+            return await self._get(ctx, virtual)
         if ctx.http_method == "DELETE":
             return await self._delete(ctx, virtual)
-        return Continue(remove_headers=(BACKEND_HEADER,))
+        return Continue(remove_headers=(BACKEND_HEADER, STREAM_HEADER))
 
     async def on_request_body(self, ctx: Context) -> Verdict:
         virtual, request = ctx.virtual, ctx.mcp
@@ -471,6 +476,58 @@ class VirtualStage(Stage[VirtualConfig]):
                     headers.update(await opened.credential())
                 await self._client.delete(server.spec.url, headers=headers)
         return Answer(body=b"", status=200, reason="virtual_delete")
+
+    # -- the client's GET stream ---------------------------------------------------------------
+
+    async def _get(self, ctx: Context, virtual: MCPVirtualServer) -> Verdict:
+        """The merged stream of every backend session's GET stream, or 405 when there is none."""
+        if OFFERS.services == 0 or MCP_SESSION_ID not in ctx.request_headers:
+            return _no_get(virtual)
+        found = self._client_of(ctx, virtual)
+        if isinstance(found, Deny):
+            return found
+        client = found
+        opened = await self._each_backend(ctx, virtual, lambda s: self._session(ctx, virtual, s, client))
+        kept = [(entry, s.session_id) for entry, s in opened if self.keeper.get(entry.name, s.session_id) is not None]
+        if not kept:
+            return _no_get(virtual)
+        ticket = OFFERS.offer(lambda: self._merged(virtual, kept))
+        ctx.log.info("virtual server %r: client stream over %s", virtual.name, [e.name for e, _ in kept])
+        return Continue(set_headers={STREAM_HEADER: ticket}, remove_headers=(BACKEND_HEADER,))
+
+    async def _merged(self, virtual: MCPVirtualServer, kept: list[tuple[VirtualBackend, str]]) -> AsyncIterator[bytes]:
+        """Every event of the backend sessions' streams, server requests' ids namespaced, until closed."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=MAX_QUEUED_EVENTS)
+        listening: list[tuple[str, str, Any]] = []
+
+        def listener_of(entry: VirtualBackend) -> Any:
+            def listener(raw: bytes) -> bool:
+                event = _merged_event(raw, entry)
+                if not event:
+                    return True
+                try:
+                    queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    log.warning(
+                        "virtual server %r: the client's stream is full; dropped an event of %r",
+                        virtual.name,
+                        entry.name,
+                    )
+                    return False
+                return True
+
+            return listener
+
+        for entry, session_id in kept:
+            listener = listener_of(entry)
+            if self.keeper.listen(entry.name, session_id, listener):
+                listening.append((entry.name, session_id, listener))
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for name, session_id, listener in listening:
+                self.keeper.unlisten(name, session_id, listener)
 
     # -- lists ---------------------------------------------------------------------------------
 
@@ -795,6 +852,31 @@ def _outward_event(raw: bytes, data: str, backend: str, entry: VirtualBackend | 
         return raw
     head = b"".join(line + b"\n" for line in raw.splitlines() if line and not line.startswith(b"data:"))
     return head + b"data: " + json.dumps(changed, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _merged_event(raw: bytes, entry: VirtualBackend) -> bytes:
+    """A backend's SSE event as the client's merged stream carries it: ids of server requests
+    namespaced, resource URIs prefixed, the backend's event ids and retry hints dropped (they
+    mean nothing across backends)."""
+    decoder = SseDecoder(max_event_bytes=len(raw) + 2)
+    out = bytearray()
+    for event in [*decoder.feed(raw if raw.endswith(b"\n\n") else raw + b"\n\n"), *decoder.finish()]:
+        if not event.data:
+            continue
+        outward = _outward_event(event.raw, event.data, entry.name, entry)
+        lines = [line for line in outward.splitlines() if line and not line.startswith((b"id:", b"retry:"))]
+        out += b"".join(line + b"\n" for line in lines) + b"\n"
+    return bytes(out)
+
+
+def _no_get(virtual: MCPVirtualServer) -> Deny:
+    return Deny(
+        status=405,
+        code=METHOD_NOT_FOUND,
+        message=f"virtual server {virtual.name!r} offers no standalone GET stream here; POST requests to it",
+        reason="virtual_no_get",
+        headers={"allow": "POST, DELETE"},
+    )
 
 
 def _declared_tools(server: MCPServer) -> set[str]:

@@ -46,6 +46,10 @@ _AUTHZ_HTTP = (
     "unix socket of the HTTP authorization service that the fast tools/call routes (front door auto) call; "
     "without it they use the gRPC Check, which costs more (up always uses one)"
 )
+_STREAMS = (
+    "unix socket of the stream service that serves a virtual server's GET stream (every backend's "
+    "notifications); without it a virtual server answers GET with 405 (up always uses one)"
+)
 _LOG_LEVEL = f"Python log level (default {_shown('log_level')})"
 _METRICS = "host:port for /metrics; '' disables"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -147,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--unix", default=_DEFAULT["unix"], help="also listen on this unix socket")
     serve.add_argument("--authz-http", metavar="PATH", action=_Once, default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
+    serve.add_argument("--streams", metavar="PATH", action=_Once, default=_DEFAULT["streams"], help=_STREAMS)
     serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
     serving(serve, "required with an MCPAgent", "default: a key in memory, lost on restart")
 
@@ -177,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_listed("authz_http_sockets"),
         help=f"{_AUTHZ_HTTP}; {_REPLICAS}",
     )
+    render.add_argument("--streams", metavar="PATH", default=_DEFAULT["streams"], help=_STREAMS)
     render.add_argument(
         "--admin-socket",
         metavar="PATH",

@@ -149,7 +149,9 @@ async def serve(settings: Settings) -> int:
     _public_url(settings, catalog, pipeline, None)
     _session_keys(settings, pipeline, None)
     _tracing(settings)
-    listen = Listen(tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http)
+    listen = Listen(
+        tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http, streams=settings.streams
+    )
     server = ExtProcServer(pipeline, catalog, listen)
     await server.start()
     _serve_metrics(settings, metrics)
@@ -179,7 +181,11 @@ async def up(settings: Settings) -> int:
     # The fast tools/call routes call our HTTP authorization service: grpc-python is the
     # slow part of a Check, not the hop (extproc.frontdoor.http_check).
     authz_socket = str(workdir / "authz.sock")
-    options = bootstrap_options(settings, pipeline.plan, extproc=(f"unix:{socket_path}",), authz_http=(authz_socket,))
+    # A virtual server's GET stream is served by our stream service (extproc.frontdoor.stream_service).
+    streams = str(workdir / "streams.sock") if catalog.virtual_servers else None
+    options = bootstrap_options(
+        settings, pipeline.plan, extproc=(f"unix:{socket_path}",), authz_http=(authz_socket,), streams=streams
+    )
     authz_http = authz_socket if options.fast_calls else None
     # Envoy's admin API has no authentication: a unix socket only Envoy's user may open,
     # in this process's private (0700) work directory.
@@ -193,7 +199,9 @@ async def up(settings: Settings) -> int:
     child = await envoy.start(bootstrap, settings.envoy_log_level)
     assert child.stdout is not None
     forward = asyncio.create_task(envoy.forward(child.stdout, "[envoy]"))
-    server = ExtProcServer(pipeline, catalog, Listen(tcp=None, unix=socket_path, authz_http=authz_http))
+    server = ExtProcServer(
+        pipeline, catalog, Listen(tcp=None, unix=socket_path, authz_http=authz_http, streams=streams)
+    )
     code = 0
     watcher = None
     try:

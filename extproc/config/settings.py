@@ -33,6 +33,9 @@ class Settings:
         extproc_addresses: ``render envoy --grpc``, given once or more: every address
             (``host:port``) of the extension server's replicas, all endpoints of one
             cluster; empty: ``grpc``. (``serve --grpc`` listens on exactly one: ``grpc``.)
+        streams: the unix socket of the stream service (a virtual server's GET stream:
+            ``serve`` listens there, ``render envoy`` points Envoy at it); ``None``: a
+            virtual server answers GET with 405. ``up`` always uses one, on a private socket.
         authz_http_sockets: ``render envoy --authz-http``, given once or more: the HTTP
             authorization service's unix socket of every replica; empty: ``authz_http``.
         metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
@@ -71,6 +74,7 @@ class Settings:
     grpc: str = "127.0.0.1:50051"
     unix: str | None = None
     authz_http: str | None = None
+    streams: str | None = None
     extproc_addresses: tuple[str, ...] = ()
     authz_http_sockets: tuple[str, ...] = ()
     metrics: str | None = "127.0.0.1:9464"

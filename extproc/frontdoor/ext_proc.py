@@ -165,7 +165,11 @@ class Processor:
             outcome = ctx.book.trace.forward(outcome)
         if not ctx.request_has_body:
             self._decide(ctx, "allow", "")
-        response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=self._common(outcome)))
+        common = self._common(outcome)
+        if outcome.set_headers:
+            # Routes may match on headers a stage sets (x-mcp-stream: the stream service): re-route.
+            common.clear_route_cache = True
+        response = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         self._attach_metadata(response, outcome)
         if self.pipeline.needs.response and not self.pipeline.needs_response(ctx):
             response.mode_override.CopyFrom(

@@ -38,6 +38,7 @@ from extproc.errors import ConfigError
 from extproc.frontdoor.ext_proc import Processor
 from extproc.frontdoor.grpc_check import AUTHZ_SERVICE, AuthorizationService
 from extproc.frontdoor.http_check import AuthzHttpServer
+from extproc.frontdoor.stream_service import StreamService
 from extproc.render.wire import SERVER_METADATA_KEY
 
 log = logging.getLogger("mcp_extproc.server")
@@ -76,11 +77,14 @@ class Listen:
 
     ``authz_http``: also serve the fast ``tools/call`` routes' HTTP authorization
     service (:mod:`extproc.frontdoor.http_check`) on this unix socket.
+    ``streams``: also serve the stream service (:mod:`extproc.frontdoor.stream_service`:
+    a virtual server's GET stream) on this unix socket.
     """
 
     tcp: str | None = "127.0.0.1:0"
     unix: str | None = None
     authz_http: str | None = None
+    streams: str | None = None
 
 
 class ExtProcServer:
@@ -97,6 +101,7 @@ class ExtProcServer:
         self._extproc = ExtProcService(pipeline, catalog)
         self._authz = AuthorizationService(pipeline, catalog)
         self._authz_http = AuthzHttpServer(pipeline, catalog, listen.authz_http) if listen.authz_http else None
+        self._streams = StreamService(listen.streams) if listen.streams else None
         self._server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -125,6 +130,8 @@ class ExtProcServer:
         # may start Envoy, whose fast routes call this one.
         if self._authz_http is not None:
             await self._authz_http.start()
+        if self._streams is not None:
+            await self._streams.start()
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -149,6 +156,8 @@ class ExtProcServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._authz_http is not None:
             await self._authz_http.stop()
+        if self._streams is not None:
+            await self._streams.stop()
         await self._server.stop(grace)
         await self.pipeline.shutdown()
         if self.listen.unix and os.path.exists(self.listen.unix):

@@ -69,7 +69,14 @@ from extproc.render.filters import (
 )
 from extproc.render.hardening import admin, connection_limits, overload_manager
 from extproc.render.options import BootstrapOptions, PhaseNeeds
-from extproc.render.routes import not_found_route, server_cluster, server_route, virtual_routes, well_known_route
+from extproc.render.routes import (
+    not_found_route,
+    server_cluster,
+    server_route,
+    streams_cluster,
+    virtual_routes,
+    well_known_route,
+)
 from extproc.render.tracer import collector_cluster, hcm_tracing
 from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 
@@ -237,6 +244,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             "clusters": [extproc_cluster(options)]
             + ([authz_http_cluster(options)] if fast_calls and options.authz_http_unix else [])
             + [server_cluster(s, response_buffer) for s in catalog.servers.values()]
+            + ([streams_cluster(options)] if options.streams_unix and catalog.virtual_servers else [])
             + ([collector_cluster(options.tracing)] if options.tracing is not None else []),
         },
     }

@@ -89,6 +89,9 @@ class BootstrapOptions:
         authz_http_replicas: further unix sockets of that service (other replicas).
         tracing: Envoy's OpenTelemetry tracer (:mod:`extproc.render.tracer`); ``None``: Envoy
             traces nothing.
+        streams_unix: the unix socket of our stream service
+            (:mod:`extproc.frontdoor.stream_service`), where a virtual server's GET stream
+            is routed; ``None``: no such route (the virtual stage answers GET with 405).
     """
 
     listen_host: str = "127.0.0.1"
@@ -109,6 +112,7 @@ class BootstrapOptions:
     authz_http_unix: str | None = None
     authz_http_replicas: tuple[str, ...] = ()
     tracing: EnvoyTracing | None = None
+    streams_unix: str | None = None
 
     @property
     def extproc_endpoints(self) -> tuple[str, ...]:

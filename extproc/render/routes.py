@@ -22,7 +22,15 @@ from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
 from extproc.mcp.spec import INTERNAL_ERROR, METHOD_NOT_FOUND
 from extproc.render.filters import socket_address
 from extproc.render.options import BootstrapOptions
-from extproc.render.wire import BACKEND_HEADER, EXT_AUTHZ_FILTER, EXT_PROC_FILTER, MCP_FILTER, SERVER_METADATA_KEY
+from extproc.render.wire import (
+    BACKEND_HEADER,
+    EXT_AUTHZ_FILTER,
+    EXT_PROC_FILTER,
+    MCP_FILTER,
+    SERVER_METADATA_KEY,
+    STREAM_HEADER,
+    STREAMS_CLUSTER,
+)
 
 _T: Final = "type.googleapis.com/"
 WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
@@ -58,6 +66,20 @@ def server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
             },
         }
     return cluster
+
+
+def streams_cluster(options: BootstrapOptions) -> dict[str, Any]:
+    """HTTP/1.1 over a unix socket to our stream service (:mod:`extproc.frontdoor.stream_service`)."""
+    assert options.streams_unix is not None
+    return {
+        "name": STREAMS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": STREAMS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": options.streams_unix}}}}]}],
+        },
+    }
 
 
 def per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
@@ -130,14 +152,25 @@ def server_route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]
 
 
 def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: BootstrapOptions) -> list[dict[str, Any]]:
-    """The routes of ``virtual``: one per backend (chosen by ``x-mcp-backend``), then its own."""
+    """The routes of ``virtual``: its GET stream (to our stream service, chosen by ``x-mcp-stream``),
+    one per backend (chosen by ``x-mcp-backend``), then its own."""
     path = f"/{virtual.name}/mcp"
     per_filter = {
         **per_route(options, virtual.name),
         # Envoy's MCP parser would only pick a route; the virtual stage picks it here.
         MCP_FILTER: {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True},
     }
-    routes = []
+    routes: list[dict[str, Any]] = []
+    if options.streams_unix:
+        routes.append(
+            {
+                "name": f"{virtual.name} stream",
+                "match": {"path": path, "headers": [{"name": STREAM_HEADER, "present_match": True}]},
+                # A stream stays open as long as the agent holds it: no response timeout.
+                "route": {"cluster": STREAMS_CLUSTER, "timeout": "0s"},
+                "typed_per_filter_config": dict(per_filter),
+            }
+        )
     for backend in virtual.spec.servers:
         server = catalog.servers.get(backend.name)
         if server is None:

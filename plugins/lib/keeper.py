@@ -27,6 +27,9 @@ stream)::
                                the server sees one stream at a time); take_pending
                                gives the kept messages to that stream
     agent's GET ends        ─▶ take_over: start a new task
+    listen(listener)        ─▶ every event but pings (server requests too) goes to the
+                               listener instead (a virtual server's merged client stream,
+                               plugins.virtual); it refuses one: handled as above; unlisten
     DELETE, idle expiry     ─▶ stop
 
 Pings on the agent's own stream are answered here too (answer_ping, called by the
@@ -150,6 +153,9 @@ class KeptSession:
     """SSE events for the agent, received while the keeper held the stream."""
     link: object | None = None
     """With tracing on: the span of the exchange that began keeping it (the keeper's spans link to it)."""
+    listener: Callable[[bytes], bool] | None = None
+    """Takes every event of the stream but pings (server requests included) instead of the keeper:
+    a virtual server's client stream (:meth:`SessionKeeper.listen`); False: it could not."""
 
 
 class KeeperMetrics:
@@ -284,6 +290,25 @@ class SessionKeeper:
         kept.last_used = self.clock.now()
         if kept.agent_streams == 0 and kept.task is None and not kept.stopped:
             self._start(kept)
+
+    def listen(self, server: str, session_id: str, listener: Callable[[bytes], bool]) -> bool:
+        """Hand the events of a kept session's stream to ``listener`` (the kept ones first), until
+        :meth:`unlisten`; pings are still answered here. False: the session is not kept."""
+        kept = self.sessions.get((server, session_id))
+        if kept is None or kept.stopped:
+            return False
+        kept.listener = listener
+        while kept.pending:
+            if not listener(kept.pending.popleft()):
+                break
+        self._wake(kept)
+        return True
+
+    def unlisten(self, server: str, session_id: str, listener: Callable[[bytes], bool]) -> None:
+        """Keep the session's events (and refuse its requests) again, as before :meth:`listen`."""
+        kept = self.sessions.get((server, session_id))
+        if kept is not None and kept.listener is listener:
+            kept.listener = None
 
     def take_pending(self, server: str, session_id: str) -> list[bytes]:
         """The SSE events kept for the agent, handed to its stream (see :meth:`give_back`)."""
@@ -435,7 +460,10 @@ class SessionKeeper:
                 if not event.data:
                     continue
                 message = event_message(event.data)
-                if server_request(message) is not None:
+                request = server_request(message)
+                if request != "ping" and kept.listener is not None and kept.listener(event.raw):
+                    self.metrics.messages.labels(kept.server, "relayed").inc()
+                elif request is not None:
                     await self._answer_for_agent(kept, message)
                 else:
                     self._keep_for_agent(kept, event.raw)

@@ -10,6 +10,7 @@ Python SDK client, on both protocol eras.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -293,3 +294,25 @@ async def test_a_session_survives_a_restart_of_up(own_stack: Stack) -> None:
         # The same client, the same session id: the backend sessions are opened again.
         assert _text(await session.call_tool("echo", {"text": "after"})) == "after"
         assert _text(await session.call_tool("every_echo", {"message": "after"})) == "Echo: after"
+
+
+async def test_the_clients_get_stream_carries_what_a_backend_sends_unasked_and_answers_reach_it(stack: Stack) -> None:
+    """The SDK client opens its GET stream on the virtual server: py's log notifications and its
+    elicitation (related to no request, so on py's own standalone stream) reach the client, whose
+    answer goes back to py."""
+    logged: list[str] = []
+
+    async def log_message(params: types.LoggingMessageNotificationParams) -> None:
+        logged.append(str(params.data))
+
+    async with legacy_session(
+        stack.url("tools"), elicitation_callback=_elicitation, logging_callback=log_message
+    ) as session:
+        assert _text(await session.call_tool("push_unrelated", {"count": 3, "delay": 0.5})) == "scheduled"
+        for _ in range(100):
+            outcomes = _text(await session.call_tool("pushed_outcomes", {}))
+            if "answered" in outcomes or "error" in outcomes:
+                break
+            await asyncio.sleep(0.1)
+        assert "answered: accept" in outcomes, outcomes
+        assert [m for m in logged if m.startswith("unrelated")] == ["unrelated 1", "unrelated 2", "unrelated 3"]

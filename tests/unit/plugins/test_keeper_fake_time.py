@@ -394,3 +394,44 @@ async def test_step_aside_closes_the_keepers_stream_and_take_over_reopens_it() -
         await settle()
         assert len(upstream.gets) == 2
         assert metric("mcp_extproc_keeper_sessions_stopped_total", reason="delete") == 1
+
+
+async def test_a_listener_gets_the_kept_events_then_every_event_but_pings_and_can_refuse() -> None:
+    """A virtual server's client stream: server requests and notifications go to the listener,
+    pings are still answered here; a listener that refuses a request leaves it to the keeper."""
+    first = _event({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "before"}})
+    upstream = Upstream(Stream([first]))
+    clock = FakeClock()
+    async with keeper_of(upstream, clock) as (keeper, metric):
+        keeper.keep("demo", URL, "sess-1", VERSION, None)
+        await settle(lambda: metric("mcp_extproc_keeper_messages_total", server="demo", outcome="kept") == 1, "kept")
+        heard: list[bytes] = []
+        full = False
+
+        def listener(raw: bytes) -> bool:
+            if full:
+                return False
+            heard.append(raw)
+            return True
+
+        assert keeper.listen("demo", "sess-1", listener)
+        assert len(heard) == 1 and b"before" in heard[0]  # what was kept, first
+        kept = keeper.get("demo", "sess-1")
+        assert kept is not None
+        elicit = {"jsonrpc": "2.0", "id": "e-1", "method": "elicitation/create", "params": {}}
+        reply = _sse_reply(ping("p-1") + _event(elicit) + _event({"jsonrpc": "2.0", "method": "notifications/x"}))
+        await keeper._read(kept, reply)  # the same reader the GET stream feeds
+        assert [b"e-1" in h for h in heard[1:]] == [True, False]
+        assert answered(upstream) == [b'{"jsonrpc":"2.0","id":"p-1","result":{}}']  # only the ping
+        full = True
+        await keeper._read(kept, _sse_reply(_event({**elicit, "id": "e-2"})))
+        assert b'"id":"e-2"' in answered(upstream)[-1] and b"error" in answered(upstream)[-1]  # refused
+        keeper.unlisten("demo", "sess-1", listener)
+        await keeper._read(kept, _sse_reply(first))
+        assert len(heard) == 3 and len(kept.pending) == 1  # kept again, not heard
+    assert not keeper.listen("demo", "gone", listener)
+
+
+def _sse_reply(data: bytes) -> httpx.Response:
+    """An SSE response not yet read (as the keeper's GET stream hands it to its reader)."""
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=httpx.ByteStream(data))
