@@ -152,7 +152,10 @@ def _refusal() -> bytes:
         {
             "jsonrpc": "2.0",
             "id": None,
-            "error": {"code": INVALID_REQUEST, "message": "this stream is unknown or was already opened; no stream is served for it"},
+            "error": {
+                "code": INVALID_REQUEST,
+                "message": "this stream is unknown or was already opened; no stream is served for it",
+            },
         }
     ).encode()
     return (
