@@ -136,6 +136,8 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             settings.socket_path,
             "--authz-http",
             settings.authz_socket_path,
+            "--streams",
+            settings.streams_socket_path,
             "--metrics",
             "127.0.0.1:9464",
             "--public-url",

@@ -63,6 +63,11 @@ class ControllerSettings:
         return f"{self.socket_dir}/extproc.sock"
 
     @property
+    def streams_socket_path(self) -> str:
+        """The stream service's unix socket (a virtual server's GET stream), beside it."""
+        return f"{self.socket_dir}/streams.sock"
+
+    @property
     def authz_socket_path(self) -> str:
         """The HTTP authorization service's unix socket (the fast ``tools/call`` routes), beside it."""
         return f"{self.socket_dir}/authz.sock"

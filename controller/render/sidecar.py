@@ -64,6 +64,7 @@ def sidecar_options(
         extproc_unix=settings.socket_path,
         max_request_bytes=max_bytes,
         authz_http_unix=settings.authz_socket_path if fast_calls else None,
+        streams_unix=settings.streams_socket_path,
     )
 
 
