@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Final, cast
@@ -273,13 +273,21 @@ def _pins(args: argparse.Namespace) -> int:
     from extproc.config.pins_file import default_pins_file
 
     path = args.file or default_pins_file()
+
+    def run() -> str:
+        if args.action == "approve":
+            return approve_text(path, args.server, args.tools)
+        if args.tools:
+            raise ConfigError("pins show takes no TOOL: it shows every tool of SERVER")
+        return show_text(path, args.server)
+
+    return _on_file(path, run)
+
+
+def _on_file(path: Path, run: Callable[[], str]) -> int:
+    """Print what ``run`` (a command on the file ``path``) returns; a user error is one line and exit 2."""
     try:
-        if args.action == "show":
-            if args.tools:
-                raise ConfigError("pins show takes no TOOL: it shows every tool of SERVER")
-            sys.stdout.write(show_text(path, args.server))
-        else:
-            sys.stdout.write(approve_text(path, args.server, args.tools))
+        sys.stdout.write(run())
     except ExtProcError as exc:
         print(f"mcp-extproc: error: {exc}", file=sys.stderr)
         return 2
@@ -312,23 +320,18 @@ def _consent(args: argparse.Namespace) -> int:
     from extproc.config.models import Trust
 
     wanted = consent.Wanted(args.server, args.user, args.agent, args.name)
-    try:
+
+    def run() -> str:
         if args.action == "list":
-            sys.stdout.write(consent.listing(args.file))
-        elif args.action == "revoke":
-            sys.stdout.write(consent.revoke(args.file, wanted))
-        else:
-            if args.trust is None:
-                raise ConfigError("consent grant needs --trust low|medium|high")
-            expires = consent.expiry(args.expires, datetime.now(UTC))
-            sys.stdout.write(consent.grant(args.file, wanted, Trust(args.trust), expires))
-    except ExtProcError as exc:
-        print(f"mcp-extproc: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"mcp-extproc: error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    return 0
+            return consent.listing(args.file)
+        if args.action == "revoke":
+            return consent.revoke(args.file, wanted)
+        if args.trust is None:
+            raise ConfigError("consent grant needs --trust low|medium|high")
+        expires = consent.expiry(args.expires, datetime.now(UTC))
+        return consent.grant(args.file, wanted, Trust(args.trust), expires)
+
+    return _on_file(args.file, run)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
