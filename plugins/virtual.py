@@ -33,6 +33,10 @@ sends it straight to that backend's cluster::
                             as the keeper receives it (pings answered by the keeper; server
                             requests' ids namespaced; event ids dropped) until the client
                             goes; no stream service, or no backend with a stream ──▶ 405
+    subscriptions/listen (2026-07-28) ──▶ a stream offer: every backend asked for its part of
+                            the filter (its own resource URIs) through the later stages; one
+                            acknowledgement (the union of theirs, URIs prefixed), then their
+                            notifications, each stamped with the client's subscription id
     DELETE ──▶ every backend session ended
 
 A backend that is down contributes nothing to a list; a call of its tools gets an error
@@ -316,6 +320,8 @@ class VirtualStage(Stage[VirtualConfig]):
             return _result(message, {})
         if method in aggregate.KIND_OF_CALL or method == "completion/complete":
             return await self._route(ctx, virtual, message, client)
+        if method == "subscriptions/listen" and not legacy:
+            return await self._listen(ctx, virtual, message)
         return Deny(
             code=METHOD_NOT_FOUND, message=f"virtual server {virtual.name!r} does not serve {method!r}", reason="method"
         )
@@ -529,6 +535,96 @@ class VirtualStage(Stage[VirtualConfig]):
             for name, session_id, listener in listening:
                 self.keeper.unlisten(name, session_id, listener)
 
+    # -- subscriptions/listen (2026-07-28) --------------------------------------------------
+
+    async def _listen(self, ctx: Context, virtual: MCPVirtualServer, message: Message) -> Verdict:
+        """One listen stream over every backend's: each asked for its part of the filter."""
+        if OFFERS.services == 0:
+            return Deny(
+                code=METHOD_NOT_FOUND,
+                message=f"virtual server {virtual.name!r} merges no subscriptions/listen here (no stream service)",
+                reason="virtual_no_listen",
+            )
+        params = message.params or {}
+        wanted = params.get("notifications")
+        if not isinstance(wanted, dict):
+            return Deny(code=INVALID_PARAMS, message="subscriptions/listen needs params.notifications", reason="listen")
+        uris = wanted.get("resourceSubscriptions") or []
+        owned: dict[str, list[str]] = {}
+        for uri in uris if isinstance(uris, list) else []:
+            owner = await self._owner(ctx, virtual, "resources/list", uri, None) if isinstance(uri, str) else None
+            if isinstance(owner, aggregate.Owner):
+                owned.setdefault(owner.backend.name, []).append(owner.inner)
+        assert ctx.catalog is not None
+        plans = []
+        for entry in virtual.spec.servers:
+            server = ctx.catalog.servers.get(entry.name)
+            part: dict[str, Any] = {k: True for k in _LIST_CHANGED_FLAGS if wanted.get(k) is True}
+            if entry.name in owned:
+                part["resourceSubscriptions"] = owned[entry.name]
+            if server is not None and part:
+                request: dict[str, Any] = {"jsonrpc": "2.0", "id": next_id(), "method": "subscriptions/listen"}
+                request["params"] = {**({"_meta": params["_meta"]} if "_meta" in params else {}), "notifications": part}
+                plans.append((entry, server, request))
+        version = ctx.request_headers.get(MCP_PROTOCOL_VERSION, "")
+        ticket = OFFERS.offer(lambda: self._listened(ctx, virtual, message.id, plans, version))
+        return Continue(set_headers={STREAM_HEADER: ticket})
+
+    async def _listened(
+        self, ctx: Context, virtual: MCPVirtualServer, client_id: Any, plans: list[Any], version: str
+    ) -> AsyncIterator[bytes]:
+        """The merged listen stream: one acknowledgement (what the backends honor, prefixed), then
+        their notifications stamped with the client's subscription id, until the client goes."""
+        queue: asyncio.Queue[tuple[VirtualBackend, dict[str, Any] | None]] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        async with contextlib.AsyncExitStack() as stack:
+            pumps = []
+            for entry, server, request in plans:
+                try:
+                    reply = await self.backends.open_stream(ctx, server, request, protocol_version=version)
+                except BackendFailed as exc:
+                    log.warning("virtual server %r: no listen stream of %r: %s", virtual.name, entry.name, exc)
+                    continue
+                if not isinstance(reply, httpx.Response):
+                    log.warning("virtual server %r: listen of %r refused by a stage", virtual.name, entry.name)
+                    continue
+                stack.push_async_callback(reply.aclose)
+                if reply.status_code != 200 or not reply.headers.get("content-type", "").startswith(
+                    "text/event-stream"
+                ):
+                    log.warning(
+                        "virtual server %r: %r answered listen with HTTP %d",
+                        virtual.name,
+                        entry.name,
+                        reply.status_code,
+                    )
+                    continue
+                pumps.append(asyncio.create_task(_pump(entry, reply, queue)))
+            for task in pumps:
+                stack.callback(task.cancel)
+            honored: dict[str, Any] = {}
+            waiting = len(pumps)
+            held: list[tuple[VirtualBackend, dict[str, Any]]] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.backend_timeout_s
+            while waiting and loop.time() < deadline:
+                try:
+                    entry, note = await asyncio.wait_for(queue.get(), deadline - loop.time())
+                except TimeoutError:
+                    break
+                if note is None or note.get("method") == _ACKNOWLEDGED:
+                    waiting -= 1
+                    _honor(honored, entry, (note or {}).get("params", {}).get("notifications"))
+                else:
+                    held.append((entry, note))
+            ack = {"jsonrpc": "2.0", "method": _ACKNOWLEDGED, "params": {"notifications": honored}}
+            yield _stamped(ack, client_id)
+            for entry, note in held:
+                yield _stamped(_outward_note(note, entry), client_id)
+            while True:
+                entry, note = await queue.get()
+                if note is not None and note.get("method") != _ACKNOWLEDGED:
+                    yield _stamped(_outward_note(note, entry), client_id)
+
     # -- lists ---------------------------------------------------------------------------------
 
     async def _list(self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None) -> Verdict:
@@ -642,8 +738,8 @@ class VirtualStage(Stage[VirtualConfig]):
         result = dict(results[0])
         capabilities = aggregate.union_capabilities(r.get("capabilities") for r in results)
         for feature in capabilities.values():
-            if isinstance(feature, dict):
-                # subscriptions/listen is not merged: promise no list_changed and no subscribe.
+            if isinstance(feature, dict) and OFFERS.services == 0:
+                # No stream service, no merged subscriptions/listen: promise no list_changed, no subscribe.
                 feature.pop("listChanged", None)
                 feature.pop("subscribe", None)
         result["capabilities"] = capabilities
@@ -867,6 +963,62 @@ def _merged_event(raw: bytes, entry: VirtualBackend) -> bytes:
         lines = [line for line in outward.splitlines() if line and not line.startswith((b"id:", b"retry:"))]
         out += b"".join(line + b"\n" for line in lines) + b"\n"
     return bytes(out)
+
+
+_ACKNOWLEDGED: Final = "notifications/subscriptions/acknowledged"
+_LIST_CHANGED_FLAGS: Final = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
+_SUBSCRIPTION_ID: Final = "io.modelcontextprotocol/subscriptionId"
+
+
+async def _pump(
+    entry: VirtualBackend, reply: httpx.Response, queue: asyncio.Queue[tuple[VirtualBackend, dict[str, Any] | None]]
+) -> None:
+    """Every JSON-RPC message of one backend's listen stream onto ``queue``; ``None`` when it ends."""
+    decoder = SseDecoder()
+    try:
+        async for chunk in reply.aiter_raw():
+            for event in decoder.feed(chunk):
+                try:
+                    message = json.loads(event.data) if event.data else None
+                except ValueError:
+                    continue
+                if isinstance(message, dict):
+                    await queue.put((entry, message))
+    except (httpx.HTTPError, SseTooLarge) as exc:
+        log.info("listen stream of %r ended: %s", entry.name, type(exc).__name__)
+    await queue.put((entry, None))
+
+
+def _honor(honored: dict[str, Any], entry: VirtualBackend, part: Any) -> None:
+    """Add what one backend acknowledged to the merged acknowledgement (its resource URIs prefixed)."""
+    if not isinstance(part, dict):
+        return
+    for flag in _LIST_CHANGED_FLAGS:
+        if part.get(flag) is True:
+            honored[flag] = True
+    uris = part.get("resourceSubscriptions")
+    if isinstance(uris, list):
+        outward = [aggregate.outward(entry, "resources/list", u) for u in uris if isinstance(u, str)]
+        honored.setdefault("resourceSubscriptions", []).extend(outward)
+
+
+def _outward_note(note: dict[str, Any], entry: VirtualBackend) -> dict[str, Any]:
+    params = note.get("params")
+    if note.get("method") == "notifications/resources/updated" and isinstance(params, dict):
+        uri = params.get("uri")
+        if isinstance(uri, str):
+            return {**note, "params": {**params, "uri": aggregate.outward(entry, "resources/list", uri)}}
+    return note
+
+
+def _stamped(note: dict[str, Any], client_id: Any) -> bytes:
+    """``note`` as an SSE event of the client's listen stream: its ``_meta`` names the client's subscription."""
+    found = note.get("params")
+    params: dict[str, Any] = found if isinstance(found, dict) else {}
+    given = params.get("_meta")
+    meta: dict[str, Any] = given if isinstance(given, dict) else {}
+    stamped = {**note, "params": {**params, "_meta": {**meta, _SUBSCRIPTION_ID: client_id}}}
+    return b"data: " + json.dumps(stamped, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _no_get(virtual: MCPVirtualServer) -> Deny:

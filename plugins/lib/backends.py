@@ -100,7 +100,62 @@ class Backends:
         Raises:
             BackendFailed: the server is unreachable, too slow, or its answer too big.
         """
+        prepared = await self._prepare(parent, server, message, protocol_version, session_id)
+        if not isinstance(prepared, tuple):
+            return prepared
+        ctx, sent, body = prepared
+        try:
+            status, answer_headers, raw = await self._post(server.spec.url, sent, body)
+        except httpx.HTTPError as exc:
+            raise BackendFailed(f"MCP server {server.name!r} could not be reached: {type(exc).__name__}") from None
+        ctx.response_status, ctx.response_headers = status, answer_headers
+        ctx.end_of_stream = not raw
+        outcome = await self.downstream_run(Phase.RESPONSE_HEADERS, ctx)
+        if not isinstance(outcome, Continue):
+            return outcome
+        final = raw
+        if ctx.book.wants_response_body and raw:
+            ctx.end_of_stream = True
+            outcome = await self.downstream_run(Phase.RESPONSE_BODY, ctx, raw)
+            if not isinstance(outcome, Continue):
+                return outcome
+            final = outcome.body if outcome.body is not None else raw
+        return Reply(status, answer_headers, final, raw, ctx.state(UPSTREAM_CREDENTIAL).provider)
+
+    async def open_stream(
+        self, parent: Context, server: MCPServer, message: dict[str, Any], *, protocol_version: str
+    ) -> httpx.Response | Stop:
+        """Send ``message`` (a request answered by a long-lived stream: ``subscriptions/listen``)
+        through the request stages and return the open response: the caller reads and closes it.
+        The response stages do not see it (it carries notifications, no list).
+
+        Raises:
+            BackendFailed: the server is unreachable.
+        """
+        prepared = await self._prepare(parent, server, message, protocol_version, None)
+        if not isinstance(prepared, tuple):
+            return prepared
+        _, sent, body = prepared
+        request = self.client.build_request("POST", server.spec.url, headers=sent, content=body)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise BackendFailed(f"MCP server {server.name!r} could not be reached: {type(exc).__name__}") from None
+
+    async def downstream_run(self, phase: Phase, ctx: Context, chunk: bytes = b"") -> Continue | Stop:
+        """``phase`` of a backend exchange over the stages after ``virtual``."""
         assert self.downstream is not None, "bind_downstream was not called"
+        return await self.downstream.run(phase, ctx, chunk)
+
+    async def _prepare(
+        self,
+        parent: Context,
+        server: MCPServer,
+        message: dict[str, Any],
+        protocol_version: str,
+        session_id: str | None,
+    ) -> tuple[Context, dict[str, str], bytes] | Stop:
+        """The backend exchange's context, after the request stages: (ctx, headers to send, body)."""
         body = json.dumps(message, separators=(",", ":")).encode()
         headers = {
             "content-type": "application/json",
@@ -134,7 +189,7 @@ class Backends:
         if not isinstance(parsed, McpRequest):
             raise BackendFailed(f"the gateway built a request it cannot parse: {parsed.message}")
         ctx.mcp = parsed
-        outcome = await self.downstream.run(Phase.REQUEST_BODY, ctx)
+        outcome = await self.downstream_run(Phase.REQUEST_BODY, ctx)
         if not isinstance(outcome, Continue):
             return outcome
         sent = dict(headers)
@@ -142,23 +197,7 @@ class Backends:
             sent.pop(name, None)
         sent.update(outcome.set_headers)
         sent = {k: v for k, v in sent.items() if not k.startswith(("x-mcp-", ":"))}
-        try:
-            status, answer_headers, raw = await self._post(server.spec.url, sent, outcome.body or ctx.body)
-        except httpx.HTTPError as exc:
-            raise BackendFailed(f"MCP server {server.name!r} could not be reached: {type(exc).__name__}") from None
-        ctx.response_status, ctx.response_headers = status, answer_headers
-        ctx.end_of_stream = not raw
-        outcome = await self.downstream.run(Phase.RESPONSE_HEADERS, ctx)
-        if not isinstance(outcome, Continue):
-            return outcome
-        final = raw
-        if ctx.book.wants_response_body and raw:
-            ctx.end_of_stream = True
-            outcome = await self.downstream.run(Phase.RESPONSE_BODY, ctx, raw)
-            if not isinstance(outcome, Continue):
-                return outcome
-            final = outcome.body if outcome.body is not None else raw
-        return Reply(status, answer_headers, final, raw, ctx.state(UPSTREAM_CREDENTIAL).provider)
+        return ctx, sent, outcome.body or ctx.body
 
     async def _post(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         async with self.client.stream("POST", url, headers=headers, content=body) as response:

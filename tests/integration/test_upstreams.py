@@ -30,7 +30,15 @@ from tests.upstreams.pyserver import Mode, Record, read_records
 
 pytestmark = pytest.mark.integration
 
-PYSERVER_TOOLS = {"echo", "add", "delete_everything", "slow_count", "push_unrelated", "pushed_outcomes"}
+PYSERVER_TOOLS = {
+    "echo",
+    "add",
+    "delete_everything",
+    "slow_count",
+    "push_unrelated",
+    "pushed_outcomes",
+    "announce_change",
+}
 
 
 @dataclass(frozen=True)

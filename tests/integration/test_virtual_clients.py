@@ -38,7 +38,7 @@ TOOL_ERROR_EXIT: Final = 5
 """The Inspector CLI's exit status for a tool it cannot call (its ``EXIT_CODES.TOOL_ERROR``)."""
 PREFIX: Final = "every_"
 URI_PREFIX: Final = "every+"
-PY_TOOLS: Final = {"echo", "add", "slow_count", "push_unrelated", "pushed_outcomes"}
+PY_TOOLS: Final = {"echo", "add", "slow_count", "push_unrelated", "pushed_outcomes", "announce_change"}
 """``tests.upstreams.pyserver``'s tools but ``delete_everything``, which ``py``'s MCPServer denies."""
 
 

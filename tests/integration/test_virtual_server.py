@@ -24,7 +24,15 @@ import yaml
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 
-from tests.agents import BASE_HEADERS, LEGACY_VERSION, legacy_session, modern_session, raw_post, response_messages
+from tests.agents import (
+    BASE_HEADERS,
+    LEGACY_VERSION,
+    legacy_session,
+    modern_request,
+    modern_session,
+    raw_post,
+    response_messages,
+)
 from tests.integration.conftest import metric_value, resource_doc, start_gateway
 from tests.procs import Proc, start_everything, start_pyserver
 from tests.upstreams.pyserver import read_records
@@ -316,3 +324,33 @@ async def test_the_clients_get_stream_carries_what_a_backend_sends_unasked_and_a
             await asyncio.sleep(0.1)
         assert "answered: accept" in outcomes, outcomes
         assert [m for m in logged if m.startswith("unrelated")] == ["unrelated 1", "unrelated 2", "unrelated 3"]
+
+
+async def test_subscriptions_listen_is_merged_and_carries_a_backends_list_changed(stack: Stack) -> None:
+    """2026-07-28: one listen stream on the virtual server; every backend is asked and those that
+    speak 2026-07-28 (mod) acknowledge; the acknowledgement and every notification carry the
+    client's subscription id (not the gateway's own request ids); mod's tools/list_changed
+    (its announce_change tool) comes through."""
+    body, headers = modern_request("subscriptions/listen", {"notifications": {"toolsListChanged": True}}, "listen-7")
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream("POST", stack.url("tools"), json=body, headers={**BASE_HEADERS, **headers}) as stream,
+    ):
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        events = stream.aiter_lines()
+
+        async def next_message() -> dict[str, Any]:
+            async for line in events:
+                if line.startswith("data:"):
+                    return dict(json.loads(line[5:]))
+            raise AssertionError("the listen stream ended")
+
+        ack = await asyncio.wait_for(next_message(), 20)
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        assert ack["params"]["notifications"] == {"toolsListChanged": True}
+        assert ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "listen-7"
+        async with modern_session(stack.url("tools")) as session:
+            assert _text(await session.call_tool("mod_announce_change", {})) == "announced"
+        changed = await asyncio.wait_for(next_message(), 20)
+        assert changed["method"] == "notifications/tools/list_changed"
+        assert changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "listen-7"

@@ -33,7 +33,8 @@ Tools: `echo(text)` (annotated `readOnlyHint`), `add(a, b)` (no annotations),
 the record shows it never arrived), `slow_count(steps, delay)`, which
 reports progress once per step before returning, and `push_unrelated(count, delay)` /
 `pushed_outcomes()`: notifications and an `elicitation/create` sent later on the
-session's standalone stream, and what became of the elicitation.
+session's standalone stream, and what became of the elicitation; `announce_change()`:
+`notifications/tools/list_changed` (in 2026-07-28, on the listen streams asking for it).
 
 With `--record FILE`, every HTTP request is appended to FILE as one JSON line as soon
 as its body has arrived (before the MCP handler runs)::
@@ -135,6 +136,12 @@ def build_server() -> MCPServer[Any]:
         background.add(task)
         task.add_done_callback(background.discard)
         return "scheduled"
+
+    @srv.tool()
+    async def announce_change(ctx: Context[Any, Any]) -> str:
+        """Say the tool list changed (2026-07-28: to the subscriptions/listen streams asking for it)."""
+        await ctx.notify_tools_changed()
+        return "announced"
 
     @srv.tool()
     def pushed_outcomes() -> list[str]:
