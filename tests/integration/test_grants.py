@@ -41,6 +41,13 @@ RELOAD_DEADLINE_S = 20.0
 PROTOCOL_VERSION = "2025-06-18"
 
 
+def ops_agent(jwks_uri: str) -> dict[str, Any]:
+    """The one agent: py and fresh directly, and py through the virtual server vt."""
+    agent = agent_doc("ops", jwks_uri, ["py", "fresh"], granted="low", consent_claim=None)
+    agent["spec"]["mcpServerRefs"].append({"kind": "MCPVirtualServer", "name": "vt"})
+    return agent
+
+
 def grant(name: str, user: str, max_trust: str) -> dict[str, Any]:
     return {
         "apiVersion": API,
@@ -109,7 +116,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             docs = [
                 resource_doc("py", port, {"allowedTools": ["*"]}),
                 resource_doc("fresh", port, {"allowedTools": ["*"]}),
-                agent_doc("ops", idp.jwks_uri, ["py", "fresh"], granted="low", consent_claim=None),
+                ops_agent(idp.jwks_uri),
+                {
+                    "apiVersion": API,
+                    "kind": "MCPVirtualServer",
+                    "metadata": {"name": "vt"},
+                    "spec": {"servers": [{"name": "py", "prefix": "p_"}]},
+                },
                 {
                     "apiVersion": API,
                     "kind": "MCPToolPolicy",
@@ -121,6 +134,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 },
                 grant("alice-ops", "alice", "high"),
                 grant("bob-ops", "bob", "low"),
+                {
+                    **grant("bob-vt", "bob", "high"),
+                    "spec": {
+                        **grant("bob-vt", "bob", "high")["spec"],
+                        "targetRefs": [{"kind": "MCPVirtualServer", "name": "vt"}],
+                    },
+                },
             ]
             resources = tmp / "resources.yaml"
             resources.write_text(yaml.safe_dump_all(docs))
@@ -274,3 +294,18 @@ async def test_a_tool_whose_side_effect_is_not_known_yet_is_refused_until_listed
     assert "add" in {t["name"] for t in response_messages(listed)[0]["result"]["tools"]}
     [answer] = response_messages(await post(stack, fresh, "alice", add(4002)))
     assert answer["result"]["content"][0]["text"] == "4003"
+
+
+async def test_a_grant_on_a_virtual_server_applies_only_through_it(stack: Stack) -> None:
+    """bob's grant on vt (high) adds to his grant on py (low) only for calls through vt."""
+    vt = stack.url.replace("/py/mcp", "/vt/mcp")
+    listed = await post(stack, vt, "bob", {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    names = {t["name"] for t in response_messages(listed)[0]["result"]["tools"]}
+    assert "p_add" in names and "p_delete_everything" not in names  # high now; destructive still not granted
+    [answer] = response_messages(
+        await post(stack, vt, "bob", {**add(5001), "params": {"name": "p_add", "arguments": {"a": 5001, "b": 1}}})
+    )
+    assert answer["result"]["content"][0]["text"] == "5002"
+    status, answer = await call_add(stack, "bob", 5003)  # py's own route: bob's py grant alone
+    assert status == 200 and "requires trust high" in answer["error"]["message"]
+    assert stack.calls_of("add", 5001) == 1 and stack.calls_of("add", 5003) == 0
