@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Final
 from pydantic import Field
 
 from extproc.api import Context, Deny, FailureMode, Principal, StageConfig, StateKey
-from extproc.config.models import MCPToolPolicy, Rego, Trust
+from extproc.config.models import MCPToolPolicy, Rego
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
 from extproc.mcp.codes import POLICY_DENIED, RATE_LIMITED
@@ -52,7 +52,7 @@ from extproc.mcp.spec import INTERNAL_ERROR
 from plugins.authn import insufficient_scope
 from plugins.lib import grants
 from plugins.lib.buckets import TokenBuckets, TtlCache
-from plugins.lib.policy_rules import Decision, check_rules, read_rego_value, rego_input
+from plugins.lib.policy_rules import Decision, check_rules, read_rego_value, rego_input, trust_level
 from plugins.lib.rego import EmbeddedRego, RegoBackend, RemoteOpa, compile_problem
 from plugins.lib.toolgate import ToolGate
 
@@ -188,10 +188,11 @@ class PolicyStage(ToolGate[PolicyConfig]):
                 )
         now = self._now()
         for name, consent in sorted(catalog.consents.items()):
-            expires = consent.spec.expires_at
-            if expires is not None and now >= expires and not consent.spec.revoked:
+            if consent.expired(now) and not consent.spec.revoked:
+                assert consent.spec.expires_at is not None
                 found.append(
-                    f"warning: MCPConsent {name!r}: expired at {expires.isoformat()}: the calls it covers are refused"
+                    f"warning: MCPConsent {name!r}: expired at {consent.spec.expires_at.isoformat()}: "
+                    "the calls it covers are refused"
                 )
         return found
 
@@ -246,7 +247,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         claim_cap = None
         claim = agent.spec.trust.consent_claim if agent is not None else None
         if claim is not None and principal.token and claim in principal.claims:
-            claim_cap = _level(principal.consented)  # authn read the claim into consented
+            claim_cap = trust_level(principal.consented)  # authn read the claim into consented
         return grants.standing(
             found,
             consents,
@@ -255,7 +256,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
             tool=tool,
             effect=grants.side_effect(policies, tool, annotations),
             now=self._now(),
-            agent_ceiling=_level(principal.granted),
+            agent_ceiling=trust_level(principal.granted),
             claim_cap=claim_cap,
         )
 
@@ -450,11 +451,3 @@ class PolicyStage(ToolGate[PolicyConfig]):
 def _with_standing(principal: Principal, standing: grants.Standing) -> Principal:
     """``principal`` with the trust its grants and consents give (what rules and Rego read)."""
     return dataclasses.replace(principal, granted=standing.ceiling.value, consented=standing.consented.value)
-
-
-def _level(value: str) -> Trust:
-    """A trust level as the principal carries it; an unreadable one counts as low."""
-    try:
-        return Trust(value)
-    except ValueError:
-        return Trust.LOW

@@ -66,18 +66,12 @@ def rfc3339(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def expired(consent: MCPConsent, now: datetime.datetime) -> bool:
-    """True once ``consent``'s ``expiresAt`` has come (the consent lapses at that instant)."""
-    expires_at = consent.spec.expires_at
-    return expires_at is not None and now >= expires_at
-
-
 def consent_conditions(consent: MCPConsent, now: datetime.datetime) -> list[Condition]:
     """``Expired`` and ``Revoked`` of a valid consent at ``now`` (an aware datetime)."""
     expires_at = consent.spec.expires_at
     if expires_at is None:
         lapse = Condition(EXPIRED, False, "NoExpiry", "no spec.expiresAt: the consent does not lapse")
-    elif expired(consent, now):
+    elif consent.expired(now):
         lapse = Condition(
             EXPIRED, True, "Expired", f"expired at {rfc3339(expires_at)}: the calls it covered are refused"
         )
@@ -93,7 +87,7 @@ def consent_conditions(consent: MCPConsent, now: datetime.datetime) -> list[Cond
 def next_expiry(consents: Iterable[MCPConsent], now: datetime.datetime) -> datetime.datetime | None:
     """The earliest ``expiresAt`` still to come among ``consents``, if any."""
     return min(
-        (c.spec.expires_at for c in consents if c.spec.expires_at is not None and not expired(c, now)),
+        (c.spec.expires_at for c in consents if c.spec.expires_at is not None and not c.expired(now)),
         default=None,
     )
 

@@ -215,8 +215,7 @@ def state_of(consent: MCPConsent, now: datetime) -> str:
     """``revoked``, ``expired`` or ``live``."""
     if consent.spec.revoked:
         return "revoked"
-    expires = consent.spec.expires_at
-    return "expired" if expires is not None and now >= expires else "live"
+    return "expired" if consent.expired(now) else "live"
 
 
 def listing(path: Path, now: datetime | None = None) -> str:

@@ -25,6 +25,7 @@ Kinds::
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final, Literal, Self
 from urllib.parse import urlsplit
@@ -768,6 +769,11 @@ class MCPConsent(Model):
     def targets(self, server: str, virtual: str | None) -> bool:
         """True when it covers ``server`` (or the virtual server the call came through)."""
         return _refers(self.spec.server_ref, server, virtual)
+
+    def expired(self, now: datetime) -> bool:
+        """True once ``expiresAt`` has come (the consent lapses at that instant); ``now`` is aware."""
+        expires = self.spec.expires_at
+        return expires is not None and now >= expires
 
 
 def _refers(ref: ServerRef, server: str, virtual: str | None) -> bool:

@@ -34,12 +34,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
 from extproc.api import Principal
 from extproc.config.models import MCPAccessGrant, MCPConsent, MCPToolPolicy, SideEffect, Subject, Trust
-from plugins.lib.policy_rules import matching_rule
+from plugins.lib.policy_rules import first_rule, matching_rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +221,7 @@ def _consented(
             )
     for consent in covering:
         expires = consent.spec.expires_at
-        if expires is not None and now >= expires:
+        if expires is not None and consent.expired(now):
             return Refusal(
                 403,
                 "consent_expired",
@@ -263,7 +262,8 @@ def _counting(
     for grant in matching:
         if needed not in grant.spec.allowed_side_effects:
             continue
-        rule = next((r for r in grant.spec.tool_rules if any(fnmatchcase(tool, g) for g in r.tools)), None)
+        found = first_rule(grant.spec.tool_rules, tool)
+        rule = found[1] if found is not None else None
         if rule is not None and rule.action == "Deny":
             denied_by = denied_by or grant.name
             continue

@@ -44,23 +44,30 @@ class Decision:
     checks: tuple[str, ...] = field(default=())
 
 
+def trust_level(value: str) -> Trust:
+    """A trust level as a principal carries it; an unreadable one counts as low."""
+    try:
+        return Trust(value)
+    except ValueError:
+        return Trust.LOW
+
+
 def effective_trust(principal: Principal) -> Trust:
     """``min(granted, consented)``; an unreadable level counts as low."""
-    levels = []
-    for value in (principal.granted, principal.consented):
-        try:
-            levels.append(Trust(value))
-        except ValueError:
-            levels.append(Trust.LOW)
-    return min(levels, key=lambda t: t.rank)
+    return min(trust_level(principal.granted), trust_level(principal.consented), key=lambda t: t.rank)
+
+
+def first_rule(rules: Sequence[ToolRule], tool: str) -> tuple[int, ToolRule] | None:
+    """The first of ``rules`` whose globs match ``tool``, with its index."""
+    for index, rule in enumerate(rules):
+        if any(fnmatchcase(tool, glob) for glob in rule.tools):
+            return index, rule
+    return None
 
 
 def matching_rule(policy: MCPToolPolicy, tool: str) -> tuple[int, ToolRule] | None:
     """The first rule of ``policy`` whose globs match ``tool``, with its index."""
-    for index, rule in enumerate(policy.spec.rules):
-        if any(fnmatchcase(tool, glob) for glob in rule.tools):
-            return index, rule
-    return None
+    return first_rule(policy.spec.rules, tool)
 
 
 def check_rules(policies: Sequence[MCPToolPolicy], principal: Principal, tool: str) -> Decision:
