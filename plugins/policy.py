@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Final
 from pydantic import Field
 
 from extproc.api import Context, Deny, FailureMode, Principal, StageConfig, StateKey
-from extproc.config.models import MCPToolPolicy, Rego
+from extproc.config.models import MCPAccessGrant, MCPConsent, MCPToolPolicy, Rego
 from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError, PolicyBackendError
 from extproc.mcp.codes import POLICY_DENIED, RATE_LIMITED
@@ -147,9 +147,8 @@ class PolicyStage(ToolGate[PolicyConfig]):
         self._cache: TtlCache[Decision] = TtlCache(config.decision_cache_seconds, config.decision_cache_size)
         self._buckets = TokenBuckets(config.rate_limit_keys)
         self._backends: dict[str, RegoBackend] = {}  # by the Rego source, so reloads reuse compiled policies
-        self._annotations: TtlCache[Mapping[str, Any]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
-        # Every listed tool's annotations, {} for none (its side effect for grants; absent: never listed).
-        self._listed: TtlCache[Mapping[str, Any]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
+        # Every listed tool: (its annotations, None when it has none); absent: never listed.
+        self._listed: TtlCache[tuple[Mapping[str, Any] | None]] = TtlCache(_ANNOTATIONS_KEPT_S, 10_000)
         self._now = now
 
     async def shutdown(self) -> None:
@@ -213,18 +212,14 @@ class PolicyStage(ToolGate[PolicyConfig]):
         return found
 
     def applies(self, ctx: Context, server: MCPServer) -> bool:
-        return bool(self._policies(ctx, server)) or self._grants(ctx, server)
+        return bool(self._policies(ctx, server)) or any(_grants_and_consents(ctx, server))
+
+    def _annotations(self, server: MCPServer, tool: str) -> Mapping[str, Any] | None:
+        """The tool's annotations in the last ``tools/list`` seen (``None``: none, or never listed)."""
+        found = self._listed.get((server.name, tool))
+        return found[0] if found is not None else None
 
     # -- grants and consents ----------------------------------------------------------------
-
-    @staticmethod
-    def _grants(ctx: Context, server: MCPServer) -> bool:
-        """Whether grants or consents apply to ``server`` (or the virtual server of the call)."""
-        catalog = ctx.catalog
-        if catalog is None or not (catalog.grants or catalog.consents):
-            return False
-        virtual = ctx.virtual.name if ctx.virtual is not None else None
-        return bool(catalog.grants_for(server.name, virtual) or catalog.consents_for(server.name, virtual))
 
     def _standing(
         self,
@@ -235,15 +230,11 @@ class PolicyStage(ToolGate[PolicyConfig]):
         tool: str,
         annotations: Mapping[str, Any] | None,
     ) -> grants.Standing | grants.Refusal | None:
-        catalog = ctx.catalog
-        if catalog is None or not (catalog.grants or catalog.consents):
-            return None
-        virtual = ctx.virtual.name if ctx.virtual is not None else None
-        found = catalog.grants_for(server.name, virtual)
-        consents = catalog.consents_for(server.name, virtual)
+        found, consents = _grants_and_consents(ctx, server)
         if not found and not consents:
             return None
-        agent = catalog.agents.get(principal.agent) if principal.agent else None
+        assert ctx.catalog is not None
+        agent = ctx.catalog.agents.get(principal.agent) if principal.agent else None
         claim_cap = None
         claim = agent.spec.trust.consent_claim if agent is not None else None
         if claim is not None and principal.token and claim in principal.claims:
@@ -266,7 +257,9 @@ class PolicyStage(ToolGate[PolicyConfig]):
         tool = message.tool_name or ""
         policies = self._policies(ctx, server)
         principal = ctx.principal or _ANONYMOUS
-        found = self._standing(ctx, server, policies, principal, tool, self._listed.get((server.name, tool)))
+        seen = self._listed.get((server.name, tool))
+        listed = None if seen is None else (seen[0] or {})  # listed without annotations: {}
+        found = self._standing(ctx, server, policies, principal, tool, listed)
         if isinstance(found, grants.Refusal):
             ctx.explain(found.explanation)
             ctx.audit("trust", {"grant": found.grant, "consent": found.consent})
@@ -288,11 +281,10 @@ class PolicyStage(ToolGate[PolicyConfig]):
         return self._rate_limit(ctx, policies, principal, tool)
 
     async def hide_tool(self, ctx: Context, server: MCPServer, name: str, tool: Mapping[str, Any]) -> bool:
-        annotations = tool.get("annotations")
-        listed: Mapping[str, Any] = annotations if isinstance(annotations, Mapping) else {}
-        if isinstance(annotations, Mapping):
-            self._annotations.put((server.name, name), annotations)
-        self._listed.put((server.name, name), listed)
+        given = tool.get("annotations")
+        annotations = given if isinstance(given, Mapping) else None
+        self._listed.put((server.name, name), (annotations,))
+        listed = annotations or {}
         principal = ctx.principal or _ANONYMOUS
         policies = self._policies(ctx, server)
         found = self._standing(ctx, server, policies, principal, name, listed)
@@ -316,7 +308,7 @@ class PolicyStage(ToolGate[PolicyConfig]):
         standing: grants.Standing | None = None,
     ) -> Decision:
         generation = ctx.catalog.generation if ctx.catalog is not None else -1
-        annotations = self._annotations.get((server.name, tool))
+        annotations = self._annotations(server, tool)
         key = (
             generation,
             self._caller(ctx, principal),
@@ -446,6 +438,15 @@ class PolicyStage(ToolGate[PolicyConfig]):
                     headers={"retry-after": str(retry)},
                 )
         return None
+
+
+def _grants_and_consents(ctx: Context, server: MCPServer) -> tuple[list[MCPAccessGrant], list[MCPConsent]]:
+    """The grants and consents for ``server``, or for the virtual server the call came through."""
+    catalog = ctx.catalog
+    if catalog is None or not (catalog.grants or catalog.consents):
+        return [], []
+    virtual = ctx.virtual.name if ctx.virtual is not None else None
+    return catalog.grants_for(server.name, virtual), catalog.consents_for(server.name, virtual)
 
 
 def _with_standing(principal: Principal, standing: grants.Standing) -> Principal:
