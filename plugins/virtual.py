@@ -79,7 +79,7 @@ from extproc.mcp.sse import SseDecoder, SseTooLarge
 from extproc.streams import OFFERS, STREAM_HEADER
 from plugins.lib import aggregate
 from plugins.lib.backends import BackendFailed, Backends, Reply, answer_of, next_id
-from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper
+from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper, event_message
 from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
 from plugins.mcp_stage import derived_headers
 
@@ -619,11 +619,11 @@ class VirtualStage(Stage[VirtualConfig]):
             ack = {"jsonrpc": "2.0", "method": _ACKNOWLEDGED, "params": {"notifications": honored}}
             yield _stamped(ack, client_id)
             for entry, note in held:
-                yield _stamped(_outward_note(note, entry), client_id)
+                yield _stamped(_outward_message(note, entry.name, entry), client_id)
             while True:
                 entry, note = await queue.get()
                 if note is not None and note.get("method") != _ACKNOWLEDGED:
-                    yield _stamped(_outward_note(note, entry), client_id)
+                    yield _stamped(_outward_message(note, entry.name, entry), client_id)
 
     # -- lists ---------------------------------------------------------------------------------
 
@@ -928,14 +928,11 @@ class VirtualStage(Stage[VirtualConfig]):
         return None if out == chunk else Continue(body=bytes(out))
 
 
-def _outward_event(raw: bytes, data: str, backend: str, entry: VirtualBackend | None) -> bytes:
-    """An SSE event as the agent must see it: a server request's id namespaced, resource URIs prefixed."""
-    try:
-        message = json.loads(data) if data else None
-    except ValueError:
-        return raw
-    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
-        return raw
+def _outward_message(message: dict[str, Any], backend: str, entry: VirtualBackend | None) -> dict[str, Any]:
+    """A backend's request or notification as the agent must see it: a request's id namespaced,
+    resource URIs prefixed (anything else unchanged)."""
+    if not isinstance(message.get("method"), str):
+        return message
     changed = dict(message)
     if "id" in message and message["id"] is not None:
         changed["id"] = aggregate.wrap_id(backend, message["id"])
@@ -944,6 +941,15 @@ def _outward_event(raw: bytes, data: str, backend: str, entry: VirtualBackend | 
         uri = params.get("uri")
         if isinstance(uri, str):
             changed["params"] = {**params, "uri": aggregate.outward(entry, "resources/list", uri)}
+    return changed
+
+
+def _outward_event(raw: bytes, data: str, backend: str, entry: VirtualBackend | None) -> bytes:
+    """An SSE event as the agent must see it (:func:`_outward_message`), else as it came."""
+    message = event_message(data)
+    if not isinstance(message, dict):
+        return raw
+    changed = _outward_message(message, backend, entry)
     if changed == message:
         return raw
     head = b"".join(line + b"\n" for line in raw.splitlines() if line and not line.startswith(b"data:"))
@@ -978,10 +984,7 @@ async def _pump(
     try:
         async for chunk in reply.aiter_raw():
             for event in decoder.feed(chunk):
-                try:
-                    message = json.loads(event.data) if event.data else None
-                except ValueError:
-                    continue
+                message = event_message(event.data)
                 if isinstance(message, dict):
                     await queue.put((entry, message))
     except (httpx.HTTPError, SseTooLarge) as exc:
@@ -1000,15 +1003,6 @@ def _honor(honored: dict[str, Any], entry: VirtualBackend, part: Any) -> None:
     if isinstance(uris, list):
         outward = [aggregate.outward(entry, "resources/list", u) for u in uris if isinstance(u, str)]
         honored.setdefault("resourceSubscriptions", []).extend(outward)
-
-
-def _outward_note(note: dict[str, Any], entry: VirtualBackend) -> dict[str, Any]:
-    params = note.get("params")
-    if note.get("method") == "notifications/resources/updated" and isinstance(params, dict):
-        uri = params.get("uri")
-        if isinstance(uri, str):
-            return {**note, "params": {**params, "uri": aggregate.outward(entry, "resources/list", uri)}}
-    return note
 
 
 def _stamped(note: dict[str, Any], client_id: Any) -> bytes:
