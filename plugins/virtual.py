@@ -613,7 +613,7 @@ class VirtualStage(Stage[VirtualConfig]):
                     break
                 if note is None or note.get("method") == _ACKNOWLEDGED:
                     waiting -= 1
-                    _honor(honored, entry, (note or {}).get("params", {}).get("notifications"))
+                    _honor(honored, entry, _acknowledged(note))
                 else:
                     held.append((entry, note))
             ack = {"jsonrpc": "2.0", "method": _ACKNOWLEDGED, "params": {"notifications": honored}}
@@ -990,6 +990,13 @@ async def _pump(
     except (httpx.HTTPError, SseTooLarge) as exc:
         log.info("listen stream of %r ended: %s", entry.name, type(exc).__name__)
     await queue.put((entry, None))
+
+
+def _acknowledged(note: dict[str, Any] | None) -> Any:
+    """What an acknowledgement says a backend honors (``None`` for a stream that ended, or any
+    other shape: a hostile ``params`` honors nothing)."""
+    params = note.get("params") if note is not None else None
+    return params.get("notifications") if isinstance(params, dict) else None
 
 
 def _honor(honored: dict[str, Any], entry: VirtualBackend, part: Any) -> None:

@@ -338,3 +338,18 @@ def test_a_deeply_nested_id_unwraps_to_none_instead_of_raising() -> None:
 )
 def test_uri_templates_match_the_uris_they_can_produce(template: str, uri: str, expected: bool) -> None:
     assert matches(template, uri) is expected
+
+
+def test_a_listen_acknowledgement_of_any_shape_is_read_without_failing() -> None:
+    from plugins.virtual import _acknowledged, _honor
+
+    ack = "notifications/subscriptions/acknowledged"
+    for note in (None, {"method": ack}, {"method": ack, "params": None}, {"method": ack, "params": [1]}):
+        assert _acknowledged(note) is None
+    honored: dict[str, Any] = {}
+    entry = VirtualBackend(name="a", prefix="a_")
+    _honor(honored, entry, _acknowledged({"method": ack, "params": {"notifications": ["not", "an", "object"]}}))
+    assert honored == {}
+    part = {"toolsListChanged": True, "resourceSubscriptions": ["file:///x"]}
+    _honor(honored, entry, _acknowledged({"method": ack, "params": {"notifications": part}}))
+    assert honored == {"toolsListChanged": True, "resourceSubscriptions": ["a+file:///x"]}
