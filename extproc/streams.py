@@ -25,7 +25,7 @@ from typing import Final
 
 STREAM_HEADER: Final = "x-mcp-stream"
 """Set by a stage on a request whose answer the stream service streams (its ticket);
-the renderer's twin is ``extproc.render.wire.STREAM_HEADER``."""
+the renderer routes on it (``extproc.render.routes`` imports it from here)."""
 
 OpenBody = Callable[[], AsyncIterator[bytes]]
 

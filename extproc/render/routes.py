@@ -28,9 +28,9 @@ from extproc.render.wire import (
     EXT_PROC_FILTER,
     MCP_FILTER,
     SERVER_METADATA_KEY,
-    STREAM_HEADER,
     STREAMS_CLUSTER,
 )
+from extproc.streams import STREAM_HEADER
 
 _T: Final = "type.googleapis.com/"
 WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"

@@ -17,9 +17,6 @@ SERVER_METADATA_KEY: Final = "x-mcp-server"
 """Per route: gRPC initial metadata (ext_proc) or context extension (ext_authz) naming the MCPServer."""
 BACKEND_HEADER: Final = "x-mcp-backend"
 """Set by the ``virtual`` stage on a request it routes: the MCPServer whose route (cluster) takes it."""
-STREAM_HEADER: Final = "x-mcp-stream"
-"""Set by a stage whose answer our stream service streams (``extproc.streams``): Envoy routes
-the request to :data:`STREAMS_CLUSTER`."""
 CALL_ERA_KEY: Final = "x-mcp-call"
 """ext_authz context extension of a fast route: the era of ``tools/call`` the route promised."""
 
@@ -37,7 +34,8 @@ EXTPROC_CLUSTER: Final = "mcp_extproc"
 AUTHZ_HTTP_CLUSTER: Final = "mcp_extproc_authz_http"
 """The cluster that reaches our HTTP authorization service."""
 STREAMS_CLUSTER: Final = "mcp_extproc_streams"
-"""The cluster that reaches our stream service (a virtual server's GET stream)."""
+"""The cluster that reaches our stream service (a virtual server's GET stream); Envoy routes
+a request there when a stage set ``extproc.streams.STREAM_HEADER``."""
 
 UPSTREAM_HEADERS: Final = (
     "authorization|mcp-session-id|x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
