@@ -50,12 +50,15 @@ def run_controller(args: argparse.Namespace) -> int:
             f"the controller needs its extra dependencies: pip install 'mcp-extproc[controller]' ({exc})"
         ) from None
 
+    if not args.report_interval > 0:
+        raise ConfigError(f"--report-interval: expected seconds above 0, got {args.report_interval}")
     settings = ControllerSettings(namespace=args.namespace, **({"image": args.image} if args.image else {}))
     options = ControllerOptions(
         kubeconfig=args.kubeconfig,
         probe=args.probe,
         webhook=args.webhook or None,
         resync_s=args.resync,
+        report_interval_s=args.report_interval,
         leader_election=not args.no_leader_election,
     )
     return run(settings, options)

@@ -580,6 +580,17 @@ class Stage(Generic[C]):
         """
         return []
 
+    def report(self) -> Mapping[str, Any] | None:
+        """What this stage observed, for the controller to write into resources' status.
+
+        ``serve --report`` serves every stage's report at ``/report`` (:mod:`extproc.core.report`);
+        the ``pins`` stage reports each tool's pin and last definition, the ``virtual``
+        stage each backend's tool count and name conflicts. Return JSON values only
+        (``None``: nothing to report, the default). Runs on the event loop between
+        exchanges, so it may read the stage's state as is; keep it quick and do no I/O.
+        """
+        return None
+
     def needs_response(self, ctx: Context) -> bool | None:
         """After the request headers: must Envoy send this exchange's response?
 

@@ -116,6 +116,27 @@ class PinsStage(ToolGate[PinsConfig]):
             if server.spec.pinned_tools and server.spec.tool_pinning is ToolPinning.OFF
         ]
 
+    def report(self) -> dict[str, Any]:
+        """Per server, each tool's pin in force and the digest it was last seen with (the
+        controller writes these into ``MCPServer`` ``status.tools[]``; ``complete``: a whole
+        listing was seen, so the pins taken on first use are all there are)."""
+        servers: dict[str, Any] = {}
+        for name, book in self.book.document.servers.items():
+            tools: dict[str, Any] = {}
+            for tool, pins in book.tools.items():
+                pin = pins.pin if pins.pin is not None and pins.declared is None else None
+                seen = pins.current.digest if pins.current is not None else pins.pinned(pins.declared)
+                tools[tool] = {
+                    "pinned": pins.pinned(pins.declared),
+                    "source": "declared" if pins.declared is not None else (pin.source if pin else None),
+                    "pinnedAt": pin.at if pin else None,
+                    "seen": None if pins.removed is not None else seen,
+                    "seenAt": pins.current.at if pins.current is not None else None,
+                    "changes": list(pins.current.changes) if pins.current is not None else [],
+                }
+            servers[name] = {"complete": book.complete, "tools": tools}
+        return {"servers": servers}
+
     # -- what the gate decides --------------------------------------------------------------
 
     def applies(self, ctx: Context, server: MCPServer) -> bool:

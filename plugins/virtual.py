@@ -255,6 +255,20 @@ class VirtualStage(Stage[VirtualConfig]):
     def needs_response(self, ctx: Context) -> bool | None:
         return None if ctx.virtual is not None else False
 
+    def report(self) -> dict[str, Any]:
+        """Per virtual server, how many tools each backend last listed, and the names two
+        backends both take (the controller writes these into ``MCPVirtualServer`` status)."""
+        found: dict[str, Any] = {}
+        for name, names in self.names.items():
+            backends = {
+                b.name: {"tools": len(listed)}
+                for b in names.virtual.spec.servers
+                if (listed := names.listed.get((b.name, "tools/list"))) is not None
+            }
+            conflicts = {final: list(c.backends) for final, c in sorted(names.conflicts("tools/list").items())}
+            found[name] = {"backends": backends, "conflicts": conflicts}
+        return {"virtualServers": found}
+
     def _names(self, virtual: MCPVirtualServer) -> aggregate.Names:
         """What ``virtual``'s backends last listed (forgotten when a reload changes ``virtual``)."""
         names = self.names.get(virtual.name)

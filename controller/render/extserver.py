@@ -74,11 +74,18 @@ def extension_server(
         "name": "extproc",
         "image": settings.image,
         "args": serve_args(
-            "--grpc", f"0.0.0.0:{settings.grpc_port}", "--metrics", "0.0.0.0:9464", *session_keys.args(settings)
+            "--grpc",
+            f"0.0.0.0:{settings.grpc_port}",
+            "--metrics",
+            "0.0.0.0:9464",
+            "--report",
+            f"0.0.0.0:{settings.report_port}",
+            *session_keys.args(settings),
         ),
         "ports": [
             {"name": "grpc", "containerPort": settings.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+            {"name": "report", "containerPort": settings.report_port, "protocol": "TCP"},
         ],
         "readinessProbe": {"grpc": {"port": settings.grpc_port}},
         "livenessProbe": {"grpc": {"port": settings.grpc_port}, "periodSeconds": 20},

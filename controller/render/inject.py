@@ -140,10 +140,13 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
             settings.streams_socket_path,
             "--metrics",
             "127.0.0.1:9464",
+            "--report",
+            f"0.0.0.0:{settings.report_port}",
             "--public-url",
             sidecar_url(settings),
             *session_keys.args(settings),
         ),
+        "ports": [{"name": "mcp-report", "containerPort": settings.report_port, "protocol": "TCP"}],
         "startupProbe": _probe_exec(
             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({settings.socket_path!r})"
         ),

@@ -38,6 +38,8 @@ class ControllerSettings:
             only this UID may leave the pod.
         extproc_uid: the UID of the injected extension server.
         grpc_port: the shared extension server's gRPC port (Gateway and Istio modes).
+        report_port: where every extension server (injected or shared) serves ``/report``
+            on its pod IP, for the controller (:mod:`controller.runtime.reports`).
         shared_replicas: how many replicas of the shared extension server run (they
             share the namespace's session key Secret, so any of them serves any session).
         socket_dir: the shared ``emptyDir`` holding the extension server's unix sockets
@@ -52,6 +54,7 @@ class ControllerSettings:
     envoy_uid: int = 15101
     extproc_uid: int = 15102
     grpc_port: int = 50051
+    report_port: int = 9465
     shared_replicas: int = 2
     socket_dir: str = "/var/run/mcp-extproc"
     webhook_service: str = "mcp-extproc-webhook"

@@ -6,6 +6,9 @@ Data flow::
         ├─ valid   ──▶ Catalog (the same type `mcp-extproc up` uses)
         └─ invalid ──▶ problems[(kind, name)]   (status: Accepted=False; never a crash)
     Catalog ──reference_problems──▶ problems per resource (status: ResolvedRefs=False)
+    an MCPServer's status.tools[] pins taken on first use ──▶ added to its spec.pinnedTools
+        (the spec's own win), so every extension server starts from the namespace's pins
+        (controller.render.observed)
 
 The cluster adds fields the local models refuse (``uid``, ``generation``,
 ``managedFields``, ``status``...); they are kept in ``raw`` for owner references
@@ -20,7 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from extproc.config.models import API_VERSION, KINDS, Resource, Secret
+from controller.render.observed import first_use_pins
+from extproc.config.models import API_VERSION, KINDS, MCPServer, Resource, Secret, ToolPinning
 from extproc.config.resources import Catalog, reference_problems
 
 Key = tuple[str, str]
@@ -67,6 +71,18 @@ def _error_text(exc: ValidationError) -> str:
     return f"{where or '(document)'}: {first['msg']}"
 
 
+def _with_status_pins(resource: Any, status: Mapping[str, Any] | None) -> Any:
+    """An ``MCPServer`` whose extension servers start from the pins its status took on first use
+    (``spec.pinnedTools`` wins; :func:`controller.render.observed.first_use_pins`)."""
+    if not isinstance(resource, MCPServer) or resource.spec.tool_pinning is ToolPinning.OFF:
+        return resource
+    pins = first_use_pins(status)
+    if not pins:
+        return resource
+    spec = resource.spec.model_copy(update={"pinned_tools": {**pins, **resource.spec.pinned_tools}})
+    return resource.model_copy(update={"spec": spec})
+
+
 def build_view(
     namespace: str,
     objects: Iterable[Mapping[str, Any]],
@@ -87,7 +103,7 @@ def build_view(
         doc = as_document(obj)
         doc["metadata"]["namespace"] = namespace
         try:
-            found[model][name] = model.model_validate(doc)
+            found[model][name] = _with_status_pins(model.model_validate(doc), obj.get("status"))
         except ValidationError as exc:
             if kind in CUSTOM_KINDS:
                 invalid[(kind, name)] = _error_text(exc) if model is not Secret else "invalid Secret"

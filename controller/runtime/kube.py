@@ -59,6 +59,7 @@ _KINDS: Final = [
     KindInfo("v1", "ConfigMap", "configmaps"),
     KindInfo("v1", "Secret", "secrets"),
     KindInfo("v1", "Service", "services"),
+    KindInfo("v1", "Pod", "pods"),
     KindInfo("apps/v1", "Deployment", "deployments"),
     KindInfo("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
     KindInfo("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),

@@ -46,6 +46,7 @@ class ControllerOptions:
     probe: str | None = "0.0.0.0:8080"
     webhook: str | None = "0.0.0.0:9443"
     resync_s: float = 300.0
+    report_interval_s: float = 30.0
     watch_timeout_s: int = 300
     leader_election: bool = True
     lease_name: str = "mcp-extproc-controller"
@@ -101,7 +102,7 @@ class Controller:
         self.kube = kube
         self.options = options
         self.metrics = metrics
-        self.reconciler = Reconciler(kube, settings)
+        self.reconciler = Reconciler(kube, settings, report_interval_s=options.report_interval_s)
         self._due: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._cond = threading.Condition()

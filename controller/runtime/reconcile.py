@@ -8,9 +8,13 @@ Data flow::
                                    created when missing, never overwritten (session_keys.py)
         ──Kube.apply (server-side apply, field manager mcp-extproc-controller)──▶ cluster
         ──Kube.list(label managed-by) minus rendered──▶ Kube.delete  (prune)
-        ──compute_status (+ an MCPConsent's Expired/Revoked at the clock's now)──▶
+        ──reports.collect (what every extension server of the namespace observed)──▶
+          observed.server_tools / virtual_backends
+        ──compute_status (+ an MCPConsent's Expired/Revoked at the clock's now; + an
+          MCPServer's tools[], an MCPVirtualServer's backends[])──▶
           Kube.patch_status (only when it changed)
-        ──▶ seconds until the namespace's next consent expiry (the loop comes back then)
+        ──▶ seconds until the namespace's next consent expiry, or until its extension
+            servers are asked again (``report_interval_s``): the loop comes back then
 
 A transient API error (no answer, 429, 5xx) is raised for the loop to retry with
 backoff; any other error applying an object is written into its owner's status
@@ -27,10 +31,13 @@ from typing import Any
 from controller.render.meta import MANAGED_BY, MANAGER, ControllerSettings
 from controller.render.namespace import render_namespace
 from controller.render.netpol import service_host
+from controller.render.observed import Report, server_tools, virtual_backends
 from controller.render.status import Condition, compute_status, consent_conditions, next_expiry, rfc3339, same_status
 from controller.render.view import CUSTOM_KINDS, Key, build_view
 from controller.runtime.kube import RENDERED_KINDS, Kube, KubeError
+from controller.runtime.reports import collect
 from controller.runtime.session_keys import ensure_session_keys
+from extproc.config.resources import Catalog
 
 log = logging.getLogger("mcp_extproc.controller")
 
@@ -62,15 +69,22 @@ class Reconciler:
     """Brings one namespace in line with its custom resources.
 
     ``clock`` gives the aware time a pass judges consents' ``expiresAt`` by and writes as
-    ``lastTransitionTime`` (tests pass a fake one).
+    ``lastTransitionTime`` (tests pass a fake one). ``report_interval_s``: how often, at
+    most, a namespace's extension servers are asked what they observed; ``None`` never
+    asks (the status then has no ``tools[]`` or ``backends[]``).
     """
 
     def __init__(
-        self, kube: Kube, settings: ControllerSettings, clock: Callable[[], datetime.datetime] = utc_now
+        self,
+        kube: Kube,
+        settings: ControllerSettings,
+        clock: Callable[[], datetime.datetime] = utc_now,
+        report_interval_s: float | None = 30.0,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.clock = clock
+        self.report_interval_s = report_interval_s
 
     def namespaces(self) -> set[str]:
         """Every namespace holding a custom resource or something the controller rendered."""
@@ -104,8 +118,8 @@ class Reconciler:
 
         Returns:
             Seconds until the earliest ``expiresAt`` of the namespace's consents still to
-            come (``None`` without one): its ``Expired`` condition turns ``True`` then
-            with no change to any object, so no watch event would say so. The loop
+            come, or until its extension servers are to be asked again, whichever is first
+            (``None`` without either): neither is announced by a watch event. The loop
             reconciles the namespace again at that moment (:class:`controller.runtime.loop.Controller`).
 
         Raises:
@@ -129,6 +143,8 @@ class Reconciler:
                     apply_errors.setdefault((owner["kind"], owner["name"]), str(exc))
                 log.warning("apply %s %s/%s failed: %s", obj["kind"], namespace, obj["metadata"]["name"], exc)
         self._prune(namespace, wanted)
+        asks = self.report_interval_s is not None and bool(view.catalog.servers or view.catalog.virtual_servers)
+        reports = self._reports(namespace) if asks else []
         moment = self.clock()
         now = rfc3339(moment)
         for key, raw in sorted(view.raw.items()):
@@ -145,6 +161,8 @@ class Reconciler:
                 extra=extra,
                 now=now,
             )
+            if asks:
+                status.update(self._observed(view.catalog, key, raw, reports, now))
             if not same_status(raw.get("status"), status):
                 try:
                     self.kube.patch_status(raw, status)
@@ -152,7 +170,32 @@ class Reconciler:
                     if transient(exc) or exc.status != 404:  # 404: deleted meanwhile
                         raise
         lapse = next_expiry(view.catalog.consents.values(), moment)
-        return None if lapse is None else (lapse - moment).total_seconds()
+        waits = [(lapse - moment).total_seconds()] if lapse is not None else []
+        if asks and self.report_interval_s is not None:
+            waits.append(self.report_interval_s)
+        return min(waits, default=None)
+
+    def _reports(self, namespace: str) -> list[Report]:
+        """What the namespace's extension servers observed; none when pods cannot be listed
+        (RBAC, an API error): the status keeps what it said."""
+        try:
+            return collect(self.kube, namespace, self.settings)
+        except KubeError as exc:
+            log.warning("cannot ask the extension servers in %s what they observed: %s", namespace, exc)
+            return []
+
+    @staticmethod
+    def _observed(catalog: Catalog, key: Key, raw: dict[str, Any], reports: list[Report], now: str) -> dict[str, Any]:
+        """The status fields that come from the reports: an MCPServer's tools[], an MCPVirtualServer's backends[]."""
+        kind, name = key
+        previous = raw.get("status")
+        if kind == "MCPServer" and name in catalog.servers:
+            declared = (raw.get("spec") or {}).get("pinnedTools") or {}
+            tools = server_tools(catalog.servers[name], declared, previous, reports, now)
+            return {} if tools is None else {"tools": tools}
+        if kind == "MCPVirtualServer" and name in catalog.virtual_servers:
+            return {"backends": virtual_backends(catalog.virtual_servers[name], previous, reports)}
+        return {}
 
     def _session_keys(self, namespace: str) -> None:
         """The session key Secret the namespace's extension servers mount: created when missing."""

@@ -153,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--authz-http", metavar="PATH", action=_Once, default=_DEFAULT["authz_http"], help=_AUTHZ_HTTP)
     serve.add_argument("--streams", metavar="PATH", action=_Once, default=_DEFAULT["streams"], help=_STREAMS)
     serve.add_argument("--metrics", default=_DEFAULT["metrics"], help=_METRICS)
+    serve.add_argument(
+        "--report",
+        metavar="HOST:PORT",
+        action=_Once,
+        default=_DEFAULT["report"],
+        help="serve /report (what the stages observed: tool pins, virtual backends) to bearers of a token "
+        "signed with --session-key-file's keys (the controller's); default off",
+    )
     serving(serve, "required with an MCPAgent", "default: a key in memory, lost on restart")
 
     render = commands.add_parser("render", help="print generated configuration")
@@ -217,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     controller.add_argument("--probe", default="0.0.0.0:8080", help="host:port for /healthz and /metrics")
     controller.add_argument("--webhook", default="0.0.0.0:9443", help="host:port of the injection webhook; '' off")
     controller.add_argument("--resync", type=float, default=300.0, help="seconds between full resyncs")
+    controller.add_argument(
+        "--report-interval",
+        type=float,
+        default=30.0,
+        help="seconds between asking each extension server what it observed (status.tools[], status.backends[])",
+    )
     controller.add_argument("--no-leader-election", action="store_true", help="run without a Lease")
     controller.add_argument("--log-level", default=_DEFAULT["log_level"], help=_LOG_LEVEL)
     return parser

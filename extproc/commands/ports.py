@@ -87,13 +87,12 @@ def check_up(settings: Settings) -> None:
 
 
 def check_serve(settings: Settings) -> None:
-    """``serve``'s ``--grpc``, ``--metrics``, ``--unix`` and ``--authz-http`` are free and distinct."""
-    check_distinct([("--grpc", settings.grpc), ("--metrics", settings.metrics)])
+    """``serve``'s ``--grpc``, ``--metrics``, ``--report``, ``--unix`` and ``--authz-http`` are free and distinct."""
+    check_distinct([("--grpc", settings.grpc), ("--metrics", settings.metrics), ("--report", settings.report)])
     check_distinct([("--unix", settings.unix), ("--authz-http", settings.authz_http)])
-    if settings.grpc:
-        check_tcp_free(settings.grpc, "--grpc")
-    if settings.metrics:
-        check_tcp_free(settings.metrics, "--metrics")
+    for flag, address in (("--grpc", settings.grpc), ("--metrics", settings.metrics), ("--report", settings.report)):
+        if address:
+            check_tcp_free(address, flag)
     for flag, path in (("--unix", settings.unix), ("--authz-http", settings.authz_http)):
         if path:
             check_unix_free(path, flag)

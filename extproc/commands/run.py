@@ -48,6 +48,7 @@ from extproc.core import reload
 from extproc.core.metrics import Metrics
 from extproc.core.pipeline import Pipeline
 from extproc.errors import ConfigError, ProcessError
+from extproc.frontdoor.report import ReportServer
 from extproc.frontdoor.servers import ExtProcServer, Listen
 from extproc.render.bootstrap import render_bootstrap_yaml
 
@@ -68,6 +69,28 @@ def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
         except OSError as exc:  # taken since ports.check_*
             raise ConfigError(f"--metrics {settings.metrics}: cannot listen there: {exc.strerror or exc}") from None
         log.info("metrics at http://%s:%d/metrics", host, bound)
+
+
+def _serve_report(settings: Settings, server: ExtProcServer) -> ReportServer | None:
+    """``--report``: what the stages observed, for bearers of a token signed with the session keys.
+
+    Raises:
+        ConfigError: no ``--session-key-file`` (the report's readers sign with that set), or
+            the address cannot be bound.
+    """
+    if not settings.report:
+        return None
+    if settings.session_key_file is None:
+        raise ConfigError("--report needs --session-key-file: the controller signs its requests with that key set")
+    keys = load_key_set(Path(settings.session_key_file), create=True)
+    host, port = split_hostport(settings.report, "--report")
+    report = ReportServer(host, port, keys, lambda: server.pipeline.report())
+    try:
+        bound = report.start(asyncio.get_running_loop())
+    except OSError as exc:
+        raise ConfigError(f"--report {settings.report}: cannot listen there: {exc.strerror or exc}") from None
+    log.info("report at http://%s:%d/report", host, bound)
+    return report
 
 
 def _public_url(settings: Settings, catalog: Catalog, pipeline: Pipeline, default: str | None) -> None:
@@ -153,6 +176,7 @@ async def serve(settings: Settings) -> int:
         tcp=settings.grpc or None, unix=settings.unix, authz_http=settings.authz_http, streams=settings.streams
     )
     server = ExtProcServer(pipeline, catalog, listen)
+    report = _serve_report(settings, server)
     await server.start()
     _serve_metrics(settings, metrics)
     watcher = _watch(settings, server, metrics)
@@ -161,6 +185,8 @@ async def serve(settings: Settings) -> int:
     log.info("stopping")
     if watcher is not None:
         watcher.cancel()
+    if report is not None:
+        report.stop()
     await server.stop(settings.grace_s)
     tracing.stop()
     return 0

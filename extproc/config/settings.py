@@ -39,6 +39,8 @@ class Settings:
         authz_http_sockets: ``render envoy --authz-http``, given once or more: the HTTP
             authorization service's unix socket of every replica; empty: ``authz_http``.
         metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
+        report: ``host:port`` for ``/report`` (what the stages observed, for the
+            controller; :mod:`extproc.frontdoor.report`), or ``None`` (the default).
         grace_s: how long in-flight streams may finish on shutdown.
         stream_idle_timeout_s: Envoy's stream idle timeout (GET/SSE silence).
         log_level: Python logging level name.
@@ -78,6 +80,7 @@ class Settings:
     extproc_addresses: tuple[str, ...] = ()
     authz_http_sockets: tuple[str, ...] = ()
     metrics: str | None = "127.0.0.1:9464"
+    report: str | None = None
     grace_s: float = 5.0
     stream_idle_timeout_s: int = 3600
     log_level: str = "INFO"

@@ -112,6 +112,22 @@ class Pipeline:
             problems.extend(f"stage {stage.name!r}: {p}" for p in found)
         return problems
 
+    def report(self) -> dict[str, Any]:
+        """Every stage's :meth:`~extproc.api.Stage.report` that says something, by stage name.
+
+        A stage whose report fails is logged and left out: one stage cannot blank the rest.
+        """
+        found: dict[str, Any] = {}
+        for stage in self.stages:
+            try:
+                said = stage.report()
+            except Exception:
+                log.exception("stage %r: report failed", stage.name)
+                continue
+            if said is not None:
+                found[stage.name] = said
+        return found
+
     def check_split(self, catalog: Catalog) -> tuple[list[str], list[str]]:
         """:meth:`check`'s problems as (errors, warnings); warnings refuse nothing."""
         errors: list[str] = []

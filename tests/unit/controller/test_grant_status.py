@@ -145,7 +145,7 @@ def test_an_expiry_turns_the_condition_at_that_time_and_the_pass_says_when(api: 
         consent("withdrawn", {"name": "demo"}, revoked=True),
     )
     clock = Clock(T - datetime.timedelta(seconds=90))
-    reconciler = Reconciler(kube, SETTINGS, clock=clock)
+    reconciler = Reconciler(kube, SETTINGS, clock=clock, report_interval_s=None)  # expiries alone
     assert reconciler.reconcile(NS) == 90.0
     soon = conditions(api, "MCPConsent", "soon")
     assert {t: c["status"] for t, c in soon.items()} == {
