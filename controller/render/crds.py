@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -134,6 +135,48 @@ _FIELD_EXTRAS: Final[dict[tuple[type[BaseModel], str], dict[str, Any]]] = {
 }
 
 
+_DIGEST_SCHEMA: Final = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
+_TOOLS_STATUS: Final = {
+    "type": "array",
+    "description": "Each tool the extension servers listed (controller.render.observed): its pin (digest, "
+    "source declared or first-use, firstSeen) and, when changed, the definition last seen unlike it (current, "
+    "changes). Approve a change by writing current into spec.pinnedTools.",
+    "maxItems": 512,
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+    "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 256},
+            "digest": _DIGEST_SCHEMA,
+            "source": {"type": "string", "enum": ["declared", "first-use"]},
+            "firstSeen": {"type": "string", "maxLength": 64},
+            "changed": {"type": "boolean"},
+            "current": _DIGEST_SCHEMA,
+            "changes": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 256}},
+        },
+    },
+}
+_BACKENDS_STATUS: Final = {
+    "type": "array",
+    "description": "Each backend: how many tools it last listed, and the merged names it shares with "
+    "another backend (hidden and refused until one of them gets a prefix).",
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+    "items": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "prefix": {"type": "string"},
+            "tools": {"type": "integer", "minimum": 0},
+            "conflicts": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+}
+
+
 @dataclass(frozen=True)
 class CrdKind:
     """One custom resource kind: its model and how ``kubectl`` shows it."""
@@ -144,6 +187,8 @@ class CrdKind:
     short_names: tuple[str, ...]
     columns: tuple[tuple[str, str, str, int], ...]
     """(name, type, jsonPath, priority) of the printer columns before Ready/Reason/Age."""
+    status_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Status properties of this kind beyond the shared ones (what the extension servers observed)."""
 
     @property
     def name(self) -> str:
@@ -167,6 +212,7 @@ CRD_KINDS: Final = (
             ("Keepalive", "string", ".spec.keepalive", 1),
             ("Production", "boolean", ".spec.productionMode", 1),
         ),
+        {"tools": _TOOLS_STATUS},
     ),
     CrdKind(
         MCPToolPolicy,
@@ -194,6 +240,7 @@ CRD_KINDS: Final = (
             ("Servers", "string", ".spec.servers[*].name", 0),
             ("Prefixes", "string", ".spec.servers[*].prefix", 1),
         ),
+        {"backends": _BACKENDS_STATUS},
     ),
     # One JSONPath cannot print a whole subject readably (an object prints as map[...]),
     # so its fields get a column each.
@@ -369,10 +416,10 @@ def _condition_schema() -> dict[str, Any]:
     }
 
 
-def status_schema() -> dict[str, Any]:
+def status_schema(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The status every kind shares: conditions (Accepted, ResolvedRefs, Ready; an MCPConsent's
-    Expired and Revoked too: :mod:`controller.render.status`) and observedGeneration."""
-    return {
+    Expired and Revoked too: :mod:`controller.render.status`) and observedGeneration; plus ``extra``."""
+    schema: dict[str, Any] = {
         "type": "object",
         "description": "Written by the controller.",
         "properties": {
@@ -385,6 +432,8 @@ def status_schema() -> dict[str, Any]:
             },
         },
     }
+    schema["properties"].update(copy.deepcopy(dict(extra or {})))
+    return schema
 
 
 def crd(kind: CrdKind) -> dict[str, Any]:
@@ -400,7 +449,7 @@ def crd(kind: CrdKind) -> dict[str, Any]:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec,
-            "status": status_schema(),
+            "status": status_schema(kind.status_fields),
         },
         "x-kubernetes-validations": [
             {

@@ -44,6 +44,8 @@ def test_rbac_is_least_privilege() -> None:
     assert webhook_rule["resourceNames"] == ["mcp-extproc-injector"]
     # Agents' Secrets are applied and pruned; the session key Secret is read and created, never updated.
     assert {"get", "create"} <= verbs[("", "secrets")]
+    # Pods are only read (to find the extension servers it asks for reports).
+    assert verbs[("", "pods")] == {"get", "list"}
 
 
 def test_webhook_manifest_matches_the_renderer() -> None:
