@@ -353,3 +353,25 @@ def test_a_listen_acknowledgement_of_any_shape_is_read_without_failing() -> None
     part = {"toolsListChanged": True, "resourceSubscriptions": ["file:///x"]}
     _honor(honored, entry, _acknowledged({"method": ack, "params": {"notifications": part}}))
     assert honored == {"toolsListChanged": True, "resourceSubscriptions": ["a+file:///x"]}
+
+
+async def test_the_virtual_stage_reports_each_backends_tool_count_and_the_conflicts() -> None:
+    from plugins.virtual import VirtualConfig, VirtualStage
+
+    stage = VirtualStage(VirtualConfig())
+    try:
+        tools = virtual({"name": "github", "prefix": "gh_"}, {"name": "wiki"}, {"name": "docs"})
+        names = stage._names(tools)
+        names.learn("github", "tools/list", ["search", "issue"])
+        names.learn("wiki", "tools/list", ["search", "page"])
+        names.learn("docs", "tools/list", ["search"])
+        assert stage.report() == {
+            "virtualServers": {
+                "tools": {
+                    "backends": {"github": {"tools": 2}, "wiki": {"tools": 2}, "docs": {"tools": 1}},
+                    "conflicts": {"search": ["wiki", "docs"]},  # gh_search is github's own
+                }
+            }
+        }
+    finally:
+        await stage.shutdown()

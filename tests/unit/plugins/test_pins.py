@@ -221,3 +221,16 @@ def test_check_refuses_enforce_without_a_pins_stage_and_reads_an_unquoted_off(tm
     [problem] = posture_problems(catalog, [("mcp", FailureMode.CLOSED), ("allowlist", FailureMode.CLOSED)])
     assert "no 'pins' stage, but MCPServer 'demo'" in problem and "toolPinning: Enforce" in problem
     assert posture_problems(catalog, [(n, FailureMode.CLOSED) for n in ("mcp", "allowlist", "pins")]) == []
+
+
+async def test_the_report_gives_each_tool_its_pin_and_what_was_last_seen() -> None:
+    pins = Pins("Enforce")
+    await pins.list(listed([ECHO, ADD]))
+    await pins.list(listed([POISONED, ADD]))
+    report = pins.stage.report()["servers"]["demo"]
+    assert report["complete"] is True
+    echo, add = report["tools"]["echo"], report["tools"]["add"]
+    assert (echo["pinned"], echo["source"], echo["seen"]) == (fingerprint(ECHO), "first-use", fingerprint(POISONED))
+    assert echo["changes"] == ["description"] and echo["seenAt"] and echo["pinnedAt"]
+    assert (add["pinned"], add["seen"], add["seenAt"], add["changes"]) == (fingerprint(ADD), fingerprint(ADD), None, [])
+    json.dumps(report)  # JSON values only: the report endpoint serves it as is
