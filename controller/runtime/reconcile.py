@@ -9,7 +9,9 @@ Data flow::
         ──Kube.apply (server-side apply, field manager mcp-extproc-controller)──▶ cluster
         ──Kube.list(label managed-by) minus rendered──▶ Kube.delete  (prune)
         ──reports.collect (what every extension server of the namespace observed)──▶
-          observed.server_tools / virtual_backends
+          observed.server_tools / virtual_backends  (the status's first-use pins were
+          rendered into the sidecars' configuration above: a ConfigMap follows its
+          status one pass later, the status write being a watch event)
         ──compute_status (+ an MCPConsent's Expired/Revoked at the clock's now; + an
           MCPServer's tools[], an MCPVirtualServer's backends[])──▶
           Kube.patch_status (only when it changed)
