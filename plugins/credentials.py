@@ -6,7 +6,9 @@ carries the JSON-RPC id; before anything is forwarded)::
     request headers ─▶ remove every agent header the upstream does not need:
                          all but FORWARDED_HEADERS, the server's spec.forwardHeaders,
                          pseudo-headers and Envoy's own x-envoy-*; always Authorization
-                         and every header in ``removeHeaders``
+                         and every header in ``removeHeaders`` (a virtual server's route:
+                         every backend's forwardHeaders kept until the body names the
+                         backend, then the others' removed)
                     ─▶ MCPServer.spec.upstreamAuth
                  none               → nothing injected
                  bearer             → Secret key | environment variable | file
@@ -175,6 +177,14 @@ def dropped_headers(names: Iterable[str], forward: Iterable[str] = (), remove: I
     return tuple(dict.fromkeys([*always, *dropped]))
 
 
+def _backends_forward(ctx: Context) -> tuple[str, ...]:
+    """The ``forwardHeaders`` of every backend of the virtual server ``ctx`` addresses (none: not one)."""
+    if ctx.virtual is None or ctx.catalog is None:
+        return ()
+    servers = (ctx.catalog.servers.get(b.name) for b in ctx.virtual.spec.servers)
+    return tuple(dict.fromkeys(h for s in servers if s is not None for h in s.spec.forward_headers))
+
+
 class CredentialsStage(Stage[CredentialsConfig]):
     """Strip the agent's credentials and every header the upstream does not need; inject ours."""
 
@@ -216,8 +226,13 @@ class CredentialsStage(Stage[CredentialsConfig]):
         return min(self.settings.refresh_before_s, lifetime / 4)
 
     def removals(self, ctx: Context) -> tuple[str, ...]:
-        """Every header of this request the upstream must not receive (see :func:`dropped_headers`)."""
-        forward = ctx.server.spec.forward_headers if ctx.server is not None else ()
+        """Every header of this request the upstream must not receive (see :func:`dropped_headers`).
+
+        On a virtual server's route the backend is not known before the body: what any of
+        its backends forwards is kept for now, and :meth:`on_request_body` removes what the
+        chosen one does not.
+        """
+        forward = ctx.server.spec.forward_headers if ctx.server is not None else _backends_forward(ctx)
         return dropped_headers((name for name, _ in ctx.request_header_list), forward, self.remove)
 
     async def on_request_headers(self, ctx: Context) -> Verdict:
@@ -231,7 +246,12 @@ class CredentialsStage(Stage[CredentialsConfig]):
         return await self._inject(ctx, removed)
 
     async def on_request_body(self, ctx: Context) -> Verdict:
-        return await self._inject(ctx, ())
+        removed: tuple[str, ...] = ()
+        if ctx.virtual is not None and ctx.server is not None:  # the backend the virtual stage chose
+            own = {h.lower() for h in ctx.server.spec.forward_headers}
+            others = {h.lower() for h in _backends_forward(ctx)} - own - FORWARDED_HEADERS
+            removed = tuple(dict.fromkeys(n.lower() for n, _ in ctx.request_header_list if n.lower() in others))
+        return await self._inject(ctx, removed)
 
     async def _inject(self, ctx: Context, removed: tuple[str, ...]) -> Verdict:
         server = ctx.server

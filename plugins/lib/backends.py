@@ -167,6 +167,9 @@ class Backends:
         if "origin" in parent.request_headers:
             # The backend judges the agent's Origin (DNS rebinding protection) as on its own route.
             headers["origin"] = parent.request_headers["origin"]
+        for name in server.spec.forward_headers:  # what the backend gets from the agent on its own route
+            if name.lower() in parent.request_headers and name.lower() not in headers:
+                headers[name.lower()] = parent.request_headers[name.lower()]
         method = message.get("method")
         modern = parent.mcp is not None and parent.mcp.era is Era.MODERN
         if (modern or protocol_version in MODERN_PROTOCOL_VERSIONS) and isinstance(method, str):
