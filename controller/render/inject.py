@@ -159,7 +159,9 @@ def sidecar_containers(agent: MCPAgent, settings: ControllerSettings) -> list[di
         "image": settings.image,
         "restartPolicy": "Always",
         "command": ["envoy"],
-        "args": ["-c", f"{CONFIG_DIR}/envoy.yaml", "--log-level", "warning"],
+        # One worker thread: one agent's traffic needs no more, and each worker costs memory
+        # (Envoy starts one per CPU of the node by default, whatever the pod's CPU limit).
+        "args": ["-c", f"{CONFIG_DIR}/envoy.yaml", "--log-level", "warning", "--concurrency", "1"],
         "startupProbe": _probe_exec(_admin_ready_code(settings.admin_socket_path)),
         "resources": resources,
         "securityContext": _sidecar_security(settings),
