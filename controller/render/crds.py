@@ -136,45 +136,45 @@ _FIELD_EXTRAS: Final[dict[tuple[type[BaseModel], str], dict[str, Any]]] = {
 
 
 _DIGEST_SCHEMA: Final = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
-_TOOLS_STATUS: Final = {
-    "type": "array",
-    "description": "Each tool the extension servers listed (controller.render.observed): its pin (digest, "
-    "source declared or first-use, firstSeen) and, when changed, the definition last seen unlike it (current, "
-    "changes). Approve a change by writing current into spec.pinnedTools.",
-    "maxItems": 512,
-    "x-kubernetes-list-type": "map",
-    "x-kubernetes-list-map-keys": ["name"],
-    "items": {
-        "type": "object",
-        "required": ["name"],
-        "properties": {
-            "name": {"type": "string", "maxLength": 256},
-            "digest": _DIGEST_SCHEMA,
-            "source": {"type": "string", "enum": ["declared", "first-use"]},
-            "firstSeen": {"type": "string", "maxLength": 64},
-            "changed": {"type": "boolean"},
-            "current": _DIGEST_SCHEMA,
-            "changes": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 256}},
-        },
+
+
+def _named_list(description: str, properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A status list of objects keyed by ``name`` (a list-map: one entry per name)."""
+    return {
+        "type": "array",
+        "description": description,
+        **extra,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "items": {"type": "object", "required": ["name"], "properties": properties},
+    }
+
+
+_TOOLS_STATUS: Final = _named_list(
+    "Each tool the extension servers listed (controller.render.observed): its pin (digest, source declared or "
+    "first-use, firstSeen) and, when changed, the definition last seen unlike it (current, changes). Approve a "
+    "change by writing current into spec.pinnedTools.",
+    {
+        "name": {"type": "string", "maxLength": 256},
+        "digest": _DIGEST_SCHEMA,
+        "source": {"type": "string", "enum": ["declared", "first-use"]},
+        "firstSeen": {"type": "string", "maxLength": 64},
+        "changed": {"type": "boolean"},
+        "current": _DIGEST_SCHEMA,
+        "changes": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 256}},
     },
-}
-_BACKENDS_STATUS: Final = {
-    "type": "array",
-    "description": "Each backend: how many tools it last listed, and the merged names it shares with "
-    "another backend (hidden and refused until one of them gets a prefix).",
-    "x-kubernetes-list-type": "map",
-    "x-kubernetes-list-map-keys": ["name"],
-    "items": {
-        "type": "object",
-        "required": ["name"],
-        "properties": {
-            "name": {"type": "string"},
-            "prefix": {"type": "string"},
-            "tools": {"type": "integer", "minimum": 0},
-            "conflicts": {"type": "array", "items": {"type": "string"}},
-        },
+    maxItems=512,
+)
+_BACKENDS_STATUS: Final = _named_list(
+    "Each backend: how many tools it last listed, and the merged names it shares with another backend (hidden "
+    "and refused until one of them gets a prefix).",
+    {
+        "name": {"type": "string"},
+        "prefix": {"type": "string"},
+        "tools": {"type": "integer", "minimum": 0},
+        "conflicts": {"type": "array", "items": {"type": "string"}},
     },
-}
+)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,51 @@ class SessionKeys:
         return parse_key_set(new_key_set(), "memory")
 
 
+class BadToken(Exception):
+    """A token signed (or not) with a key set that must not be accepted; ``reason`` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_signed(keys: SessionKeys, token: str, *, audience: str, issuer: str, require: list[str]) -> dict[str, Any]:
+    """The payload of ``token``, an HS256 JWS by a key of ``keys`` for ``audience`` from ``issuer``.
+
+    Expiry is left to the caller (on its own clock). The session ids and the report
+    tokens (:mod:`extproc.core.report`) are both checked here.
+
+    Raises:
+        BadToken: ``malformed``, ``unknown_key`` (no such ``kid`` in the set),
+            ``other_audience`` or ``bad_signature``.
+    """
+    import jwt  # only once a token is checked (PyJWT costs memory: see plugins.lib.session_ids)
+
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.InvalidTokenError:
+        raise BadToken("malformed") from None
+    key = keys.by_kid.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise BadToken("unknown_key")
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key.secret,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=issuer,
+            options={"require": require, "verify_exp": False, "verify_iat": False},
+        )
+    except jwt.InvalidAudienceError:
+        raise BadToken("other_audience") from None
+    except jwt.InvalidSignatureError:
+        raise BadToken("bad_signature") from None
+    except jwt.InvalidTokenError:
+        raise BadToken("malformed") from None
+    return payload
+
+
 def _b64(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 

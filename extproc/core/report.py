@@ -20,9 +20,9 @@ nor a session id as a report token. Tokens live at most :data:`MAX_LIFETIME_S`.
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Final
 
-from extproc.config.session_keys import ALGORITHM, SessionKeys
+from extproc.config.session_keys import ALGORITHM, BadToken, SessionKeys, decode_signed
 
 ISSUER: Final = "mcp-extproc"
 AUDIENCE: Final = "mcp-extproc:report"
@@ -33,12 +33,8 @@ VERSION: Final = 1
 PATH: Final = "/report"
 
 
-class BadReportToken(Exception):
+class BadReportToken(BadToken):
     """A report token that must not be accepted; ``reason`` is safe to log (never the token)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def mint_token(keys: SessionKeys, now: float | None = None) -> str:
@@ -58,31 +54,11 @@ def verify_token(keys: SessionKeys, token: str, now: float | None = None) -> Non
         BadReportToken: malformed, signed by a key not in ``keys``, tampered with, of
             another audience or issuer, expired, issued in the future, or too long-lived.
     """
-    import jwt
-
     moment = time.time() if now is None else now
     try:
-        kid = jwt.get_unverified_header(token).get("kid")
-    except jwt.InvalidTokenError:
-        raise BadReportToken("malformed") from None
-    key = keys.by_kid.get(kid) if isinstance(kid, str) else None
-    if key is None:
-        raise BadReportToken("unknown_key")
-    try:
-        payload: dict[str, Any] = jwt.decode(
-            token,
-            key.secret,
-            algorithms=[ALGORITHM],
-            audience=AUDIENCE,
-            issuer=ISSUER,
-            options={"require": ["iss", "aud", "exp", "iat"], "verify_exp": False, "verify_iat": False},
-        )
-    except jwt.InvalidAudienceError:
-        raise BadReportToken("other_audience") from None
-    except jwt.InvalidSignatureError:
-        raise BadReportToken("bad_signature") from None
-    except jwt.InvalidTokenError:
-        raise BadReportToken("malformed") from None
+        payload = decode_signed(keys, token, audience=AUDIENCE, issuer=ISSUER, require=["iss", "aud", "exp", "iat"])
+    except BadToken as exc:
+        raise BadReportToken(exc.reason) from None
     issued, expires = payload.get("iat"), payload.get("exp")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (issued, expires)):
         raise BadReportToken("malformed")

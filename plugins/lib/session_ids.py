@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.config.session_keys import ALGORITHM, SessionKeys
+from extproc.config.session_keys import ALGORITHM, BadToken, SessionKeys, decode_signed
 
 ISSUER = "mcp-extproc"
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
@@ -133,31 +133,12 @@ class SessionIds:
         return claims
 
     def _decode(self, token: str, server: str) -> SessionClaims:
-        import jwt  # only once a session id is checked (see the module imports)
-
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.InvalidTokenError:
-            raise BadSessionId("malformed") from None
-        key = self.keys.by_kid.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            raise BadSessionId("unknown_key")
-        try:
-            payload = jwt.decode(
-                token,
-                key.secret,
-                algorithms=[ALGORITHM],
-                audience=server,
-                issuer=ISSUER,
-                # Expiry is checked below, on this object's clock.
-                options={"require": ["iss", "aud", "sub", "sid", "exp", "iat"], "verify_exp": False},
+        try:  # expiry is checked below, on this object's clock
+            payload = decode_signed(
+                self.keys, token, audience=server, issuer=ISSUER, require=["iss", "aud", "sub", "sid", "exp", "iat"]
             )
-        except jwt.InvalidAudienceError:
-            raise BadSessionId("other_server") from None
-        except jwt.InvalidSignatureError:
-            raise BadSessionId("bad_signature") from None
-        except jwt.InvalidTokenError:
-            raise BadSessionId("malformed") from None
+        except BadToken as exc:
+            raise BadSessionId("other_server" if exc.reason == "other_audience" else exc.reason) from None
         upstream_id, principal, agent, expires = (payload.get(k) for k in ("sid", "sub", "agt", "exp"))
         if not isinstance(upstream_id, str) or not upstream_id or not isinstance(principal, str):
             raise BadSessionId("malformed")

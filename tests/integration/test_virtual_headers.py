@@ -38,11 +38,8 @@ def test_forward_headers_reach_only_their_own_backend(tmp_path: Path, modern: bo
     a, a_port = start_pyserver("legacy-sse", tmp_path / "a.jsonl")
     b, b_port = start_pyserver("modern", tmp_path / "b.jsonl")
     try:
-        docs = [
-            {
-                **resource_doc("a", a_port, PY_TOOLS),
-                "spec": {**resource_doc("a", a_port, PY_TOOLS)["spec"], "forwardHeaders": ["X-Tenant"]},
-            },
+        docs: list[dict[str, object]] = [
+            resource_doc("a", a_port, {**PY_TOOLS, "forwardHeaders": ["X-Tenant"]}),
             resource_doc("b", b_port, PY_TOOLS),
             {
                 "apiVersion": "mcp.extproc.io/v1alpha1",

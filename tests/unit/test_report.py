@@ -73,10 +73,11 @@ def _get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, 
 
 
 async def test_the_endpoint_answers_only_a_valid_token_with_the_stages_report() -> None:
-    made: list[str] = []
+    made: list[bool] = []
+    loop = asyncio.get_running_loop()
 
     def report() -> dict[str, Any]:
-        made.append(asyncio.current_task().get_name() if asyncio.current_task() else "loop")
+        made.append(asyncio.get_running_loop() is loop)
         return {"pins": {"servers": {"demo": {"complete": True, "tools": {}}}}}
 
     server = ReportServer("127.0.0.1", 0, KEYS, report)
@@ -90,7 +91,7 @@ async def test_the_endpoint_answers_only_a_valid_token_with_the_stages_report() 
         status, headers, body = await asyncio.to_thread(_get, url, mint_token(KEYS))
         assert status == 200 and headers["content-type"] == "application/json"
         assert body == {"version": 1, "stages": {"pins": {"servers": {"demo": {"complete": True, "tools": {}}}}}}
-        assert len(made) == 1  # made on the event loop, once
+        assert made == [True]  # made on the event loop, once
         status, _, _ = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics", mint_token(KEYS))
         assert status == 404
         status, headers, _ = await asyncio.to_thread(_get, url, mint_token(KEYS), "POST")
