@@ -69,6 +69,7 @@ from extproc.errors import ConfigError
 from extproc.mcp.codes import AUTH_UNAVAILABLE, UNAUTHENTICATED
 from extproc.mcp.spec import INVALID_REQUEST
 from plugins.lib.jwks import JwksCache, JwksUnavailable, UnknownKey
+from plugins.lib.tls import client_context
 
 log = logging.getLogger("mcp_extproc.authn")
 
@@ -278,7 +279,12 @@ class AuthnStage(Stage[AuthnConfig]):
 
     async def startup(self) -> None:
         config = self.config
-        self._client = httpx.AsyncClient(timeout=config.jwks_timeout_seconds, trust_env=False, follow_redirects=False)
+        self._client = httpx.AsyncClient(
+            timeout=config.jwks_timeout_seconds,
+            trust_env=False,
+            follow_redirects=False,
+            verify=client_context(trust_env=False),
+        )
         self.jwks = JwksCache(self._client, ttl=config.jwks_cache_seconds, min_refetch=config.jwks_refetch_seconds)
 
     async def shutdown(self) -> None:

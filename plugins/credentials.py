@@ -52,6 +52,7 @@ from extproc.config.resources import Catalog, MCPServer
 from extproc.errors import ConfigError
 from extproc.mcp.codes import UNAUTHENTICATED
 from extproc.mcp.spec import INTERNAL_ERROR
+from plugins.lib.tls import client_context
 from plugins.lib.tokens import (
     Token,
     TokenCache,
@@ -215,6 +216,7 @@ class CredentialsStage(Stage[CredentialsConfig]):
             timeout=httpx.Timeout(self.config.token_timeout_s),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             follow_redirects=False,
+            verify=client_context(),
         )
 
     async def shutdown(self) -> None:

@@ -62,6 +62,7 @@ from extproc.mcp.sse import SseDecoder, SseTooLarge
 from plugins.credentials import UPSTREAM_CREDENTIAL
 from plugins.lib.keeper import Clock, KeeperMetrics, KeeperSettings, SessionKeeper, event_message, server_request
 from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
+from plugins.lib.tls import client_context
 
 ANONYMOUS = "anonymous"
 PING_REMOVED = b": mcp-extproc answered a ping of the server\n\n"
@@ -163,12 +164,14 @@ class SessionStage(Stage[SessionConfig]):
             timeout=httpx.Timeout(10.0, read=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             follow_redirects=False,
+            verify=client_context(),
         )
         # Ping answers: short POSTs on a few reused connections, never queued behind streams.
         self._answers = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             follow_redirects=False,
+            verify=client_context(),
         )
         self.keeper = SessionKeeper(
             KeeperSettings(

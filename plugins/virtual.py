@@ -81,6 +81,7 @@ from plugins.lib import aggregate
 from plugins.lib.backends import BackendFailed, Backends, Reply, answer_of, next_id
 from plugins.lib.keeper import KeeperMetrics, KeeperSettings, SessionKeeper, event_message
 from plugins.lib.session_ids import DEFAULT_MAX_AGE_S, BadSessionId, SessionIds
+from plugins.lib.tls import client_context
 from plugins.mcp_stage import derived_headers
 
 BACKEND_HEADER: Final = "x-mcp-backend"
@@ -193,8 +194,11 @@ class VirtualStage(Stage[VirtualConfig]):
     def __init__(self, config: VirtualConfig, failure_mode: FailureMode = FailureMode.CLOSED) -> None:
         super().__init__(config, failure_mode)
         self.ids = SessionIds(SessionKeys.ephemeral(), max_age_s=config.max_age_s)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(config.backend_timeout_s), follow_redirects=False)
-        self._streams = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), follow_redirects=False)
+        tls = client_context()  # one CA bundle loaded, shared with the other stages' clients
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.backend_timeout_s), follow_redirects=False, verify=tls
+        )
+        self._streams = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), follow_redirects=False, verify=tls)
         self.backends = Backends(self._client)
         self.keeper = SessionKeeper(
             KeeperSettings(idle_timeout_s=config.idle_timeout_s), KeeperMetrics(None), self._streams, self._client

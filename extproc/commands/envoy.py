@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import functools
 import http.client
 import resource
 import shutil
@@ -27,8 +27,12 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extproc.errors import ProcessError
+
+if TYPE_CHECKING:
+    import ctypes
 
 
 def envoy_binary() -> str:
@@ -40,11 +44,24 @@ def envoy_binary() -> str:
     return found
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the child
-    """In the child: SIGTERM when the parent dies (Linux), open-file limit up to the hard limit."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _libc() -> ctypes.CDLL | None:
+    """libc, for ``prctl`` in the child; None where there is none (not Linux)."""
+    import ctypes  # only for up's Envoy child: serve, which imports this module too, never needs it
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _child_setup(libc: ctypes.CDLL | None) -> None:  # pragma: no cover - runs in the child
+    """In the child: SIGTERM when the parent dies (Linux), open-file limit up to the hard limit.
+
+    ``libc`` is loaded in the parent (:func:`_libc`): between fork and exec the child only calls.
+    """
+    with contextlib.suppress(AttributeError):
+        if libc is not None:
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     with contextlib.suppress(OSError, ValueError):
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -64,7 +81,7 @@ async def start(bootstrap: Path, log_level: str) -> asyncio.subprocess.Process:
         "500",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=_child_setup,
+        preexec_fn=functools.partial(_child_setup, _libc()),
     )
 
 

@@ -15,7 +15,9 @@ Data flow::
         ──▶ dict (``render_bootstrap``) / YAML (``render_bootstrap_yaml``)
 
 Envoy's typed messages come from ``xds-protos`` (generated from Envoy's
-data-plane-api); the renderer imports the ones it packs into ``Any`` fields.
+data-plane-api); the renderer imports the ones it packs into ``Any`` fields, and only
+when it renders (:func:`render_bootstrap`): they are about 200 modules and 3 MB resident
+that ``serve``, which imports this module, never needs.
 
 Stream safety: MCP GET streams and SSE responses are long-lived, so routes
 have no timeout (``timeout: 0s``) and the connection manager's stream idle
@@ -34,26 +36,6 @@ import json
 from typing import Any, Final
 
 import yaml
-
-# Imported for their side effect: registering the types packed into Any fields.
-from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.overload.v3 import overload_pb2  # noqa: F401
-from envoy.config.route.v3 import route_components_pb2  # noqa: F401
-from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
-from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
-from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
-from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
-from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
-from envoy.extensions.filters.http.mcp.v3 import mcp_pb2  # noqa: F401
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
-from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2  # noqa: F401
-from envoy.extensions.resource_monitors.cgroup_memory.v3 import cgroup_memory_pb2  # noqa: F401
-from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
-from google.protobuf import json_format
 
 from extproc.config.resources import Catalog
 from extproc.errors import ConfigError
@@ -250,12 +232,41 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
     }
 
 
+def load_envoy_types() -> None:
+    """Register the Envoy message types the renderers pack into ``Any`` fields (for ``json_format``).
+
+    Only when something is rendered or checked against Envoy's schema (see the module
+    docstring): ``serve`` imports this module and never needs them.
+    """
+    from envoy.config.overload.v3 import overload_pb2  # noqa: F401
+    from envoy.config.route.v3 import route_components_pb2  # noqa: F401
+    from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
+    from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
+    from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+    from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+    from envoy.extensions.filters.http.mcp.v3 import mcp_pb2  # noqa: F401
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+    from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2  # noqa: F401
+    from envoy.extensions.resource_monitors.cgroup_memory.v3 import cgroup_memory_pb2  # noqa: F401
+    from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2  # noqa: F401
+    from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+
 def render_bootstrap(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> dict[str, Any]:
     """The bootstrap, checked against Envoy's typed ``Bootstrap`` message.
 
     Raises:
         ConfigError: the rendered config does not fit Envoy's schema (a bug here).
     """
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    from google.protobuf import json_format
+
+    load_envoy_types()
+
     raw = bootstrap_dict(catalog, needs, options)
     try:
         message = json_format.ParseDict(raw, bootstrap_pb2.Bootstrap())

@@ -12,6 +12,7 @@ from google.protobuf import json_format
 
 from controller.render.meta import ControllerSettings
 from controller.render.namespace import render_documents
+from extproc.render.bootstrap import load_envoy_types
 from tests.kubedocs import agent, server
 from tests.kubeschemas import validate_any
 
@@ -83,6 +84,7 @@ def test_istio_envoy_filter_inserts_ext_proc_for_the_agent_workloads() -> None:
     assert insert["patch"]["operation"] == "INSERT_BEFORE"
     http_filter = insert["patch"]["value"]
     # The patch values are real Envoy config: they parse into Envoy's own messages.
+    load_envoy_types()
     parsed = json_format.ParseDict(http_filter, http_connection_manager_pb2.HttpFilter())
     assert parsed.disabled  # other outbound traffic of the pod never reaches ext_proc
     config = http_filter["typed_config"]
