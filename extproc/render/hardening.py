@@ -30,7 +30,11 @@ Request ids. Envoy keeps a client's ``x-request-id`` for requests it considers i
 ends up in the audit line. The header is removed before Envoy looks at it (an early
 header mutation), so Envoy always generates the id, whoever the client is. So is
 ``x-envoy-original-path``, which Envoy sets when a route rewrites the path and the
-access log's ``path`` reads: a client's own would otherwise be logged as its path.
+access log's ``path`` reads: a client's own would otherwise be logged as its path. And
+so is every other ``x-envoy-*`` a client sends: Envoy's router takes some of them as
+orders from internal clients (``x-envoy-upstream-rq-timeout-ms``, ``x-envoy-retry-on``,
+``x-envoy-max-retries``: a retried ``tools/call`` runs the tool twice), and none is the
+MCP server's business. Envoy's own (``x-envoy-original-path`` after a rewrite) it adds later.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ MAX_STREAMS_PER_CONNECTION: Final = 100
 UNTRUSTED_REQUEST_HEADERS: Final = ("x-request-id", "x-envoy-original-path")
 """Request headers removed before Envoy reads them: their values are Envoy's to set (the
 request id; the path before a route's rewrite, which the access log reads)."""
+ENVOY_HEADER_PREFIX: Final = "x-envoy-"
+"""Every client request header with this prefix is removed on arrival too."""
 
 
 def admin(options: BootstrapOptions) -> dict[str, Any] | None:
@@ -124,7 +130,13 @@ def connection_limits(options: BootstrapOptions) -> dict[str, Any]:
                 "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": _T + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": [{"remove": name} for name in UNTRUSTED_REQUEST_HEADERS],
+                    "mutations": [
+                        *({"remove": name} for name in UNTRUSTED_REQUEST_HEADERS),
+                        # Every x-envoy-* header a client sends: Envoy reads some of them as
+                        # orders for requests it deems internal (timeouts, retries that would
+                        # run a tool call twice), and none is the upstream's business.
+                        {"remove_on_match": {"key_matcher": {"prefix": ENVOY_HEADER_PREFIX}}},
+                    ],
                 },
             }
         ],
@@ -134,6 +146,7 @@ def connection_limits(options: BootstrapOptions) -> dict[str, Any]:
 __all__ = [
     "ADMIN_SOCKET_MODE",
     "CONNECTION_MONITOR",
+    "ENVOY_HEADER_PREFIX",
     "MEMORY_MONITOR",
     "UNTRUSTED_REQUEST_HEADERS",
     "admin",

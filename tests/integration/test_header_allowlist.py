@@ -75,7 +75,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "metadata": {"name": "hdr"},
                 "spec": {
                     "url": f"http://127.0.0.1:{port}/mcp",
-                    "allowedTools": ["echo", "add"],
+                    "allowedTools": ["echo", "add", "slow_count"],
                     "forwardHeaders": ["X-Tenant"],
                     "upstreamAuth": {"bearer": {"secretRef": {"name": "upstream", "key": "token"}}},
                 },
@@ -140,3 +140,32 @@ def test_a_legacy_session_carries_only_the_allowed_headers_on_every_request(setu
     methods = {r["method"] for r in records}
     assert {"POST", "GET", "DELETE"} <= methods
     _assert_only_allowed(records, tenant)
+
+
+ENVOY_CONTROLS = {
+    # Honored by Envoy's router for requests it deems internal (loopback is): a 1 ms upstream
+    # timeout, and retries that would run a tool call twice.
+    "x-envoy-upstream-rq-timeout-ms": "1",
+    "x-envoy-upstream-rq-per-try-timeout-ms": "1",
+    "x-envoy-retry-on": "5xx,reset,connect-failure",
+    "x-envoy-max-retries": "5",
+    "x-envoy-force-trace": "true",
+    "x-envoy-made-up": "agent",
+}
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_an_agents_x_envoy_headers_neither_steer_envoy_nor_reach_the_upstream(setup: Setup, door: str) -> None:
+    tenant = f"e-{uuid.uuid4().hex[:8]}"
+    body, headers = modern_request("tools/call", {"name": "slow_count", "arguments": {"steps": 1, "delay": 0.05}})
+    reply = asyncio.run(raw_post(setup.url(door), body, {**headers, **ENVOY_CONTROLS, "x-tenant": tenant}))
+    assert reply.status_code == 200, reply.text  # the agent's 1 ms timeout was not Envoy's
+    assert "result" in response_messages(reply)[0]
+    [record] = setup.received(tenant)  # received once: no retry of the agent's asking
+    assert not set(ENVOY_CONTROLS) & set(record["headers"])
+    # What remains of x-envoy-* is Envoy's own account of the route's rewrite, not the agent's.
+    assert {n for n in record["headers"] if n.startswith("x-envoy-")} <= {
+        "x-envoy-original-path",
+        "x-envoy-original-host",
+    }
+    assert record["headers"].get("x-envoy-original-path") == "/hdr/mcp"
