@@ -13,10 +13,17 @@ and sends the request on to our stream service, which Envoy reaches on a unix so
 
 A ticket is worth nothing to anyone else: it is unguessable, claimed once, and expires;
 the stage has judged the request (identity, session) before it offers one.
+
+Several replicas of the extension server each run a stream service, and a ticket can only
+be claimed in the process that offered it. So a ticket starts with its process's tag,
+``replica_tag(<its stream socket>)`` and a dot; the renderer, given every replica's socket,
+routes each tag to its own socket (``extproc.render.routes``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -30,6 +37,11 @@ the renderer routes on it (``extproc.render.routes`` imports it from here)."""
 OpenBody = Callable[[], AsyncIterator[bytes]]
 
 
+def replica_tag(socket_path: str) -> str:
+    """The tag of the tickets a process whose stream service listens on ``socket_path`` offers."""
+    return hashlib.sha256(os.path.normpath(socket_path).encode()).hexdigest()[:12]
+
+
 class StreamOffers:
     """Bodies offered by stages, by ticket, until the stream service claims them."""
 
@@ -39,11 +51,15 @@ class StreamOffers:
         self._offers: OrderedDict[str, tuple[float, OpenBody]] = OrderedDict()
         self.services = 0
         """Stream services running in this process (none: a stage has nowhere to stream to)."""
+        self.tag: str | None = None
+        """This process's :func:`replica_tag`, set by its stream service; tickets start with it."""
 
     def offer(self, open_body: OpenBody) -> str:
         """A ticket for ``open_body`` (the oldest offers go first past ``max_offers``)."""
         self._expire()
         ticket = secrets.token_urlsafe(24)
+        if self.tag is not None:
+            ticket = f"{self.tag}.{ticket}"
         self._offers[ticket] = (time.monotonic() + self.ttl_s, open_body)
         while len(self._offers) > self.max_offers:
             self._offers.popitem(last=False)
@@ -68,4 +84,4 @@ class StreamOffers:
 OFFERS: Final = StreamOffers()
 """The process's offers: stages offer, the stream service claims."""
 
-__all__ = ["OFFERS", "STREAM_HEADER", "OpenBody", "StreamOffers"]
+__all__ = ["OFFERS", "STREAM_HEADER", "OpenBody", "StreamOffers", "replica_tag"]

@@ -190,7 +190,15 @@ def _parser() -> argparse.ArgumentParser:
         default=_listed("authz_http_sockets"),
         help=f"{_AUTHZ_HTTP}; {_REPLICAS}",
     )
-    render.add_argument("--streams", metavar="PATH", default=_DEFAULT["streams"], help=_STREAMS)
+    render.add_argument(
+        "--streams",
+        metavar="PATH",
+        dest="streams_sockets",
+        action="append",
+        default=_listed("streams_sockets"),
+        help=f"{_STREAMS}; give it once per replica of the extension server: each GET stream goes to the "
+        "replica that offered it",
+    )
     render.add_argument(
         "--admin-socket",
         metavar="PATH",

@@ -116,13 +116,13 @@ def bootstrap_options(
     *,
     extproc: Sequence[str],
     authz_http: Sequence[str],
-    streams: str | None = None,
+    streams: Sequence[str] = (),
 ) -> BootstrapOptions:
     """What ``up`` and ``render envoy`` both render: the listener, limits and where the server is.
 
     ``extproc``: every address of the extension server (``host:port`` or ``unix:PATH``, one
     per replica); ``authz_http``: every unix socket of its HTTP authorization service;
-    ``streams``: its stream service's unix socket.
+    ``streams``: its stream service's unix socket (one per replica).
     """
     host, port = split_hostport(settings.listen, "--listen")
     if not extproc:
@@ -143,7 +143,8 @@ def bootstrap_options(
         authz_http_replicas=tuple(authz_http[1:]),
         admin_socket=settings.admin_socket,
         tracing=envoy_tracing(settings),
-        streams_unix=streams,
+        streams_unix=streams[0] if streams else None,
+        streams_replicas=tuple(streams[1:]),
     )
 
 
@@ -183,7 +184,6 @@ def render_envoy(settings: Settings) -> str:
     catalog, pipeline = build(settings, lone_agent_is_workload=True)
     extproc = (f"unix:{settings.unix}",) if settings.unix else settings.extproc_addresses or (settings.grpc,)
     authz_http = settings.authz_http_sockets or ((settings.authz_http,) if settings.authz_http else ())
-    options = bootstrap_options(
-        settings, pipeline.plan, extproc=extproc, authz_http=authz_http, streams=settings.streams
-    )
+    streams = settings.streams_sockets or ((settings.streams,) if settings.streams else ())
+    options = bootstrap_options(settings, pipeline.plan, extproc=extproc, authz_http=authz_http, streams=streams)
     return render_bootstrap_yaml(catalog, pipeline.needs, options)

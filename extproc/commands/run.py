@@ -210,7 +210,11 @@ async def up(settings: Settings) -> int:
     # A virtual server's GET stream is served by our stream service (extproc.frontdoor.stream_service).
     streams = str(workdir / "streams.sock") if catalog.virtual_servers else None
     options = bootstrap_options(
-        settings, pipeline.plan, extproc=(f"unix:{socket_path}",), authz_http=(authz_socket,), streams=streams
+        settings,
+        pipeline.plan,
+        extproc=(f"unix:{socket_path}",),
+        authz_http=(authz_socket,),
+        streams=(streams,) if streams else (),
     )
     authz_http = authz_socket if options.fast_calls else None
     # Envoy's admin API has no authentication: a unix socket only Envoy's user may open,

@@ -38,6 +38,8 @@ class Settings:
             virtual server answers GET with 405. ``up`` always uses one, on a private socket.
         authz_http_sockets: ``render envoy --authz-http``, given once or more: the HTTP
             authorization service's unix socket of every replica; empty: ``authz_http``.
+        streams_sockets: ``render envoy --streams``, given once or more: the stream
+            service's unix socket of every replica (each GET goes to the replica that offered it).
         metrics: ``host:port`` for ``/metrics``, or ``None`` to disable.
         report: ``host:port`` for ``/report`` (what the stages observed, for the
             controller; :mod:`extproc.frontdoor.report`), or ``None`` (the default).
@@ -79,6 +81,7 @@ class Settings:
     streams: str | None = None
     extproc_addresses: tuple[str, ...] = ()
     authz_http_sockets: tuple[str, ...] = ()
+    streams_sockets: tuple[str, ...] = ()
     metrics: str | None = "127.0.0.1:9464"
     report: str | None = None
     grace_s: float = 5.0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from extproc.mcp.spec import INVALID_REQUEST
-from extproc.streams import OFFERS, STREAM_HEADER, StreamOffers
+from extproc.streams import OFFERS, STREAM_HEADER, StreamOffers, replica_tag
 
 log = logging.getLogger("mcp_extproc.streams")
 
@@ -53,6 +53,7 @@ class StreamService:
         self._server = await asyncio.start_unix_server(self._serve, self.path, limit=_MAX_HEAD)
         os.chmod(self.path, 0o600)
         self.offers.services += 1
+        self.offers.tag = replica_tag(self.path)
         log.info("stream service listening on unix %s", self.path)
 
     async def stop(self) -> None:

@@ -55,7 +55,7 @@ from extproc.render.routes import (
     not_found_route,
     server_cluster,
     server_route,
-    streams_cluster,
+    streams_clusters,
     virtual_routes,
     well_known_route,
 )
@@ -226,7 +226,7 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
             "clusters": [extproc_cluster(options)]
             + ([authz_http_cluster(options)] if fast_calls and options.authz_http_unix else [])
             + [server_cluster(s, response_buffer) for s in catalog.servers.values()]
-            + ([streams_cluster(options)] if options.streams_unix and catalog.virtual_servers else [])
+            + (streams_clusters(options) if catalog.virtual_servers else [])
             + ([collector_cluster(options.tracing)] if options.tracing is not None else []),
         },
     }

@@ -92,6 +92,8 @@ class BootstrapOptions:
         streams_unix: the unix socket of our stream service
             (:mod:`extproc.frontdoor.stream_service`), where a virtual server's GET stream
             is routed; ``None``: no such route (the virtual stage answers GET with 405).
+        streams_replicas: the stream sockets of the other replicas: each ticket is then
+            routed to the socket of the replica that offered it (its tag).
     """
 
     listen_host: str = "127.0.0.1"
@@ -113,6 +115,7 @@ class BootstrapOptions:
     authz_http_replicas: tuple[str, ...] = ()
     tracing: EnvoyTracing | None = None
     streams_unix: str | None = None
+    streams_replicas: tuple[str, ...] = ()
 
     @property
     def extproc_endpoints(self) -> tuple[str, ...]:

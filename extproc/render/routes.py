@@ -30,7 +30,7 @@ from extproc.render.wire import (
     SERVER_METADATA_KEY,
     STREAMS_CLUSTER,
 )
-from extproc.streams import STREAM_HEADER
+from extproc.streams import STREAM_HEADER, replica_tag
 
 _T: Final = "type.googleapis.com/"
 WELL_KNOWN_PREFIX: Final = "/.well-known/oauth-protected-resource"
@@ -68,18 +68,28 @@ def server_cluster(server: MCPServer, buffer_limit: int) -> dict[str, Any]:
     return cluster
 
 
-def streams_cluster(options: BootstrapOptions) -> dict[str, Any]:
-    """HTTP/1.1 over a unix socket to our stream service (:mod:`extproc.frontdoor.stream_service`)."""
-    assert options.streams_unix is not None
-    return {
-        "name": STREAMS_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": STREAMS_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": options.streams_unix}}}}]}],
-        },
-    }
+def stream_sockets(options: BootstrapOptions) -> list[tuple[str, str]]:
+    """(cluster name, unix socket) of every replica's stream service; the first is :data:`STREAMS_CLUSTER`."""
+    if options.streams_unix is None:
+        return []
+    paths = [options.streams_unix, *options.streams_replicas]
+    return [(STREAMS_CLUSTER if i == 0 else f"{STREAMS_CLUSTER}_{i}", path) for i, path in enumerate(paths)]
+
+
+def streams_clusters(options: BootstrapOptions) -> list[dict[str, Any]]:
+    """HTTP/1.1 over a unix socket to each stream service (:mod:`extproc.frontdoor.stream_service`)."""
+    return [
+        {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
+            },
+        }
+        for name, path in stream_sockets(options)
+    ]
 
 
 def per_route(options: BootstrapOptions, server: str | None) -> dict[str, Any]:
@@ -161,13 +171,20 @@ def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: Bootstr
         MCP_FILTER: {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True},
     }
     routes: list[dict[str, Any]] = []
-    if options.streams_unix:
+    sockets = stream_sockets(options)
+    for index, (cluster, socket_path) in enumerate(sockets):
+        # One replica: any ticket is its own. Several: each goes where its tag says.
+        ticket: dict[str, Any] = (
+            {"present_match": True}
+            if len(sockets) == 1
+            else {"string_match": {"prefix": f"{replica_tag(socket_path)}."}}
+        )
         routes.append(
             {
-                "name": f"{virtual.name} stream",
-                "match": {"path": path, "headers": [{"name": STREAM_HEADER, "present_match": True}]},
+                "name": f"{virtual.name} stream" + (f" {index}" if len(sockets) > 1 else ""),
+                "match": {"path": path, "headers": [{"name": STREAM_HEADER, **ticket}]},
                 # A stream stays open as long as the agent holds it: no response timeout.
-                "route": {"cluster": STREAMS_CLUSTER, "timeout": "0s"},
+                "route": {"cluster": cluster, "timeout": "0s"},
                 "typed_per_filter_config": dict(per_filter),
             }
         )

@@ -171,3 +171,26 @@ def test_a_prefix_on_one_backend_settles_the_conflict() -> None:
         virtual([{"name": "a"}, {"name": "b", "prefix": "b_"}]),
     )
     assert _virtual_warnings(catalog) == []
+
+
+def test_each_replicas_stream_tickets_go_to_its_own_stream_socket() -> None:
+    from extproc.streams import StreamOffers, replica_tag
+
+    sockets = ("/run/a/streams.sock", "/run/b/streams.sock")
+    one = render_bootstrap(TOOLS, DEFAULT.needs, BootstrapOptions(streams_unix=sockets[0]))
+    [stream] = [r for r in on_path(one, "/tools/mcp") if r["name"] == "tools stream"]
+    assert stream["match"]["headers"] == [{"name": "x-mcp-stream", "present_match": True}]  # one replica: any ticket
+    both = render_bootstrap(
+        TOOLS, DEFAULT.needs, BootstrapOptions(streams_unix=sockets[0], streams_replicas=sockets[1:])
+    )
+    streams = [r for r in on_path(both, "/tools/mcp") if r["name"].startswith("tools stream")]
+    clusters = {c["name"]: c for c in both["static_resources"]["clusters"]}
+    offers = StreamOffers()
+    for route, socket_path in zip(streams, sockets, strict=True):
+        offers.tag = replica_tag(socket_path)
+        ticket = offers.offer(lambda: None)  # type: ignore[arg-type,return-value]
+        [header] = route["match"]["headers"]
+        assert header["name"] == "x-mcp-stream" and ticket.startswith(header["string_match"]["prefix"])
+        endpoint = clusters[route["route"]["cluster"]]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert endpoint["endpoint"]["address"]["pipe"]["path"] == socket_path
+    assert len({r["route"]["cluster"] for r in streams}) == 2
