@@ -144,5 +144,9 @@ def compute_status(
 
 
 def same_status(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
-    """True when writing ``b`` over ``a`` would change nothing."""
-    return dict(a or {}) == dict(b)
+    """True when writing ``b`` over ``a`` would change nothing (a ``None`` field deletes: absent is the same)."""
+
+    def present(status: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (status or {}).items() if v is not None}
+
+    return present(a) == present(b)

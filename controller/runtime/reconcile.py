@@ -193,8 +193,8 @@ class Reconciler:
         previous = raw.get("status")
         if kind == "MCPServer" and name in catalog.servers:
             declared = (raw.get("spec") or {}).get("pinnedTools") or {}
-            tools = server_tools(catalog.servers[name], declared, previous, reports, now)
-            return {} if tools is None else {"tools": tools}
+            # toolPinning Off: none, and a list written before is deleted (null, in a merge patch).
+            return {"tools": server_tools(catalog.servers[name], declared, previous, reports, now)}
         if kind == "MCPVirtualServer" and name in catalog.virtual_servers:
             return {"backends": virtual_backends(catalog.virtual_servers[name], previous, reports)}
         return {}

@@ -140,3 +140,26 @@ def test_virtual_backends_count_tools_and_name_conflicts() -> None:
         {"name": "docs", "tools": 1, "conflicts": ["search"]},
     ]
     assert virtual_backends(virtual, {"backends": backends}, []) == backends  # nobody answered: kept
+
+
+def test_a_status_settles_and_tools_go_when_pinning_is_turned_off(api: Any, kube: Any) -> None:
+    """No pass rewrites an unchanged status (no watch-event loop), and toolPinning Off deletes tools[]."""
+    from controller.render.meta import ControllerSettings
+    from controller.runtime.reconcile import Reconciler
+
+    collection = "mcp.extproc.io/v1alpha1/mcpservers"
+    doc = server("tools", "http://tools.mcp.svc:8080/mcp")
+    api.put(collection, {**doc, "metadata": {"name": "tools", "namespace": NS}})
+    reconciler = Reconciler(kube, ControllerSettings(namespace="mcp-system"))
+    reconciler.reconcile(NS)
+    assert api.get(collection, NS, "tools")["status"]["tools"] == []
+    writes = len([r for r in api.state.requests if r.path.endswith("/status")])
+    reconciler.reconcile(NS)
+    assert len([r for r in api.state.requests if r.path.endswith("/status")]) == writes
+    off = server("tools", "http://tools.mcp.svc:8080/mcp", toolPinning="Off")
+    api.put(collection, {**off, "metadata": {"name": "tools", "namespace": NS}})
+    reconciler.reconcile(NS)
+    assert api.get(collection, NS, "tools")["status"].get("tools") is None
+    writes = len([r for r in api.state.requests if r.path.endswith("/status")])
+    reconciler.reconcile(NS)
+    assert len([r for r in api.state.requests if r.path.endswith("/status")]) == writes
