@@ -163,3 +163,61 @@ def test_a_status_settles_and_tools_go_when_pinning_is_turned_off(api: Any, kube
     writes = len([r for r in api.state.requests if r.path.endswith("/status")])
     reconciler.reconcile(NS)
     assert len([r for r in api.state.requests if r.path.endswith("/status")]) == writes
+
+
+def test_collect_asks_running_extension_servers_and_leaves_out_the_silent_and_the_malformed(
+    api: Any, kube: Any
+) -> None:
+    import base64
+    import json
+
+    import httpx
+
+    from controller.render.meta import ControllerSettings
+    from controller.runtime.reports import collect
+    from extproc.config.session_keys import new_key_set, parse_key_set
+    from extproc.core.report import verify_token
+
+    key_set = new_key_set()
+    data = {"jwks.json": base64.b64encode(json.dumps(key_set).encode()).decode()}
+    api.put(
+        "v1/secrets",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mcp-extproc-session-keys", "namespace": NS},
+            "data": data,
+        },
+    )
+
+    def pod(name: str, ip: str, *, phase: str = "Running", **meta: Any) -> None:
+        api.put(
+            "v1/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, **meta},
+                "status": {"phase": phase, "podIP": ip},
+            },
+        )
+
+    injected: dict[str, Any] = {"annotations": {"mcp.extproc.io/injected": "assistant"}}
+    pod("good", "10.0.0.1", **injected)
+    pod("silent", "10.0.0.2", **injected)
+    pod("garbled", "10.0.0.3", **injected)
+    pod("shared", "10.0.0.4", labels={"app.kubernetes.io/name": "mcp-extproc"})
+    pod("pending", "10.0.0.5", phase="Pending", **injected)
+    pod("someone-else", "10.0.0.6")
+    asked: list[str] = []
+    good = {"version": 1, "stages": {"pins": {"servers": {"tools": {"complete": True, "tools": {}}}}}}
+
+    def fetch(url: str, token: str) -> Any:
+        verify_token(parse_key_set(key_set, "t"), token)  # signed with the namespace's key set
+        asked.append(url)
+        if "10.0.0.2" in url:
+            raise httpx.ConnectTimeout("no answer")
+        return {"version": 1, "stages": "nonsense"} if "10.0.0.3" in url else good
+
+    reports = collect(kube, NS, ControllerSettings(report_port=9465), fetch)
+    assert len(reports) == 2  # good and shared
+    assert sorted(asked) == [f"http://10.0.0.{i}:9465/report" for i in (1, 2, 3, 4)]
