@@ -36,6 +36,7 @@ from pydantic.functional_validators import AfterValidator
 from extproc.config import models
 from extproc.config.models import (
     API_VERSION,
+    TOOL_DIGEST_PATTERN,
     MCPAccessGrant,
     MCPAgent,
     MCPConsent,
@@ -135,7 +136,7 @@ _FIELD_EXTRAS: Final[dict[tuple[type[BaseModel], str], dict[str, Any]]] = {
 }
 
 
-_DIGEST_SCHEMA: Final = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
+_DIGEST_SCHEMA: Final = {"type": "string", "pattern": TOOL_DIGEST_PATTERN}
 
 
 def _named_list(description: str, properties: dict[str, Any], **extra: Any) -> dict[str, Any]:

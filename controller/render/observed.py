@@ -34,15 +34,14 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from extproc.config.models import MCPServer, MCPVirtualServer, ToolPinning
+from extproc.config.models import TOOL_DIGEST_PATTERN, MCPServer, MCPVirtualServer, ToolDigest, ToolPinning
 
 log = logging.getLogger("mcp_extproc.controller")
 
 MAX_TOOLS: Final = 512
 """Tools per MCPServer status at most (an object in etcd is at most 1.5 MB); the rest are left out, logged."""
 
-_DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}\Z")
-_Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+_DIGEST: Final = re.compile(TOOL_DIGEST_PATTERN)
 _Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 _Time = Annotated[str, StringConstraints(max_length=64)]
 
@@ -52,10 +51,10 @@ class _Model(BaseModel):
 
 
 class ReportedTool(_Model):
-    pinned: _Digest | None = None
+    pinned: ToolDigest | None = None
     source: Literal["first-use", "approved", "declared"] | None = None
     pinned_at: _Time | None = Field(default=None, alias="pinnedAt")
-    seen: _Digest | None = None
+    seen: ToolDigest | None = None
     seen_at: _Time | None = Field(default=None, alias="seenAt")
     changes: list[Annotated[str, StringConstraints(max_length=256)]] = Field(default_factory=list, max_length=64)
 
@@ -148,11 +147,11 @@ def server_tools(
         times = sorted(t.pinned_at or t.seen_at or now for t, _ in seen)
         if first or times:
             entry["firstSeen"] = first or times[0]
-        unlike = sorted(((t.seen_at or "", t) for t, _ in seen if t.seen is not None and t.seen != digest), key=_at)
+        unlike = [t for t, _ in seen if t.seen is not None and t.seen != digest]
         if seen:
             entry["changed"] = bool(unlike)
             if unlike:
-                latest = unlike[-1][1]
+                latest = max(unlike, key=lambda t: t.seen_at or "")  # the definition seen last
                 entry["current"] = latest.seen
                 if latest.changes:
                     entry["changes"] = list(latest.changes)
@@ -165,10 +164,6 @@ def server_tools(
                     entry["changes"] = list(old["changes"])
         out.append(entry)
     return out
-
-
-def _at(pair: tuple[str, ReportedTool]) -> str:
-    return pair[0]
 
 
 def virtual_backends(
@@ -208,7 +203,7 @@ def first_use_pins(status: Mapping[str, Any] | None) -> dict[str, str]:
     for tool in (status or {}).get("tools") or []:
         if isinstance(tool, dict) and tool.get("source") == "first-use":
             name, digest = tool.get("name"), tool.get("digest")
-            if isinstance(name, str) and 0 < len(name) <= 256 and isinstance(digest, str) and _DIGEST.match(digest):
+            if isinstance(name, str) and 0 < len(name) <= 256 and isinstance(digest, str) and _DIGEST.fullmatch(digest):
                 pins[name] = digest
     return pins
 

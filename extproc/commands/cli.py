@@ -78,6 +78,11 @@ def _listed(field: str) -> list[str]:
     return list(cast("tuple[str, ...]", _DEFAULT[field]))
 
 
+def _per_replica(parser: argparse.ArgumentParser, flag: str, metavar: str, field: str, help: str) -> None:
+    """A flag ``render envoy`` takes once per replica of the extension server, into the tuple ``field``."""
+    parser.add_argument(flag, metavar=metavar, dest=field, action="append", default=_listed(field), help=help)
+
+
 class _Once(argparse.Action):
     """A flag that may be given once: ``serve`` listens on exactly one address of each kind."""
 
@@ -171,32 +176,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(render)
     render.add_argument("--listen", default=_DEFAULT["listen"])
-    render.add_argument(
+    _per_replica(
+        render,
         "--grpc",
-        metavar="HOST:PORT",
-        dest="extproc_addresses",
-        action="append",
-        default=_listed("extproc_addresses"),
-        help=f"where Envoy reaches the extension server (default {_shown('grpc')}); {_REPLICAS}",
+        "HOST:PORT",
+        "extproc_addresses",
+        f"where Envoy reaches the extension server (default {_shown('grpc')}); {_REPLICAS}",
     )
     render.add_argument(
         "--unix", default=_DEFAULT["unix"], help="reach the extension server over this unix socket instead"
     )
-    render.add_argument(
-        "--authz-http",
-        metavar="PATH",
-        dest="authz_http_sockets",
-        action="append",
-        default=_listed("authz_http_sockets"),
-        help=f"{_AUTHZ_HTTP}; {_REPLICAS}",
-    )
-    render.add_argument(
+    _per_replica(render, "--authz-http", "PATH", "authz_http_sockets", f"{_AUTHZ_HTTP}; {_REPLICAS}")
+    _per_replica(
+        render,
         "--streams",
-        metavar="PATH",
-        dest="streams_sockets",
-        action="append",
-        default=_listed("streams_sockets"),
-        help=f"{_STREAMS}; give it once per replica of the extension server: each GET stream goes to the "
+        "PATH",
+        "streams_sockets",
+        f"{_STREAMS}; give it once per replica of the extension server: each GET stream goes to the "
         "replica that offered it",
     )
     render.add_argument(

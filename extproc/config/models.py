@@ -237,7 +237,8 @@ class ToolPinning(StrEnum):
     ENFORCE = "Enforce"
 
 
-ToolDigest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+TOOL_DIGEST_PATTERN: Final = r"^sha256:[0-9a-f]{64}$"
+ToolDigest = Annotated[str, StringConstraints(pattern=TOOL_DIGEST_PATTERN)]
 """A tool definition's fingerprint, ``sha256:`` and 64 lower-case hex digits."""
 
 

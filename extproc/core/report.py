@@ -20,7 +20,7 @@ nor a session id as a report token. Tokens live at most :data:`MAX_LIFETIME_S`.
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import Any, Final
 
 from extproc.config.session_keys import ALGORITHM, BadToken, SessionKeys, decode_signed
 
@@ -59,16 +59,20 @@ def verify_token(keys: SessionKeys, token: str, now: float | None = None) -> Non
         payload = decode_signed(keys, token, audience=AUDIENCE, issuer=ISSUER, require=["iss", "aud", "exp", "iat"])
     except BadToken as exc:
         raise BadReportToken(exc.reason) from None
-    issued, expires = payload.get("iat"), payload.get("exp")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (issued, expires)):
-        raise BadReportToken("malformed")
-    assert isinstance(issued, int | float) and isinstance(expires, int | float)
+    issued, expires = _seconds(payload.get("iat")), _seconds(payload.get("exp"))
     if expires <= moment:
         raise BadReportToken("expired")
     if issued > moment + 30:  # 30 s of clock skew between the controller's node and ours
         raise BadReportToken("issued_in_the_future")
     if expires - issued > MAX_LIFETIME_S:
         raise BadReportToken("too_long_lived")
+
+
+def _seconds(value: Any) -> float:
+    """A NumericDate claim's seconds (RFC 7519); a token with anything else is malformed."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise BadReportToken("malformed")
+    return float(value)
 
 
 __all__ = ["AUDIENCE", "PATH", "VERSION", "BadReportToken", "mint_token", "verify_token"]
