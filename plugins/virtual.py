@@ -19,7 +19,8 @@ sends it straight to that backend's cluster::
                             prefixes, conflicts left out), one page ──▶ answer
     tools/call, prompts/get, resources/read|subscribe|unsubscribe, completion/complete
                          ──▶ owner by name (prefix, else what each backend last listed)
-                         ──▶ body (and Mcp-Name) with the backend's own name, Mcp-Session-Id
+                         ──▶ body (only the name's bytes changed: extproc.mcp.members; and
+                            Mcp-Name) with the backend's own name, Mcp-Session-Id
                             of the backend's session (opened now if it is not yet, or was
                             lost), x-mcp-backend: <server> (Envoy re-routes to its cluster),
                             ctx.server = the backend ──▶ the later stages
@@ -68,6 +69,7 @@ from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
 from extproc.config.session_keys import SessionKeys, load_key_set
 from extproc.mcp.headers import MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, Era
 from extproc.mcp.jsonrpc import McpRequest, Message, parse_request
+from extproc.mcp.members import with_member
 from extproc.mcp.spec import (
     HANDSHAKE_PROTOCOL_VERSIONS,
     INTERNAL_ERROR,
@@ -831,17 +833,18 @@ class VirtualStage(Stage[VirtualConfig]):
         holder[key] = owner.inner
         if method == "completion/complete":
             params["ref"] = holder
-        rewritten = {**message.raw, "params": params}
+        where = ("params", "ref", key) if method == "completion/complete" else ("params", key)
+        body = _rewritten(ctx.body, where, owner.inner, {**message.raw, "params": params})
         assert ctx.catalog is not None
         server = ctx.catalog.servers[owner.backend.name]
-        return await self._forward(ctx, virtual, server, rewritten, client, name=owner.inner)
+        return await self._forward(ctx, virtual, server, body, client, name=owner.inner)
 
     async def _forward(
         self,
         ctx: Context,
         virtual: MCPVirtualServer,
         server: MCPServer,
-        rewritten: dict[str, Any],
+        body: bytes,
         client: _Client | None,
         *,
         name: str | None = None,
@@ -859,7 +862,6 @@ class VirtualStage(Stage[VirtualConfig]):
         elif name is not None and MCP_NAME in headers:
             set_headers[MCP_NAME] = name
         headers.update(set_headers)
-        body = json.dumps(rewritten, separators=(",", ":")).encode()
         parsed = parse_request(body, headers)
         if not isinstance(parsed, McpRequest):
             return Deny(code=INVALID_REQUEST, message=parsed.message, reason="virtual_rewrite")
@@ -880,8 +882,8 @@ class VirtualStage(Stage[VirtualConfig]):
         if unwrapped is None or backend is None or ctx.catalog is None or backend.name not in ctx.catalog.servers:
             ctx.log.info("virtual server %r: dropped an answer to no request of its servers", virtual.name)
             return Answer(body=b"", status=202, reason="virtual_stray_answer")
-        rewritten = {**message.raw, "id": unwrapped[1]}
-        return await self._forward(ctx, virtual, ctx.catalog.servers[backend.name], rewritten, client)
+        body = _rewritten(ctx.body, ("id",), unwrapped[1], {**message.raw, "id": unwrapped[1]})
+        return await self._forward(ctx, virtual, ctx.catalog.servers[backend.name], body, client)
 
     async def _broadcast(
         self, ctx: Context, virtual: MCPVirtualServer, message: Message, client: _Client | None
@@ -944,6 +946,13 @@ class VirtualStage(Stage[VirtualConfig]):
         if ctx.end_of_stream:
             out += state.decoder.flush()
         return None if out == chunk else Continue(body=bytes(out))
+
+
+def _rewritten(body: bytes | None, where: tuple[str, ...], value: Any, message: dict[str, Any]) -> bytes:
+    """The client's body with the value at ``where`` replaced and every other byte kept (the
+    backend reads what the client wrote); re-encoded from ``message`` should it not be found."""
+    kept = with_member(body, where, value) if body else None
+    return kept if kept is not None else json.dumps(message, separators=(",", ":")).encode()
 
 
 def _outward_message(message: dict[str, Any], backend: str, entry: VirtualBackend | None) -> dict[str, Any]:

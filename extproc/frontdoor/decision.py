@@ -4,7 +4,8 @@ Data flow::
 
     header lines, method, path, body, server hint, promised era, peer identity
         ──▶ Context ──▶ pipeline: request-headers hooks, then request-body hooks
-        ──▶ refuse a rewrite (ext_authz cannot rewrite a body: fail closed)
+        ──▶ refuse a rewrite (ext_authz cannot rewrite a body: fail closed), but on a
+            virtual server's fast call carry it as a splice header (extproc.core.splice)
         ──▶ refuse a broken route promise (the fast route's one tools/call of an era)
         ──▶ audit line + metrics (+ with tracing on, the exchange's span: extproc.core.traces,
             and the traceparent of that span among the headers to set)
@@ -16,6 +17,7 @@ Data flow::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from extproc import tracing
@@ -24,9 +26,11 @@ from extproc.config.resources import Catalog
 from extproc.core.audit import decision_of, record
 from extproc.core.exchange import Mutations, new_context
 from extproc.core.pipeline import Pipeline
+from extproc.core.splice import splice_of
 from extproc.core.traces import begin
 from extproc.mcp.codes import POLICY_DENIED
 from extproc.mcp.spec import INVALID_REQUEST
+from extproc.render.wire import SPLICE_HEADER
 
 
 async def decide(
@@ -89,6 +93,16 @@ async def _run(pipeline: Pipeline, ctx: Context, body: bytes) -> Continue | Stop
     second = await pipeline.run(Phase.REQUEST_BODY, ctx)
     if not isinstance(second, Continue):
         return second
+    merged = Mutations()
+    merged.add(first)
+    if ctx.fast_call and ctx.virtual is not None:
+        # A virtual server's fast route: Envoy's Lua filter applies the rewrite (the
+        # backend's own name) from this header, which also picks the backend route.
+        splice = splice_of(body, body if second.body is None else second.body)
+        if splice is not None:
+            merged.add(replace(second, body=None))
+            merged.add(Continue(set_headers={SPLICE_HEADER: splice}))
+            return merged.result()
     if second.body is not None:
         why = (
             "the fast tools/call route (one ext_authz Check) cannot; a stage that rewrites calls must "
@@ -102,8 +116,6 @@ async def _run(pipeline: Pipeline, ctx: Context, body: bytes) -> Continue | Stop
             message=f"this request would have to be rewritten (a stage changed it), which {why}",
             reason="needs_rewrite",
         )
-    merged = Mutations()
-    merged.add(first)
     merged.add(second)
     return merged.result()
 

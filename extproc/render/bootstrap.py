@@ -59,6 +59,7 @@ from extproc.render.routes import (
     virtual_routes,
     well_known_route,
 )
+from extproc.render.splice import splice_filter
 from extproc.render.tracer import collector_cluster, hcm_tracing
 from extproc.render.wire import EXT_AUTHZ_NAMESPACE, METADATA_NAMESPACE
 
@@ -150,6 +151,8 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
                 ext_authz_http_filter(options) if options.authz_http_unix else ext_authz_filter(options)
             )
         http_filters.append(ext_proc_filter(needs, options, peer_identity=peer_identity))
+        if "modern" in fast_calls and catalog.virtual_servers:
+            http_filters.append(splice_filter())
     # With fast routes, ext_authz is on there only and switched off on every other route.
     not_fast = without_authz if fast_calls else (lambda route: route)
     routes = []
@@ -162,7 +165,8 @@ def bootstrap_dict(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOption
         routes.append(not_fast(route))
     if options.front_door != "ext_authz":  # a virtual server needs ext_proc (mcp-extproc check says so)
         for virtual in catalog.virtual_servers.values():
-            routes.extend(not_fast(route) for route in virtual_routes(virtual, catalog, options))
+            fast_modern = "modern" in fast_calls
+            routes.extend(not_fast(r) for r in virtual_routes(virtual, catalog, options, fast_modern=fast_modern))
     routes += [not_fast(well_known_route()), not_fast(not_found_route(catalog, options))]
     http_filters.append(
         {
@@ -245,6 +249,7 @@ def load_envoy_types() -> None:
     from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
     from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401
     from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
+    from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
     from envoy.extensions.filters.http.mcp.v3 import mcp_pb2  # noqa: F401
     from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
@@ -294,9 +299,27 @@ def _sorted_maps(value: Any, key: str = "") -> Any:
     return value
 
 
+# Envoy reads YAML with yaml-cpp, which takes these words (any case) as booleans where PyYAML's
+# YAML 1.1 resolver leaves ``y`` and ``n`` plain: a server named ``n`` would reach Envoy as ``false``.
+_BOOLEAN_WORDS: Final = frozenset({"y", "n", "yes", "no", "true", "false", "on", "off"})
+
+
+class _EnvoyDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string yaml-cpp could read as something else."""
+
+
+def _envoy_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if value.lower() in _BOOLEAN_WORDS else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_EnvoyDumper.add_representer(str, _envoy_str)
+
+
 def render_bootstrap_yaml(catalog: Catalog, needs: PhaseNeeds, options: BootstrapOptions) -> str:
     """The bootstrap as YAML, for ``mcp-extproc render envoy`` and ``up``."""
-    return yaml.safe_dump(render_bootstrap(catalog, needs, options), sort_keys=False)
+    document = render_bootstrap(catalog, needs, options)
+    return yaml.dump(document, Dumper=_EnvoyDumper, sort_keys=False)
 
 
 __all__ = [

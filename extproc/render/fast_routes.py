@@ -79,32 +79,60 @@ def native_mcp_filter(max_request_bytes: int) -> dict[str, Any]:
     }
 
 
+_POST: Final = {"name": ":method", "string_match": {"exact": "POST"}}
+
+
+def modern_call_match(path: str) -> dict[str, Any]:
+    """A 2026-07-28 ``tools/call`` POST to ``path``, by its headers alone."""
+    method = {"name": MCP_METHOD, "string_match": {"exact": "tools/call"}}
+    return {"path": path, "headers": [_POST, method, _MODERN_VERSION]}
+
+
 def _match(path: str, era: str) -> dict[str, Any]:
-    post = {"name": ":method", "string_match": {"exact": "POST"}}
     if era == "modern":
-        method = {"name": MCP_METHOD, "string_match": {"exact": "tools/call"}}
-        return {"path": path, "headers": [post, method, _MODERN_VERSION]}
+        return modern_call_match(path)
     return {
         "path": path,
-        "headers": [post, {**_MODERN_VERSION, "invert_match": True}],
+        "headers": [_POST, {**_MODERN_VERSION, "invert_match": True}],
         "dynamic_metadata": [
             {"filter": MCP_FILTER, "path": [{"key": "method"}], "value": {"string_match": {"exact": "tools/call"}}}
         ],
     }
 
 
+def fast_per_filter(server: str, era: str) -> dict[str, Any]:
+    """Per-route config of a fast route: the Check (naming ``server`` and ``era``), no ext_proc.
+
+    A modern route is chosen by its headers alone, so Envoy's MCP parser, which would
+    only re-select it, is off there too (the Check parses the body anyway).
+    """
+    per_filter: dict[str, Any] = {
+        EXT_AUTHZ_FILTER: {
+            "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": {SERVER_METADATA_KEY: server, CALL_ERA_KEY: era}},
+        },
+        EXT_PROC_FILTER: {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "disabled": True,
+        },
+    }
+    if era == "modern":
+        per_filter[MCP_FILTER] = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
+    return per_filter
+
+
 def without_authz(route: dict[str, Any]) -> dict[str, Any]:
-    """``route`` with ext_authz switched off: every route but the fast ones.
+    """``route`` with ext_authz switched off, unless it configures it: every route but the fast ones.
 
     Per route, not with the filter's own ``disabled`` flag: Envoy builds a request's
     filter chain from the route chosen *before* the MCP filter re-selects it, so a
     filter disabled in the chain would stay off on the fast route too, while ext_proc
     is off there: nothing would check the call.
     """
-    route.setdefault("typed_per_filter_config", {})[EXT_AUTHZ_FILTER] = {
-        "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-        "disabled": True,
-    }
+    route.setdefault("typed_per_filter_config", {}).setdefault(
+        EXT_AUTHZ_FILTER,
+        {"@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True},
+    )
     return route
 
 
@@ -161,16 +189,7 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
         fast = copy.deepcopy(route)
         fast["name"] = f"{server} call {era}"
         fast["match"] = _match(route["match"]["path"], era)
-        fast["typed_per_filter_config"] = {
-            EXT_AUTHZ_FILTER: {
-                "@type": _T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                "check_settings": {"context_extensions": {SERVER_METADATA_KEY: server, CALL_ERA_KEY: era}},
-            },
-            EXT_PROC_FILTER: {
-                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "disabled": True,
-            },
-        }
+        fast["typed_per_filter_config"] = fast_per_filter(server, era)
         # No response phase runs here, so the session stage cannot swap the upstream's
         # Mcp-Session-Id (which SDK servers repeat on every response) for the agent's
         # signed one: drop it. Clients keep the id they have when a response has none.
@@ -182,6 +201,8 @@ def call_routes(route: dict[str, Any], server: str, eras: frozenset[str]) -> lis
 __all__ = [
     "ERAS",
     "call_routes",
+    "fast_per_filter",
+    "modern_call_match",
     "native_mcp_filter",
     "oversized_route",
     "promised_era",

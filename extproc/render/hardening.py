@@ -53,9 +53,16 @@ SATURATION_THRESHOLD: Final = 0.95
 """...down to :data:`MIN_IDLE_TIMEOUT` at this share."""
 MIN_IDLE_TIMEOUT: Final = "1s"
 MAX_STREAMS_PER_CONNECTION: Final = 100
-UNTRUSTED_REQUEST_HEADERS: Final = ("x-request-id", "x-envoy-original-path")
-"""Request headers removed before Envoy reads them: their values are Envoy's to set (the
-request id; the path before a route's rewrite, which the access log reads)."""
+UNTRUSTED_REQUEST_HEADERS: Final = (
+    "x-request-id",
+    "x-envoy-original-path",
+    "x-mcp-backend",
+    "x-mcp-splice",
+    "x-mcp-stream",
+)
+"""Request headers removed before Envoy reads them: their values are Envoy's or ours to set (the
+request id; the path before a route's rewrite, which the access log reads; the routing headers
+of a virtual server, which pick a backend's route once a stage or the Check decided)."""
 ENVOY_HEADER_PREFIX: Final = "x-envoy-"
 """Every client request header with this prefix is removed on arrival too."""
 

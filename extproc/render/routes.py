@@ -14,20 +14,24 @@ RFC 9728 metadata (answered by the ``authn`` stage, a JSON 404 without it) and a
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 from extproc.config.resources import Catalog, MCPServer, MCPVirtualServer
 from extproc.mcp.spec import INTERNAL_ERROR, METHOD_NOT_FOUND
+from extproc.render.fast_routes import fast_per_filter, modern_call_match, oversized_route
 from extproc.render.filters import socket_address
 from extproc.render.options import BootstrapOptions
+from extproc.render.splice import splice_per_route
 from extproc.render.wire import (
     BACKEND_HEADER,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
     MCP_FILTER,
     SERVER_METADATA_KEY,
+    SPLICE_HEADER,
     STREAMS_CLUSTER,
 )
 from extproc.streams import STREAM_HEADER, replica_tag
@@ -161,9 +165,18 @@ def server_route(server: MCPServer, options: BootstrapOptions) -> dict[str, Any]
     }
 
 
-def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: BootstrapOptions) -> list[dict[str, Any]]:
+def virtual_routes(
+    virtual: MCPVirtualServer, catalog: Catalog, options: BootstrapOptions, *, fast_modern: bool = False
+) -> list[dict[str, Any]]:
     """The routes of ``virtual``: its GET stream (to our stream service, chosen by ``x-mcp-stream``),
-    one per backend (chosen by ``x-mcp-backend``), then its own."""
+    one per backend (chosen by ``x-mcp-backend``), then its own.
+
+    ``fast_modern``: a 2026-07-28 ``tools/call`` takes one ext_authz Check (route ``V call
+    modern``) instead of ext_proc; the Check sets ``x-mcp-backend`` and ``x-mcp-splice``,
+    which pick the backend's fast route (``V call via B``: no ext_proc, the Lua filter
+    applies the splice). An announced body over the limit goes to ext_proc first (``V
+    oversized``: the ``mcp`` stage answers 413 from the headers).
+    """
     path = f"/{virtual.name}/mcp"
     per_filter = {
         **per_route(options, virtual.name),
@@ -188,17 +201,15 @@ def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: Bootstr
                 "typed_per_filter_config": dict(per_filter),
             }
         )
-    for backend in virtual.spec.servers:
-        server = catalog.servers.get(backend.name)
-        if server is None:
-            continue
-        route = server_route(server, options)
-        route["name"] = f"{virtual.name} via {server.name}"
-        route["match"] = {"path": path, "headers": [{"name": BACKEND_HEADER, "string_match": {"exact": server.name}}]}
-        route["route"].pop("retry_policy", None)  # no GET reaches a backend through a virtual server
-        route["request_headers_to_remove"] = [BACKEND_HEADER]
-        # The backend's session id never reaches the agent, whose id is the virtual server's.
-        route["response_headers_to_remove"] = ["mcp-session-id"]
+    backends = [catalog.servers[b.name] for b in virtual.spec.servers if b.name in catalog.servers]
+    if fast_modern:
+        # Before the ordinary backend routes: a request the Check allowed carries both headers.
+        for server in backends:
+            route = _backend_route(virtual, server, options, fast=True)
+            route["typed_per_filter_config"] = {**fast_per_filter(virtual.name, "modern"), **splice_per_route()}
+            routes.append(route)
+    for server in backends:
+        route = _backend_route(virtual, server, options, fast=False)
         route["typed_per_filter_config"] = dict(per_filter)
         routes.append(route)
     body = {
@@ -206,21 +217,44 @@ def virtual_routes(virtual: MCPVirtualServer, catalog: Catalog, options: Bootstr
         "id": None,
         "error": {"code": INTERNAL_ERROR, "message": f"virtual server {virtual.name!r} did not route this request"},
     }
-    routes.append(
-        {
-            "name": virtual.name,
-            "match": {"path": path},
-            "direct_response": {"status": 500, "body": {"inline_string": json.dumps(body)}},
-            "response_headers_to_add": [
-                {
-                    "header": {"key": "content-type", "value": "application/json"},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                }
-            ],
-            "typed_per_filter_config": dict(per_filter),
-        }
-    )
+    own = {
+        "name": virtual.name,
+        "match": {"path": path},
+        "direct_response": {"status": 500, "body": {"inline_string": json.dumps(body)}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": dict(per_filter),
+    }
+    if fast_modern:
+        routes.append(oversized_route(own, virtual.name, options.max_request_bytes))
+        call = copy.deepcopy(own)
+        call["name"] = f"{virtual.name} call modern"
+        call["match"] = modern_call_match(path)
+        call["typed_per_filter_config"] = fast_per_filter(virtual.name, "modern")
+        routes.append(call)
+    routes.append(own)
     return routes
+
+
+def _backend_route(
+    virtual: MCPVirtualServer, server: MCPServer, options: BootstrapOptions, *, fast: bool
+) -> dict[str, Any]:
+    """``server``'s route behind ``virtual``: taken on ``x-mcp-backend`` (and, ``fast``, ``x-mcp-splice``)."""
+    route = server_route(server, options)
+    headers: list[dict[str, Any]] = [{"name": BACKEND_HEADER, "string_match": {"exact": server.name}}]
+    if fast:
+        headers.append({"name": SPLICE_HEADER, "present_match": True})
+    route["name"] = f"{virtual.name} {'call via' if fast else 'via'} {server.name}"
+    route["match"] = {"path": f"/{virtual.name}/mcp", "headers": headers}
+    route["route"].pop("retry_policy", None)  # no GET reaches a backend through a virtual server
+    route["request_headers_to_remove"] = [BACKEND_HEADER, SPLICE_HEADER] if fast else [BACKEND_HEADER]
+    # The backend's session id never reaches the agent, whose id is the virtual server's.
+    route["response_headers_to_remove"] = ["mcp-session-id"]
+    return route
 
 
 def not_found_route(catalog: Catalog, options: BootstrapOptions) -> dict[str, Any]:

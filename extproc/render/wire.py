@@ -17,6 +17,9 @@ SERVER_METADATA_KEY: Final = "x-mcp-server"
 """Per route: gRPC initial metadata (ext_proc) or context extension (ext_authz) naming the MCPServer."""
 BACKEND_HEADER: Final = "x-mcp-backend"
 """Set by the ``virtual`` stage on a request it routes: the MCPServer whose route (cluster) takes it."""
+SPLICE_HEADER: Final = "x-mcp-splice"
+"""Set by a Check on a virtual server's fast call: the body splice Envoy's Lua filter applies
+(:mod:`extproc.core.splice`); its presence also picks the fast backend route."""
 CALL_ERA_KEY: Final = "x-mcp-call"
 """ext_authz context extension of a fast route: the era of ``tools/call`` the route promised."""
 
@@ -28,6 +31,7 @@ as ``source.principal``."""
 MCP_FILTER: Final = "envoy.filters.http.mcp"
 EXT_AUTHZ_FILTER: Final = "envoy.filters.http.ext_authz"
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
+LUA_FILTER: Final = "envoy.filters.http.lua"
 
 EXTPROC_CLUSTER: Final = "mcp_extproc"
 """The cluster that reaches our gRPC server."""
@@ -38,11 +42,12 @@ STREAMS_CLUSTER: Final = "mcp_extproc_streams"
 a request there when a stage set ``extproc.streams.STREAM_HEADER``."""
 
 UPSTREAM_HEADERS: Final = (
-    "authorization|mcp-session-id|x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
+    "authorization|mcp-session-id|mcp-name|"
+    "x-(?:[^e]|e(?:[^n]|$)|en(?:[^v]|$)|env(?:[^o]|$)|envo(?:[^y]|$)|envoy(?:[^-]|$)).*"
 )
 """HTTP authorization answer headers Envoy copies onto the upstream request (RE2, whole name):
-``authorization``, ``mcp-session-id`` (the upstream's own id, for the gateway's signed one)
-and ``x-*`` but not ``x-envoy-*``."""
+``authorization``, ``mcp-session-id`` (the upstream's own id, for the gateway's signed one),
+``mcp-name`` (a virtual server's call: the backend's own tool name) and ``x-*`` but not ``x-envoy-*``."""
 METADATA_HEADERS: Final = ("server", "method", "tool", "principal", "decision")
 """HTTP authorization answer headers Envoy turns into dynamic metadata (the access log reads them)."""
 REMOVE_HEADER: Final = "x-envoy-auth-headers-to-remove"

@@ -40,11 +40,13 @@ With `--record FILE`, every HTTP request is appended to FILE as one JSON line as
 as its body has arrived (before the MCP handler runs)::
 
     {"method": "POST", "path": "/mcp", "query": "", "headers": {"mcp-method": "tools/call", ...},
-     "body": {"jsonrpc": "2.0", "id": 1, "method": "tools/call", ...}, "body_text": null}
+     "body": {"jsonrpc": "2.0", "id": 1, "method": "tools/call", ...}, "body_text": null,
+     "body_latin1": "{\"jsonrpc\": ..."}
 
 Header names are lower-cased; repeated headers are joined with ", ". `body` is the
 decoded JSON (None when the body is empty or not JSON, in which case `body_text` holds
-the raw text). Use `read_records` to load the file.
+the raw text); `body_latin1` is every byte as it arrived (one character per byte:
+`.encode("latin-1")` gives the bytes back). Use `read_records` to load the file.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Record(TypedDict):
     headers: dict[str, str]
     body: Any
     body_text: str | None
+    body_latin1: str
 
 
 def build_server() -> MCPServer[Any]:
@@ -252,6 +255,7 @@ class RecordingMiddleware:
             "headers": headers,
             "body": parsed,
             "body_text": raw_text,
+            "body_latin1": body.decode("latin-1"),
         }
         # One write of one line in append mode: lines never interleave, even across processes.
         with self._path.open("a", encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,23 @@ def test_only_get_is_retried_on_409_so_the_keeper_can_step_aside(catalog: Catalo
     assert policy["retry_on"] == "retriable-status-codes"
     assert policy["retriable_status_codes"] == [409]
     assert policy["retriable_request_headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+
+
+class _YamlCppLoader(yaml.SafeLoader):
+    """Reads plain scalars the way Envoy's yaml-cpp does: ``y`` and ``n`` (any case) are booleans too."""
+
+
+_YamlCppLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+
+
+@pytest.mark.parametrize("name", ["n", "y", "on", "off", "yes"])
+def test_server_named_like_a_boolean_stays_a_string_for_envoy(name: str) -> None:
+    doc = {
+        "apiVersion": "mcp.extproc.io/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": name},
+        "spec": {"url": "http://127.0.0.1:9/mcp"},
+    }
+    text = render_bootstrap_yaml(parse_documents([doc], "t"), DEFAULT_NEEDS, BootstrapOptions())
+    as_envoy_reads_it = yaml.load(text, Loader=_YamlCppLoader)  # noqa: S506 - a SafeLoader subclass
+    assert as_envoy_reads_it == yaml.safe_load(text)

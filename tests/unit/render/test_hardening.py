@@ -116,7 +116,10 @@ def test_the_request_id_and_original_path_are_always_envoys(catalog: Catalog) ->
     [early] = manager["early_header_mutation_extensions"]
     assert early["name"] == "envoy.http.early_header_mutation.header_mutation"
     mutations = early["typed_config"]["mutations"]
-    assert [m["remove"] for m in mutations if "remove" in m] == ["x-request-id", "x-envoy-original-path"]
+    removed = [m["remove"] for m in mutations if "remove" in m]
+    assert removed[:2] == ["x-request-id", "x-envoy-original-path"]
+    # The headers our own routes are chosen by, so no client can pick a backend route or forge a splice.
+    assert set(removed[2:]) == {"x-mcp-backend", "x-mcp-splice", "x-mcp-stream"}
     # And every other x-envoy-* a client sends (tests/integration/test_header_allowlist.py).
     assert {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}} in mutations
     assert not manager.get("preserve_external_request_id", False)
