@@ -51,9 +51,13 @@ def test_envoy_accepts_a_virtual_server_s_bootstrap(options: BootstrapOptions, t
     routes = yaml.safe_load(rendered)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]["route_config"]["virtual_hosts"][0]["routes"]
+    fast = ["tools call via a", "tools call via b"] if options.fast_calls else []
+    after = ["tools oversized", "tools call modern"] if options.fast_calls else []
     assert [r["name"] for r in routes if r["match"].get("path") == "/tools/mcp"] == [
+        *fast,
         "tools via a",
         "tools via b",
+        *after,
         "tools",
     ]
     assert_envoy_accepts(rendered, tmp_path / "envoy.yaml")

@@ -196,3 +196,51 @@ def test_each_replicas_stream_tickets_go_to_its_own_stream_socket() -> None:
         endpoint = clusters[route["route"]["cluster"]]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
         assert endpoint["endpoint"]["address"]["pipe"]["path"] == socket_path
     assert len({r["route"]["cluster"] for r in streams}) == 2
+
+
+def test_a_modern_call_through_the_virtual_server_takes_the_check_and_a_fast_backend_route() -> None:
+    config = render_bootstrap(TOOLS, DEFAULT.needs, OPTIONS["auto"])
+    names = [r["name"] for r in on_path(config, "/tools/mcp")]
+    # Envoy takes the first match: the fast backend routes (both headers) before the ordinary
+    # ones (x-mcp-backend only); the Check's own route after them, before the 500.
+    assert names == [
+        "tools call via a",
+        "tools call via b",
+        "tools via a",
+        "tools via b",
+        "tools oversized",
+        "tools call modern",
+        "tools",
+    ]
+    by_name = {r["name"]: r for r in on_path(config, "/tools/mcp")}
+    call = by_name["tools call modern"]
+    assert {h["name"] for h in call["match"]["headers"]} == {":method", "mcp-method", "mcp-protocol-version"}
+    per_filter = call["typed_per_filter_config"]
+    assert per_filter["envoy.filters.http.ext_proc"]["disabled"] is True
+    extensions = per_filter["envoy.filters.http.ext_authz"]["check_settings"]["context_extensions"]
+    assert extensions == {"x-mcp-server": "tools", "x-mcp-call": "modern"}
+    assert call["direct_response"]["status"] == 500  # reached only if the Check routed nothing
+
+    fast = by_name["tools call via a"]
+    assert fast["match"]["headers"] == [
+        {"name": "x-mcp-backend", "string_match": {"exact": "a"}},
+        {"name": "x-mcp-splice", "present_match": True},
+    ]
+    assert fast["route"]["cluster"] == "mcp_server_a"
+    assert fast["request_headers_to_remove"] == ["x-mcp-backend", "x-mcp-splice"]
+    assert fast["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
+    assert fast["typed_per_filter_config"]["envoy.filters.http.lua"]["name"] == "splice"
+    filters = [
+        f["name"]
+        for f in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "http_filters"
+        ]
+    ]
+    assert filters.index("envoy.filters.http.lua") == filters.index("envoy.filters.http.router") - 1
+
+
+def test_without_fast_calls_there_is_no_splice() -> None:
+    config = render_bootstrap(TOOLS, DEFAULT.needs, OPTIONS["ext_proc"])
+    assert not [r for r in on_path(config, "/tools/mcp") if "call" in r["name"]]
+    filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "envoy.filters.http.lua" not in [f["name"] for f in filters["http_filters"]]
